@@ -1,0 +1,298 @@
+"""Typed, frozen configuration: one dataclass per concern, named presets, validation.
+
+Every number the algorithm uses lives here (SPEC §7 is the ``paper`` preset); modules receive
+the section they need and hard-code nothing.  A field's docstring is its ``--help`` text.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    scenario: str = "simple_tag"
+    """MPE2 scenario: one of matwm_fast.env.SCENARIOS (simple_tag, simple_spread, ...)."""
+    max_cycles: int = 25
+    """Episode length: the env truncates (not terminates) after this many steps."""
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    """Extra scenario parameters as KEY=VALUE pairs (num_good, num_adversaries, num_obstacles, N, ...)."""
+
+
+@dataclass(frozen=True)
+class WorldModelConfig:
+    latent_vars: int = 32
+    """K: number of categorical latent variables."""
+    latent_classes: int = 32
+    """C: classes per latent variable."""
+    unimix: float = 0.01
+    """Uniform mixture weight of every categorical (posterior, prior): 0.99·softmax + 0.01/C."""
+    mlp_width: int = 512
+    """Width of the encoder and decoder MLPs."""
+    mlp_layers: int = 3
+    """Hidden layers (Linear→LayerNorm→SiLU) of the encoder and of the decoder."""
+    width: int = 512
+    """D: width of the sequence model (transformer) and of the action mixer."""
+    layers: int = 2
+    """Transformer layers of the sequence model."""
+    heads: int = 8
+    """Attention heads of the sequence model."""
+    ffn_mult: int = 2
+    """Feed-forward width of a transformer block as a multiple of D (STORM uses 2)."""
+    max_len: int = 64
+    """Longest sequence the transformer attends over (positional embedding size)."""
+    head_width: int = 512
+    """Hidden width of the dynamics, reward and continuation heads."""
+    tp_width: int = 128
+    """Width of the teammate predictor's small transformer."""
+    tp_layers: int = 1
+    """Layers of the teammate predictor's transformer."""
+    tp_heads: int = 4
+    """Heads of the teammate predictor's transformer."""
+    reward_bins: int = 255
+    """Bins of the symlog two-hot reward head."""
+    bins_low: float = -20.0
+    """Lowest bin (symlog space) of every two-hot head."""
+    bins_high: float = 20.0
+    """Highest bin (symlog space) of every two-hot head."""
+    dyn_weight: float = 0.5
+    """Weight of the dynamics KL (and of the action-mask loss), paper Eq. 3."""
+    rep_weight: float = 0.1
+    """Weight of the representation KL, paper Eq. 3."""
+    free_bits: float = 1.0
+    """Free nats: KL terms below this are clipped to it."""
+    batch_size: int = 16
+    """World-model sequences per update, in total over all agents (split equally)."""
+    seq_len: int = 64
+    """Length of each world-model training sequence."""
+    lr: float = 3e-5
+    """Adam learning rate of the world model."""
+    adam_eps: float = 1e-8
+    """Adam epsilon of the world model."""
+    grad_clip: float = 1000.0
+    """Global gradient-norm clip of the world model."""
+
+
+@dataclass(frozen=True)
+class ActorCriticConfig:
+    mlp_width: int = 512
+    """Hidden width of actor and critic MLPs."""
+    mlp_layers: int = 2
+    """Hidden layers (Linear→LayerNorm→SiLU) of actor and critic."""
+    imag_batch: int = 0
+    """Imagined trajectories per agent; 0 = the paper's rule by agent count (512/768/1024)."""
+    horizon: int = 0
+    """Imagination horizon; 0 = the paper's rule by agent count (16/12/8)."""
+    context_len: int = 8
+    """Real steps of context that start each imagined trajectory."""
+    gamma: float = 0.985
+    """Discount γ."""
+    lam: float = 0.95
+    """λ of the λ-returns."""
+    entropy: float = 3e-4
+    """Entropy bonus η of the actor loss."""
+    slow_critic_decay: float = 0.98
+    """EMA decay of the slow critic's weights."""
+    return_scale_decay: float = 0.99
+    """EMA decay of the return scale S (95th−5th percentile of λ-returns)."""
+    return_pct_low: float = 0.05
+    """Lower percentile of the return scale."""
+    return_pct_high: float = 0.95
+    """Upper percentile of the return scale."""
+    lr: float = 3e-4
+    """Adam learning rate of each actor and critic."""
+    adam_eps: float = 1e-5
+    """Adam epsilon of actors and critics."""
+    grad_clip: float = 100.0
+    """Gradient-norm clip, applied per agent and per network."""
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    capacity: int = 50_000
+    """Transitions kept per agent."""
+    priority_decay: float = 0.9998
+    """World-model sampling weight of a transition of age k: decay**k."""
+    warmup: int = 1_000
+    """Random-action transitions collected before any update."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 50_000
+    """Real environment steps in total (warm-up included)."""
+    wm_every: int = 1
+    """World-model update every this many env steps (after warm-up)."""
+    agent_every: int = 1
+    """Actor-critic update every this many env steps (after warm-up)."""
+    act_context: int = 16
+    """Length of each agent's (observation, action) context queue when acting."""
+    log_every: int = 100
+    """Env steps between metric rows."""
+    seed: int = 0
+    """Seed of every random generator."""
+    device: str = "auto"
+    """Torch device: auto (CUDA when available), cpu, cuda, cuda:N."""
+    backend: str = "auto"
+    """Step-function backend: eager, compile, cudagraphs, auto."""
+    kernels: str = "auto"
+    """Kernel implementation: ref, triton, auto (Triton on CUDA)."""
+    amp: bool = True
+    """bf16 autocast for the world model and imagination on CUDA (always float32 on the CPU)."""
+    checkpoint_every: int = 5_000
+    """Env steps between checkpoints (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """Periodic checkpoints kept on disk."""
+    eval_every: int = 0
+    """Env steps between evaluations during training (0 = never)."""
+    eval_episodes: int = 50
+    """Episodes per evaluation (the paper's protocol)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    env: EnvConfig = field(default_factory=EnvConfig)
+    wm: WorldModelConfig = field(default_factory=WorldModelConfig)
+    ac: ActorCriticConfig = field(default_factory=ActorCriticConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = "paper"
+    """Name of the preset this config started from."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "Config":
+        kw = {}
+        for name, cls in SECTION_TYPES.items():
+            sub = dict(d[name])
+            if name == "env":
+                sub["kwargs"] = tuple(tuple(kv) for kv in sub.get("kwargs", ()))
+            kw[name] = cls(**sub)
+        return Config(preset=d.get("preset", "paper"), **kw)
+
+
+SECTION_TYPES = {
+    "env": EnvConfig,
+    "wm": WorldModelConfig,
+    "ac": ActorCriticConfig,
+    "replay": ReplayConfig,
+    "train": TrainConfig,
+}
+
+
+# ----------------------------------------------------------------------------- presets
+def _paper() -> Config:
+    return Config(preset="paper")
+
+
+def _cpu() -> Config:
+    """Sized for 2 CPU cores: a few thousand env steps in well under 15 minutes."""
+    c = Config()
+    return replace(
+        c,
+        preset="cpu",
+        wm=replace(c.wm, latent_vars=16, latent_classes=16, mlp_width=128, mlp_layers=2, width=128,
+                   layers=2, heads=4, max_len=32, head_width=128, tp_width=64, tp_heads=2,
+                   batch_size=12, seq_len=32, lr=3e-4),
+        ac=replace(c.ac, mlp_width=128, imag_batch=64, horizon=8, context_len=8),
+        replay=replace(c.replay, warmup=500, capacity=20_000),
+        train=replace(c.train, steps=3_000, log_every=100, checkpoint_every=1_000),
+    )
+
+
+def _smoke() -> Config:
+    """Seconds on a CPU: for tests of the plumbing, not of learning."""
+    c = Config()
+    return replace(
+        c,
+        preset="smoke",
+        wm=replace(c.wm, latent_vars=4, latent_classes=4, mlp_width=32, mlp_layers=1, width=32, layers=1,
+                   heads=2, max_len=16, head_width=32, tp_width=16, tp_heads=2, reward_bins=31,
+                   batch_size=4, seq_len=8, lr=1e-3),
+        ac=replace(c.ac, mlp_width=32, mlp_layers=1, imag_batch=6, horizon=3, context_len=4),
+        replay=replace(c.replay, warmup=40, capacity=500),
+        train=replace(c.train, steps=60, log_every=10, checkpoint_every=0, act_context=6),
+    )
+
+
+PRESETS = {"paper": _paper, "cpu": _cpu, "smoke": _smoke}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ----------------------------------------------------------------------------- derived values
+def imagination_size(n_agents: int, ac: ActorCriticConfig) -> tuple[int, int]:
+    """(batch per agent, horizon): the paper's footnote rule, unless set explicitly.
+
+    ≤3 agents: 512 × 16; 4–6 agents: 768 × 12; ≥7 agents: 1024 × 8 — always per agent.
+    """
+    if n_agents <= 3:
+        rule = (512, 16)
+    elif n_agents <= 6:
+        rule = (768, 12)
+    else:
+        rule = (1024, 8)
+    return (ac.imag_batch or rule[0], ac.horizon or rule[1])
+
+
+def validate(cfg: Config, n_agents: int) -> None:
+    """Refuse impossible configurations before anything is built; each message says what is allowed."""
+    wm, ac, rp, tr = cfg.wm, cfg.ac, cfg.replay, cfg.train
+    if wm.batch_size % n_agents != 0:
+        lo = max(n_agents, wm.batch_size // n_agents * n_agents)
+        raise ValueError(
+            f"wm.batch_size={wm.batch_size} is not divisible by the {n_agents} agents of "
+            f"{cfg.env.scenario}; use a multiple of {n_agents}, e.g. {lo} or {lo + n_agents}")
+    if wm.seq_len > wm.max_len:
+        raise ValueError(f"wm.seq_len={wm.seq_len} exceeds the transformer's wm.max_len={wm.max_len}")
+    _, horizon = imagination_size(n_agents, ac)
+    if ac.context_len + horizon + 1 > wm.max_len:
+        raise ValueError(
+            f"context_len + horizon + 1 = {ac.context_len + horizon + 1} exceeds wm.max_len={wm.max_len}")
+    if tr.act_context > wm.max_len:
+        raise ValueError(f"train.act_context={tr.act_context} exceeds wm.max_len={wm.max_len}")
+    if wm.width % wm.heads or wm.tp_width % wm.tp_heads:
+        raise ValueError(f"width {wm.width}/{wm.tp_width} must be divisible by heads {wm.heads}/{wm.tp_heads}")
+    per_agent = wm.batch_size // n_agents
+    if rp.warmup < per_agent * wm.seq_len + wm.seq_len:
+        raise ValueError(
+            f"replay.warmup={rp.warmup} is too small for {per_agent} non-overlapping sequences of "
+            f"{wm.seq_len} per agent; need at least {per_agent * wm.seq_len + wm.seq_len}")
+    if rp.capacity < rp.warmup:
+        raise ValueError(f"replay.capacity={rp.capacity} is below replay.warmup={rp.warmup}")
+    if not 0.0 < rp.priority_decay <= 1.0:
+        raise ValueError(f"replay.priority_decay={rp.priority_decay} must lie in (0, 1]")
+    if tr.backend not in ("eager", "compile", "cudagraphs", "auto"):
+        raise ValueError(f"train.backend={tr.backend!r}; valid: eager, compile, cudagraphs, auto")
+    if tr.kernels not in ("ref", "triton", "auto"):
+        raise ValueError(f"train.kernels={tr.kernels!r}; valid: ref, triton, auto")
+    for name in ("lr", "grad_clip"):
+        for sec in (wm, ac):
+            if not (getattr(sec, name) > 0 and math.isfinite(getattr(sec, name))):
+                raise ValueError(f"{name}={getattr(sec, name)} must be a positive finite number")
+
+
+# ----------------------------------------------------------------------------- field docs (--help)
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = str(b.value.value)  # type: ignore[union-attr]
+    return docs

@@ -1,0 +1,187 @@
+"""MPE2 scenarios behind one array interface: agents are rows, observations and actions padded.
+
+Every discrete-action MPE2 scenario is exposed through the PettingZoo parallel API and turned
+into fixed-shape numpy arrays: observations (N, O) zero-padded to the largest agent's size O,
+actions as integers in [0, A) with A the largest action count; an agent's padded actions are
+masked out (``action_mask``) so no policy can pick them.  A time-limit truncation ends the
+episode but is not a termination: the continuation flag stays 1 (SPEC §2).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .config import EnvConfig
+
+# scenario name -> mpe2 module (versions as shipped by mpe2)
+SCENARIOS = {
+    "simple_tag": "simple_tag_v3",
+    "simple_spread": "simple_spread_v3",
+    "simple_adversary": "simple_adversary_v3",
+    "simple_push": "simple_push_v3",
+    "simple_reference": "simple_reference_v3",
+    "simple_speaker_listener": "simple_speaker_listener_v4",
+    "simple_crypto": "simple_crypto_v3",
+    "simple_world_comm": "simple_world_comm_v3",
+}
+# parameters the wrapper owns; users set them through other means
+_RESERVED = {"continuous_actions", "render_mode", "max_cycles", "benchmark_data"}
+
+
+def _module(scenario: str):
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; valid scenarios: {', '.join(SCENARIOS)}")
+    return importlib.import_module(f"mpe2.{SCENARIOS[scenario]}")
+
+
+def scenario_params(scenario: str) -> dict[str, Any]:
+    """The settable parameters of a scenario and their defaults."""
+    sig = inspect.signature(_module(scenario).raw_env.__init__)
+    return {k: p.default for k, p in sig.parameters.items() if k != "self" and k not in _RESERVED}
+
+
+def parse_kwargs(scenario: str, pairs: list[str] | tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
+    """``["num_good=2", ...]`` → validated ((key, value), ...), values parsed as Python literals."""
+    valid = scenario_params(scenario)
+    out = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"scenario parameter {pair!r} must look like KEY=VALUE")
+        key, raw = pair.split("=", 1)
+        if key not in valid:
+            raise ValueError(
+                f"{scenario} has no parameter {key!r}; valid: {', '.join(valid)} (and --env.max-cycles)")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        out.append((key, value))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """Static facts of a scenario that the model is built from."""
+
+    agents: tuple[str, ...]
+    """Agent names in PettingZoo's order (row i of every array is agents[i])."""
+    obs_sizes: tuple[int, ...]
+    """Unpadded observation size of each agent."""
+    action_counts: tuple[int, ...]
+    """Number of discrete actions of each agent."""
+
+    @property
+    def n_agents(self) -> int:
+        return len(self.agents)
+
+    @property
+    def obs_dim(self) -> int:
+        return max(self.obs_sizes)
+
+    @property
+    def n_actions(self) -> int:
+        return max(self.action_counts)
+
+    @property
+    def teams(self) -> dict[str, list[int]]:
+        """Agents grouped by name prefix (``adversary_0`` → team ``adversary``)."""
+        teams: dict[str, list[int]] = {}
+        for i, name in enumerate(self.agents):
+            teams.setdefault(name.rsplit("_", 1)[0], []).append(i)
+        return teams
+
+    def obs_mask(self) -> np.ndarray:
+        """(N, O) 1 for an agent's real observation features, 0 for padding."""
+        return (np.arange(self.obs_dim)[None] < np.array(self.obs_sizes)[:, None]).astype(np.float32)
+
+    def action_mask(self) -> np.ndarray:
+        """(N, A) True for an agent's real actions, False for padded ones."""
+        return np.arange(self.n_actions)[None] < np.array(self.action_counts)[:, None]
+
+
+class MultiAgentEnv:
+    """A PettingZoo MPE2 parallel env with padded array observations and actions."""
+
+    def __init__(self, cfg: EnvConfig, seed: int = 0, render_mode: str | None = None):
+        mod = _module(cfg.scenario)
+        kwargs = dict(cfg.kwargs)
+        bad = set(kwargs) - set(scenario_params(cfg.scenario))
+        if bad:
+            raise ValueError(f"{cfg.scenario} has no parameter(s) {sorted(bad)}; "
+                             f"valid: {', '.join(scenario_params(cfg.scenario))}")
+        self.env = mod.parallel_env(max_cycles=cfg.max_cycles, continuous_actions=False,
+                                    render_mode=render_mode, **kwargs)
+        self._seed = seed
+        obs, _ = self.env.reset(seed=seed)
+        agents = tuple(self.env.possible_agents)
+        self.spec = EnvSpec(
+            agents=agents,
+            obs_sizes=tuple(int(np.prod(self.env.observation_space(a).shape)) for a in agents),
+            action_counts=tuple(int(self.env.action_space(a).n) for a in agents),
+        )
+        self._obs = self._pack(obs)
+        self._needs_reset = False
+
+    # -- arrays ---------------------------------------------------------------------------------
+    def _pack(self, obs: dict) -> np.ndarray:
+        out = np.zeros((self.spec.n_agents, self.spec.obs_dim), np.float32)  # (N, O)
+        for i, a in enumerate(self.spec.agents):
+            if a in obs:
+                o = np.asarray(obs[a], np.float32).reshape(-1)
+                out[i, : o.shape[0]] = o
+        return out
+
+    def reset(self, seed: int | None = None) -> np.ndarray:
+        """Start an episode; returns observations (N, O)."""
+        obs, _ = self.env.reset(seed=seed)
+        self._obs = self._pack(obs)
+        self._needs_reset = False
+        return self._obs
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        """Act with (N,) integer actions; returns (obs (N, O), rewards (N,), continues (N,), done).
+
+        ``continues`` is 0 only for an agent that really terminated; ``done`` says the episode is
+        over (termination or time limit) and the caller must ``reset``.
+        """
+        if self._needs_reset:
+            raise RuntimeError("episode is over: call reset() before step()")
+        actions = np.asarray(actions).reshape(-1)
+        for i, n in enumerate(self.spec.action_counts):
+            if not 0 <= actions[i] < n:
+                raise ValueError(f"action {actions[i]} of {self.spec.agents[i]} outside [0, {n})")
+        live = self.env.agents
+        obs, rew, term, trunc, _ = self.env.step(
+            {a: int(actions[i]) for i, a in enumerate(self.spec.agents) if a in live})
+        rewards = np.array([float(rew.get(a, 0.0)) for a in self.spec.agents], np.float32)  # (N,)
+        continues = np.array([0.0 if term.get(a, False) else 1.0 for a in self.spec.agents], np.float32)
+        done = any(term.values()) or any(trunc.values()) or not self.env.agents
+        self._obs = self._pack(obs)
+        self._needs_reset = done
+        return self._obs, rewards, continues, done
+
+    def render(self) -> np.ndarray:
+        return self.env.render()
+
+    def close(self) -> None:
+        self.env.close()
+
+    # -- exact resume ------------------------------------------------------------------------------
+    def get_state(self) -> bytes:
+        """Everything needed to continue this env exactly (world state and its RNG)."""
+        return pickle.dumps((self.env, self._obs, self._needs_reset))
+
+    def set_state(self, state: bytes) -> None:
+        self.env, self._obs, self._needs_reset = pickle.loads(state)
+
+
+def random_actions(rng: np.random.Generator, spec: EnvSpec) -> np.ndarray:
+    """Uniform actions that respect each agent's action count: (N,)."""
+    return (rng.random(spec.n_agents) * np.array(spec.action_counts)).astype(np.int64)

@@ -1,0 +1,86 @@
+"""Evaluation with the paper's protocol: mean episode return over N episodes, per agent and team.
+
+A fresh env (its own seed) is played with the trained policy — greedy (argmax) by default, or
+sampled — while training's env and replay stay untouched.  Frames can be captured for a video.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .acting import ContextQueues, policy_step
+from .config import EnvConfig
+from .env import EnvSpec, MultiAgentEnv, random_actions
+
+
+def summarise(returns: np.ndarray, spec: EnvSpec) -> dict:
+    """returns (E, N) episode returns → mean/std per agent, per team (mean over members), overall."""
+    out: dict = {"episodes": int(returns.shape[0])}
+    for i, name in enumerate(spec.agents):
+        out[f"{name}_return_mean"] = float(returns[:, i].mean())
+        out[f"{name}_return_std"] = float(returns[:, i].std())
+    for team, idx in spec.teams.items():
+        r = returns[:, idx].mean(1)  # (E,) the team's per-member average
+        out[f"team_{team}_return_mean"] = float(r.mean())
+        out[f"team_{team}_return_std"] = float(r.std())
+    allr = returns.mean(1)  # (E,)
+    out["return_mean"], out["return_std"] = float(allr.mean()), float(allr.std())
+    return out
+
+
+@torch.no_grad()
+def evaluate(wm, ac, env_cfg: EnvConfig, act_context: int, episodes: int, seed: int, device,
+             greedy: bool = True, random_policy: bool = False, capture_frames: int = 0,
+             policies: np.ndarray | None = None) -> tuple[dict, list[np.ndarray]]:
+    """Play ``episodes`` episodes; returns (summary, frames of the first ``capture_frames`` episodes).
+
+    ``random_policy`` plays uniformly random actions (the baseline).  ``policies`` (N,) bool, when
+    given, says which agents use the learned policy; the others act randomly (e.g. prey vs a random
+    predator).
+    """
+    env = MultiAgentEnv(env_cfg, seed=seed, render_mode="rgb_array" if capture_frames else None)
+    spec = env.spec
+    rng = np.random.default_rng(seed)
+    queues = ContextQueues(spec.n_agents, spec.obs_dim, act_context, device)
+    returns, frames = [], []
+    if wm is not None:
+        wm.eval()
+    for ep in range(episodes):
+        obs = env.reset(seed=seed + ep)
+        queues.reset()
+        total = np.zeros(spec.n_agents)
+        done = False
+        while not done:
+            if ep < capture_frames:
+                frames.append(env.render())
+            actions = random_actions(rng, spec)
+            if not random_policy:
+                o = torch.as_tensor(obs, device=device)
+                learned = policy_step(wm, ac, *queues.view(), o, greedy=greedy).cpu().numpy()
+                actions = learned if policies is None else np.where(policies, learned, actions)
+            queues.push(torch.as_tensor(obs, device=device), torch.as_tensor(actions, device=device))
+            obs, rew, _, done = env.step(actions)
+            total += rew
+        returns.append(total)
+    env.close()
+    return summarise(np.stack(returns), spec), frames
+
+
+def write_video(frames: list[np.ndarray], path: str, fps: int = 10) -> None:
+    """Frames (H, W, 3) uint8 → GIF or MP4 (by extension) through imageio."""
+    try:
+        import imageio.v2 as imageio
+    except ImportError as e:
+        raise RuntimeError("writing a video needs imageio: pip install 'matwm_fast[viz]'") from e
+    if not frames:
+        raise ValueError("no frames to write")
+    if str(path).lower().endswith(".gif"):
+        imageio.mimsave(path, frames, duration=1.0 / fps, loop=0)
+    elif str(path).lower().endswith(".mp4"):
+        try:
+            imageio.mimsave(path, frames, fps=fps)
+        except Exception as e:  # no ffmpeg plugin
+            raise RuntimeError(f"cannot write MP4 ({e}); install imageio-ffmpeg or use a .gif path") from e
+    else:
+        raise ValueError(f"video path {path!r} must end in .gif or .mp4")

@@ -1,0 +1,187 @@
+"""The math of MATWM as pure functions: transforms, distributions and the two losses.
+
+Public, stable API (others test against these names and shapes; time is the last dimension):
+``symlog``, ``symexp``, ``two_hot``, ``lambda_returns``.  Losses are pure functions returning
+``(loss, metrics)`` where metrics is a dict of detached 0-dim tensors (no ``.item()`` here: the
+training loop reads them only at a log interval).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------- transforms
+def symlog(x: Tensor) -> Tensor:
+    """sign(x)·log(1+|x|): compresses large magnitudes (DreamerV3, Eq. 1)."""
+    return torch.sign(x) * torch.log1p(torch.abs(x))
+
+
+def symexp(x: Tensor) -> Tensor:
+    """Inverse of :func:`symlog`: sign(x)·(exp(|x|)−1)."""
+    return torch.sign(x) * torch.expm1(torch.abs(x))
+
+
+def two_hot(x: Tensor, bins: Tensor) -> Tensor:
+    """Two-hot weights of ``x`` (already in symlog space) over sorted ``bins``: (...,) → (..., NB).
+
+    The two neighbouring bins share the mass so that ``sum(w·bins) == x`` exactly inside the
+    range; values outside it are clamped to the end bins.
+    """
+    nb = bins.shape[0]
+    x = x.clamp(bins[0], bins[-1])
+    # index of the lower neighbour: the last bin ≤ x, kept ≤ NB−2 so the upper one exists
+    lo = (torch.searchsorted(bins, x.contiguous(), right=True) - 1).clamp(0, nb - 2)  # (...,)
+    b_lo, b_hi = bins[lo], bins[lo + 1]  # (...,)
+    w_hi = (x - b_lo) / (b_hi - b_lo)  # (...,)
+    out = torch.zeros(*x.shape, nb, dtype=x.dtype, device=x.device)  # (..., NB)
+    out.scatter_(-1, lo.unsqueeze(-1), (1.0 - w_hi).unsqueeze(-1))
+    out.scatter_add_(-1, (lo + 1).unsqueeze(-1), w_hi.unsqueeze(-1))
+    return out
+
+
+def two_hot_decode(logits: Tensor, bins: Tensor) -> Tensor:
+    """Expected value (in real space) of a symlog two-hot head: (..., NB) → (...,)."""
+    return symexp((torch.softmax(logits.float(), -1) * bins).sum(-1))
+
+
+def two_hot_ce(logits: Tensor, target_symlog: Tensor, bins: Tensor) -> Tensor:
+    """Cross-entropy of a two-hot head against targets in symlog space: (..., NB), (...,) → (...,).
+
+    Dispatches to the fused kernel of ``kernels.twohot_ce`` (reference or Triton by its switch).
+    """
+    import kernels
+
+    lead = target_symlog.shape
+    nb = logits.shape[-1]
+    out = kernels.twohot_ce(logits.reshape(-1, nb), target_symlog.reshape(-1).float(), bins)  # (M,)
+    return out.reshape(lead)
+
+
+def lambda_returns(rewards: Tensor, continues: Tensor, values: Tensor, gamma: float, lam: float) -> Tensor:
+    """TD(λ) returns, DreamerV3 Eq. 7 / paper Eq. 11: rewards, continues (..., H); values (..., H+1).
+
+    ``G_t = r_t + γ·c_t·((1−λ)·V_{t+1} + λ·G_{t+1})`` with ``G_H = V_H``; returns (..., H).
+    The recursion runs backwards over H (12 in the paper preset), a short static loop that
+    torch.compile unrolls.
+    """
+    horizon = rewards.shape[-1]
+    if values.shape[-1] != horizon + 1:
+        raise ValueError(f"values must have H+1={horizon + 1} steps on the last axis, got {values.shape[-1]}")
+    next_g = values[..., horizon]  # (...,)
+    out = []
+    for t in reversed(range(horizon)):
+        next_g = rewards[..., t] + gamma * continues[..., t] * ((1.0 - lam) * values[..., t + 1] + lam * next_g)
+        out.append(next_g)
+    return torch.stack(out[::-1], dim=-1)  # (..., H)
+
+
+# ----------------------------------------------------------------------------- categorical latents
+def unimix_probs(logits: Tensor, unimix: float) -> Tensor:
+    """(1−u)·softmax + u/C over the last axis: keeps every class reachable (DreamerV3 §Robustness)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    return (1.0 - unimix) * probs + unimix / logits.shape[-1]
+
+
+def straight_through(onehot: Tensor, probs: Tensor) -> Tensor:
+    """Forward value ``onehot``; gradient flows to ``probs`` (Bengio et al. 2013)."""
+    return onehot + probs - probs.detach()
+
+
+def categorical_kl(p: Tensor, q: Tensor) -> Tensor:
+    """KL(p‖q) of categorical distributions (..., K, C), summed over the K variables → (...,)."""
+    return (p * (torch.log(p) - torch.log(q))).sum(dim=(-1, -2))
+
+
+def kl_free_bits(post: Tensor, prior: Tensor, free_bits: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The dynamics and representation terms of paper Eq. 3, per element (DreamerV3 free bits).
+
+    Returns ``(dyn, rep, kl)`` each (...,): ``dyn = max(fb, KL(sg(post)‖prior))`` trains the prior,
+    ``rep = max(fb, KL(post‖sg(prior)))`` trains the encoder, ``kl`` is the raw divergence.  The clip
+    is applied per (batch, time) element before averaging (**CHOICE**: DreamerV3's form; STORM clips
+    the batch mean, which lets a few large KLs hide many small ones).
+    """
+    dyn_kl = categorical_kl(post.detach(), prior)
+    rep_kl = categorical_kl(post, prior.detach())
+    return dyn_kl.clamp_min(free_bits), rep_kl.clamp_min(free_bits), dyn_kl.detach()
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``x`` over entries where ``mask`` is 1 (no host sync: the count is a tensor)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------- world-model loss
+def world_model_loss(out, obs: Tensor, rew: Tensor, cont: Tensor, team_act: Tensor, obs_mask: Tensor,
+                     bins: Tensor, dyn_weight: float, rep_weight: float, free_bits: float):
+    """Paper Eq. 3, averaged over batch and time: rec + rew + con + team + 0.5·dyn + 0.1·rep.
+
+    out: :class:`~matwm_fast.world_model.WMOutputs` for R rows × T steps; obs (R, T, O); rew,
+    cont (R, T); team_act (R, T, N−1); obs_mask (R, O) marks each row's real features.  The KL
+    pairs (prior at t, posterior at t+1) count only where t+1 lies in t's episode: across an
+    episode start the "next latent" is a reset, not a consequence of a_t.
+    """
+    rec = ((out.recon.float() - obs).pow(2) * obs_mask[:, None]).sum(-1).mean()
+    rew_loss = two_hot_ce(out.reward_logits, symlog(rew), bins).mean()
+    con_loss = F.binary_cross_entropy_with_logits(out.cont_logits.float(), cont)
+    team_logits = out.team_logits.float()  # (R, T, N-1, A)
+    team = F.cross_entropy(team_logits.flatten(0, 2), team_act.flatten(), reduction="none")  # (R·T·(N-1),)
+    has_team = (team_logits.amax(-1) > -1e8).flatten().float()  # dummy slot of a lone agent: 0
+    team_loss = (team * has_team).view(team_act.shape).sum(-1).mean()
+    dyn, rep, kl = kl_free_bits(out.post_probs[:, 1:], out.prior_probs[:, :-1], free_bits)  # (R, T-1) each
+    same_episode = out.seg_mask[:, 1:, :-1].diagonal(dim1=1, dim2=2)  # (R, T-1): t+1 attends t
+    dyn_loss, rep_loss = masked_mean(dyn, same_episode), masked_mean(rep, same_episode)
+    total = rec + rew_loss + con_loss + team_loss + dyn_weight * dyn_loss + rep_weight * rep_loss
+    metrics = {
+        "total": total, "rec": rec, "rew": rew_loss, "con": con_loss, "team": team_loss,
+        "dyn": dyn_loss, "rep": rep_loss, "kl": masked_mean(kl, same_episode),
+    }
+    return total, {k: v.detach() for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------- actor-critic loss
+def return_range(returns: Tensor, low: float, high: float) -> Tensor:
+    """Per-agent spread of λ-returns, the high − low percentile: (N, ...) → (N,)."""
+    flat = returns.flatten(1).float()  # (N, B·H)
+    q = torch.quantile(flat, torch.tensor([low, high], device=flat.device), dim=1)  # (2, N)
+    return q[1] - q[0]
+
+
+def actor_critic_loss(policy_logits: Tensor, actions: Tensor, critic_logits: Tensor, slow_logits: Tensor,
+                      rewards: Tensor, continues: Tensor, bins: Tensor, prev_scale: Tensor, gamma: float,
+                      lam: float, entropy_coef: float, scale_decay: float, pct_low: float, pct_high: float):
+    """Paper Eqs. 10–13 (DreamerV3 form) for N agents at once, each on its own imagined batch.
+
+    policy_logits (N, B, H, A); actions (N, B, H); critic_logits, slow_logits (N, B, H+1, NB);
+    rewards, continues (N, B, H); prev_scale (N,) the EMA of the return range S before this batch.
+    Returns (loss, metrics) with loss = Σ_agents (actor_i + critic_i): summing keeps agent i's
+    gradient equal to the gradient of its own loss.  metrics hold (N,) tensors, among them
+    ``return_scale``, the updated EMA the caller stores (EMA from 0, as DreamerV3; max(1, S) makes
+    the first updates unscaled).
+    """
+    values = symexp((torch.softmax(critic_logits.float(), -1) * bins).sum(-1))  # (N, B, H+1)
+    returns = lambda_returns(rewards, continues, values.detach(), gamma, lam)  # (N, B, H)
+    # actor: REINFORCE with normalised advantage, plus entropy bonus
+    logp_all = torch.log_softmax(policy_logits.float(), -1)  # (N, B, H, A)
+    logp = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (N, B, H)
+    probs = logp_all.exp()
+    entropy = -(probs * logp_all.clamp_min(-1e4)).sum(-1)  # (N, B, H); masked actions contribute 0
+    scale = scale_decay * prev_scale + (1.0 - scale_decay) * return_range(returns, pct_low, pct_high)  # (N,)
+    adv = (returns - values[..., :-1]) / scale.clamp_min(1.0).view(-1, 1, 1)  # (N, B, H)
+    actor = (-adv.detach() * logp - entropy_coef * entropy).flatten(1).mean(1)  # (N,)
+    # critic: two-hot CE to sg(G_t), plus CE to the slow critic's value as a regulariser
+    slow_v = symexp((torch.softmax(slow_logits.float(), -1) * bins).sum(-1))  # (N, B, H+1)
+    crit_logits = critic_logits[..., :-1, :]  # (N, B, H, NB)
+    critic = (two_hot_ce(crit_logits, symlog(returns.detach()), bins)
+              + two_hot_ce(crit_logits, symlog(slow_v[..., :-1].detach()), bins)).flatten(1).mean(1)  # (N,)
+    loss = (actor + critic).sum()
+    metrics = {
+        "actor_loss": actor.detach(), "critic_loss": critic.detach(), "entropy": entropy.detach().flatten(1).mean(1),
+        "return": returns.detach().flatten(1).mean(1), "value": values.detach().flatten(1).mean(1),
+        "imag_reward": rewards.flatten(1).mean(1), "return_scale": scale.detach(),
+    }
+    return loss, metrics

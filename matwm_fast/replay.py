@@ -1,0 +1,153 @@
+"""One replay buffer per agent, stacked: preallocated ring storage (N, capacity, ...).
+
+The agents act in lockstep, so their buffers share one write position; each agent still samples
+its own indices.  Two samplers (SPEC §2):
+
+* world model: sequences of T steps, start weighted by recency ``decay**age`` (age 0 = newest
+  transition), no two sequences of one agent overlapping;
+* imagination: contexts of L steps, start drawn uniformly.
+
+Indices are drawn on the host with numpy in O(batch) per call (inverse-CDF of a truncated
+geometric law), then the rows are gathered on the storage device in one indexing op.  A sequence
+may span an episode boundary: ``first`` marks the step that starts an episode, and the world model
+turns it into an attention mask, so nothing leaks across (SPEC §2 CHOICE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Batch:
+    """Sampled rows: ``R`` rows (agent-major) of ``T`` steps each."""
+
+    obs: Tensor  # (R, T, O) float32
+    act: Tensor  # (R, T) int64, the row's own action (unscaled, in [0, A))
+    rew: Tensor  # (R, T) float32
+    cont: Tensor  # (R, T) float32, 0 at a real termination
+    first: Tensor  # (R, T) bool, True where an episode starts
+    team_act: Tensor  # (R, T, N-1) int64, the other agents' actions
+    agent: Tensor  # (R,) int64, whose buffer the row came from
+
+
+class ReplayBuffer:
+    """Stacked per-agent ring buffers with recency-weighted and uniform samplers."""
+
+    def __init__(self, n_agents: int, obs_dim: int, capacity: int, device: torch.device | str = "cpu",
+                 seed: int = 0):
+        self.n_agents, self.obs_dim, self.capacity = n_agents, obs_dim, capacity
+        self.device = torch.device(device)
+        n, c = n_agents, capacity
+        self.obs = torch.zeros(n, c, obs_dim, device=self.device)  # (N, cap, O)
+        self.act = torch.zeros(n, c, dtype=torch.long, device=self.device)  # (N, cap)
+        self.rew = torch.zeros(n, c, device=self.device)  # (N, cap)
+        self.cont = torch.ones(n, c, device=self.device)  # (N, cap)
+        self.first = torch.zeros(n, c, dtype=torch.bool, device=self.device)  # (N, cap)
+        self.team_act = torch.zeros(n, c, max(n - 1, 1), dtype=torch.long, device=self.device)  # (N, cap, N-1)
+        # others[i] = indices of agent i's teammates in agent order (for teammate targets)
+        self.others = torch.tensor([[j for j in range(n) if j != i] or [0] for i in range(n)],
+                                   dtype=torch.long, device=self.device)  # (N, N-1)
+        self.pos = 0  # next slot to write
+        self.size = 0  # slots holding data
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    # ------------------------------------------------------------------------------------ writing
+    def add(self, obs: np.ndarray | Tensor, act: np.ndarray | Tensor, rew: np.ndarray | Tensor,
+            cont: np.ndarray | Tensor, first: bool) -> None:
+        """Store one env step for all agents: obs (N, O), act (N,), rew (N,), cont (N,)."""
+        p = self.pos
+        act_t = torch.as_tensor(act, dtype=torch.long).to(self.device)  # (N,)
+        self.obs[:, p] = torch.as_tensor(obs, dtype=torch.float32).to(self.device)
+        self.act[:, p] = act_t
+        self.rew[:, p] = torch.as_tensor(rew, dtype=torch.float32).to(self.device)
+        self.cont[:, p] = torch.as_tensor(cont, dtype=torch.float32).to(self.device)
+        self.first[:, p] = bool(first)
+        self.team_act[:, p] = act_t[self.others]
+        self.pos = (p + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    # ------------------------------------------------------------------------------------ sampling
+    def _slots(self, ages: np.ndarray, length: int) -> np.ndarray:
+        """Start ages (..., ) → slot indices (..., length) running forward in time."""
+        start = (self.pos - 1 - ages) % self.capacity
+        return (start[..., None] + np.arange(length)) % self.capacity
+
+    def _gather(self, agent: np.ndarray, slots: np.ndarray) -> Batch:
+        a = torch.from_numpy(agent).to(self.device)  # (R,)
+        s = torch.from_numpy(slots).to(self.device)  # (R, T)
+        ai = a[:, None]
+        return Batch(obs=self.obs[ai, s], act=self.act[ai, s], rew=self.rew[ai, s], cont=self.cont[ai, s],
+                     first=self.first[ai, s], team_act=self.team_act[ai, s], agent=a)
+
+    def sample_recent_ages(self, count: int, length: int, decay: float) -> np.ndarray:
+        """``count`` start ages of sequences of ``length``, P(age=k) ∝ decay**k, k ∈ [length−1, size−1].
+
+        Truncated geometric by inverse CDF: with j = k − (length−1) and n valid starts,
+        P(j) ∝ ρ^j ⇒ F(j) = (1−ρ^(j+1))/(1−ρ^n) ⇒ j = ⌊log(1−u(1−ρ^n)) / log ρ⌋.
+        """
+        n = self.size - length + 1
+        if n < 1:
+            raise ValueError(f"buffer holds {self.size} steps, fewer than one sequence of {length}")
+        u = self.rng.random(count)
+        if decay >= 1.0:
+            j = np.floor(u * n)
+        else:
+            j = np.floor(np.log1p(-u * (-np.expm1(n * np.log(decay)))) / np.log(decay))
+        return np.minimum(j.astype(np.int64), n - 1) + (length - 1)
+
+    def sample_sequences(self, per_agent: int, length: int, decay: float, max_rounds: int = 10_000) -> Batch:
+        """World-model batch: ``per_agent`` non-overlapping recency-weighted sequences per agent.
+
+        Overlaps are resolved by redrawing only the offending later sequences (a vectorised
+        rejection step): the accepted set has the law of sequential draws without overlap.
+        """
+        if per_agent * length > self.size:
+            raise ValueError(f"cannot fit {per_agent} disjoint sequences of {length} in {self.size} steps")
+        ages = self.sample_recent_ages(self.n_agents * per_agent, length, decay).reshape(self.n_agents, per_agent)
+        for _ in range(max_rounds):
+            # conflict[i, b] = sequence b overlaps an earlier sequence b' < b of agent i
+            d = np.abs(ages[:, :, None] - ages[:, None, :])  # (N, B, B)
+            clash = np.tril(d < length, k=-1).any(-1)  # (N, B)
+            if not clash.any():
+                break
+            ages[clash] = self.sample_recent_ages(int(clash.sum()), length, decay)
+        else:
+            raise RuntimeError("could not draw non-overlapping sequences; the buffer is too small")
+        agent = np.repeat(np.arange(self.n_agents), per_agent)  # (R,)
+        return self._gather(agent, self._slots(ages.reshape(-1), length))
+
+    def sample_contexts(self, per_agent: int, length: int) -> Batch:
+        """Imagination starts: ``per_agent`` contexts of ``length`` steps per agent, drawn uniformly."""
+        n = self.size - length + 1
+        if n < 1:
+            raise ValueError(f"buffer holds {self.size} steps, fewer than one context of {length}")
+        ages = self.rng.integers(0, n, size=self.n_agents * per_agent) + (length - 1)  # (R,)
+        agent = np.repeat(np.arange(self.n_agents), per_agent)  # (R,)
+        return self._gather(agent, self._slots(ages, length))
+
+    # ------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        n = self.size
+        # store only the written part in chronological order would reorder ages; keep slots as is
+        return {
+            "obs": self.obs[:, :n].cpu(), "act": self.act[:, :n].cpu(), "rew": self.rew[:, :n].cpu(),
+            "cont": self.cont[:, :n].cpu(), "first": self.first[:, :n].cpu(),
+            "team_act": self.team_act[:, :n].cpu(), "pos": self.pos, "size": self.size,
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        n = sd["size"]
+        for k in ("obs", "act", "rew", "cont", "first", "team_act"):
+            getattr(self, k)[:, :n] = sd[k].to(self.device)
+        self.pos, self.size = sd["pos"], sd["size"]
+        self.rng.bit_generator.state = sd["rng"]

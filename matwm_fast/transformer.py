@@ -1,0 +1,128 @@
+"""A small causal transformer with a preallocated key/value cache (gpt-fast style).
+
+Three entry points share one set of weights:
+
+* ``forward``  — a whole sequence (training), causal and segment-masked;
+* ``prefill``  — the same pass over a context, also writing every token's keys/values into the cache;
+* ``decode``   — one new token per row against the cache; the write index and the valid range are
+  device tensors, so the step has static shapes and replays under a CUDA graph.
+
+Attention never crosses an episode boundary: a token attends to earlier tokens of its own segment
+(``attn_mask`` in training/prefill, ``kv_start`` in decode).  Positions are counted from the start
+of the token's segment (SPEC §2 CHOICE), so the model sees the same positions in training,
+imagination and acting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer, allocated once: (layers, B, heads, L, head_dim)."""
+
+    k: Tensor
+    v: Tensor
+
+    @staticmethod
+    def allocate(layers: int, batch: int, heads: int, length: int, head_dim: int, device, dtype) -> "KVCache":
+        shape = (layers, batch, heads, length, head_dim)
+        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+
+def segment_mask(first: Tensor) -> tuple[Tensor, Tensor]:
+    """Causal same-episode mask and in-episode positions from episode-start flags.
+
+    first: (B, T) bool, True where an episode starts (the window's step 0 always starts a segment).
+    Returns mask (B, T, T) bool — query i may attend key j iff j ≤ i and both lie in one segment —
+    and positions (B, T) long, the step index since the segment's start.
+    """
+    b, t = first.shape
+    starts = first.clone()
+    starts[:, 0] = True
+    seg = torch.cumsum(starts.long(), dim=1)  # (B, T) segment id
+    idx = torch.arange(t, device=first.device)  # (T,)
+    causal = idx[None, :, None] >= idx[None, None, :]  # (1, T, T)
+    mask = causal & (seg[:, :, None] == seg[:, None, :])  # (B, T, T)
+    # position = i − (index of the segment's first step) = i − max_{j ≤ i, start_j} j
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T)
+    return mask, idx[None] - start_idx
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + MHA(LN(x)), then x + FFN(LN(x))."""
+
+    def __init__(self, width: int, heads: int, ffn_mult: int):
+        super().__init__()
+        self.heads, self.hd = heads, width // heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ffn = nn.Sequential(nn.Linear(width, ffn_mult * width), nn.SiLU(), nn.Linear(ffn_mult * width, width))
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        *lead, d = x.shape
+        qkv = self.qkv(self.ln1(x)).view(*lead, 3, self.heads, self.hd)  # (..., 3, H, hd)
+        return qkv.unbind(-3)  # 3 × (..., H, hd)
+
+    def forward(self, x: Tensor, mask: Tensor, cache_k: Tensor | None = None, cache_v: Tensor | None = None) -> Tensor:
+        """x (B, T, D), mask (B, T, T) → (B, T, D); writes k/v to cache[:, :, :T] when given."""
+        b, t, d = x.shape
+        q, k, v = (y.transpose(1, 2) for y in self._qkv(x))  # 3 × (B, H, T, hd)
+        if cache_k is not None:
+            cache_k[:, :, :t] = k.to(cache_k.dtype)
+            cache_v[:, :, :t] = v.to(cache_v.dtype)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # (B, H, T, hd)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
+        return x + self.ffn(self.ln2(x))
+
+    def decode(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, index: Tensor, kv_start: Tensor) -> Tensor:
+        """x (B, D) at cache slot ``index`` (0-dim device tensor) → (B, D)."""
+        b, d = x.shape
+        q, k, v = self._qkv(x)  # 3 × (B, H, hd)
+        # write the new token's k/v at `index` without a host sync (index_copy_ takes a tensor)
+        cache_k.index_copy_(2, index.view(1), k.unsqueeze(2).to(cache_k.dtype))
+        cache_v.index_copy_(2, index.view(1), v.unsqueeze(2).to(cache_v.dtype))
+        a = kernels.decode_attention(q, cache_k, cache_v, kv_start, index + 1)  # (B, H, hd)
+        x = x + self.proj(a.reshape(b, d).to(x.dtype))  # (B, D)
+        return x + self.ffn(self.ln2(x))
+
+
+class CausalTransformer(nn.Module):
+    """Learned positional embedding + ``layers`` pre-LN blocks + final LayerNorm."""
+
+    def __init__(self, width: int, layers: int, heads: int, ffn_mult: int, max_len: int):
+        super().__init__()
+        self.width, self.n_layers, self.heads, self.max_len = width, layers, heads, max_len
+        self.pos = nn.Embedding(max_len, width)
+        self.blocks = nn.ModuleList(Block(width, heads, ffn_mult) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(width)
+
+    def allocate_cache(self, batch: int, length: int, device, dtype=torch.float32) -> KVCache:
+        return KVCache.allocate(self.n_layers, batch, self.heads, length, self.width // self.heads, device, dtype)
+
+    def forward(self, x: Tensor, pos: Tensor, mask: Tensor, cache: KVCache | None = None) -> Tensor:
+        """x (B, T, D), pos (B, T), mask (B, T, T) → h (B, T, D); prefills ``cache`` when given."""
+        x = x + self.pos(pos)
+        for i, blk in enumerate(self.blocks):
+            if cache is None:
+                x = blk(x, mask)
+            else:
+                x = blk(x, mask, cache.k[i], cache.v[i])
+        return self.ln_f(x)
+
+    def decode(self, x: Tensor, pos: Tensor, cache: KVCache, index: Tensor, kv_start: Tensor) -> Tensor:
+        """One token per row: x (B, D), pos (B,) → h (B, D); keys kv_start ≤ j ≤ index are attended."""
+        x = x + self.pos(pos)
+        for i, blk in enumerate(self.blocks):
+            x = blk.decode(x, cache.k[i], cache.v[i], index, kv_start)
+        return self.ln_f(x)

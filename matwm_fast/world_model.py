@@ -1,0 +1,157 @@
+"""The world model shared by all agents (SPEC §3): one parameter set, agents as rows.
+
+Data flow for a row of agent k (paper §4, STORM §3):
+
+    o_t ─symlog─▶ encoder ─▶ q(z_t | o_t)  (K×C categorical, unimix)  ─sample─▶ z_t
+    e_t = mix(z_t, onehot(k·A + a_t))                     # action scaling tells the WM who acts
+    h_t = transformer(e_{≤t})                             # causal, never across an episode start
+    p(z_{t+1} | h_t) = g_D(h_t);  r_t = g_R(h_t);  c_t = g_C(h_t)
+    teammates' a_t ~ f(sg(z_{≤t}))                         # teammate predictor
+    ô_t = decoder(z_t)
+
+The module only computes; the loss lives in :mod:`matwm_fast.losses` and the optimiser in the
+trainer.  Sampling goes through ``kernels.sample_latent`` (reference or Triton by one switch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+from .config import WorldModelConfig
+from .env import EnvSpec
+from .losses import symlog
+from .nn import mlp
+from .transformer import CausalTransformer, KVCache, segment_mask
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class WMOutputs:
+    """Everything the world-model loss needs, for R rows of T steps."""
+
+    post_probs: Tensor  # (R, T, K, C) posterior q(z_t | o_t), unimixed
+    prior_probs: Tensor  # (R, T, K, C) prior p(z_{t+1} | h_t), unimixed
+    recon: Tensor  # (R, T, O) decoded observation
+    reward_logits: Tensor  # (R, T, NB)
+    cont_logits: Tensor  # (R, T)
+    team_logits: Tensor  # (R, T, N-1, A) masked to each teammate's real actions
+    seg_mask: Tensor  # (R, T, T) attention mask (also tells which t+1 targets are valid)
+
+
+class TeammatePredictor(nn.Module):
+    """f(sg(z_{≤t})): a small causal transformer over the focal agent's latent history.
+
+    Its output at step t is logits over every teammate's action at step t ((N−1) × A).  Teammate
+    slots are ordered by agent index with the focal agent left out.  **CHOICE**: a learned
+    focal-agent embedding is added to the input, since the same shared predictor must know whose
+    teammates it predicts (the dynamics learn this from the scaled action).
+    """
+
+    def __init__(self, cfg: WorldModelConfig, spec: EnvSpec):
+        super().__init__()
+        n, a = spec.n_agents, spec.n_actions
+        self.n_team, self.n_act = max(n - 1, 1), a
+        self.inp = nn.Linear(cfg.latent_vars * cfg.latent_classes, cfg.tp_width)
+        self.agent_emb = nn.Embedding(n, cfg.tp_width)
+        self.tf = CausalTransformer(cfg.tp_width, cfg.tp_layers, cfg.tp_heads, 2, cfg.max_len)
+        self.out = nn.Linear(cfg.tp_width, self.n_team * a)
+        counts = torch.tensor(spec.action_counts)
+        others = [[j for j in range(n) if j != i] or [i] for i in range(n)]
+        valid = torch.arange(a)[None, None] < counts[torch.tensor(others)][..., None]  # (N, N-1, A)
+        if n == 1:
+            valid = torch.zeros_like(valid)  # no teammates: the slot is a dummy, all-masked
+        self.register_buffer("valid", valid, persistent=False)
+
+    def _logits(self, h: Tensor, agent: Tensor) -> Tensor:
+        out = self.out(h).unflatten(-1, (self.n_team, self.n_act))  # (..., N-1, A)
+        valid = self.valid[agent].view(agent.shape[0], *([1] * (out.dim() - 3)), self.n_team, self.n_act)
+        return out.masked_fill(~valid, -1e9)
+
+    def forward(self, z: Tensor, pos: Tensor, mask: Tensor, agent: Tensor, cache: KVCache | None = None) -> Tensor:
+        """z (R, T, K·C) (already stop-gradient), agent (R,) → logits (R, T, N-1, A)."""
+        x = self.inp(z) + self.agent_emb(agent)[:, None]  # (R, T, Dtp)
+        return self._logits(self.tf(x, pos, mask, cache), agent)
+
+    def decode(self, z: Tensor, pos: Tensor, agent: Tensor, cache: KVCache, index: Tensor, kv_start: Tensor) -> Tensor:
+        """One step: z (R, K·C) → logits (R, N-1, A)."""
+        x = self.inp(z) + self.agent_emb(agent)  # (R, Dtp)
+        return self._logits(self.tf.decode(x, pos, cache, index, kv_start), agent)
+
+
+class WorldModel(nn.Module):
+    def __init__(self, cfg: WorldModelConfig, spec: EnvSpec):
+        super().__init__()
+        self.cfg, self.spec = cfg, spec
+        k, c, d = cfg.latent_vars, cfg.latent_classes, cfg.width
+        n, a, o = spec.n_agents, spec.n_actions, spec.obs_dim
+        self.K, self.C, self.N, self.A, self.O = k, c, n, a, o
+        self.encoder = mlp(o, cfg.mlp_width, cfg.mlp_layers, k * c)
+        self.decoder = mlp(k * c, cfg.mlp_width, cfg.mlp_layers, o)
+        # action mixer, STORM's form (Linear→LN→SiLU→Linear→LN) rather than the paper's single Linear
+        self.mixer = nn.Sequential(nn.Linear(k * c + n * a, d), nn.LayerNorm(d), nn.SiLU(), nn.Linear(d, d),
+                                   nn.LayerNorm(d))
+        self.seq = CausalTransformer(d, cfg.layers, cfg.heads, cfg.ffn_mult, cfg.max_len)
+        self.dyn_head = mlp(d, cfg.head_width, 1, k * c)
+        self.rew_head = mlp(d, cfg.head_width, 1, cfg.reward_bins)
+        self.con_head = mlp(d, cfg.head_width, 1, 1)
+        self.teammates = TeammatePredictor(cfg, spec)
+        # No action-mask head g_M: MPE2 hands out no per-step action masks (padded actions are
+        # static and masked in the policy), so the 0.5·mask term of Eq. 3 is identically absent.
+        self.register_buffer("bins", torch.linspace(cfg.bins_low, cfg.bins_high, cfg.reward_bins), persistent=False)
+        self.register_buffer("obs_mask", torch.from_numpy(spec.obs_mask()), persistent=False)  # (N, O)
+        # zero the last layers of reward/continuation heads: predictions start at 0 / p=0.5 (DreamerV3)
+        for head in (self.rew_head, self.con_head):
+            nn.init.zeros_(head[-1].weight)
+            nn.init.zeros_(head[-1].bias)
+
+    # ------------------------------------------------------------------------------- pieces
+    def posterior(self, obs: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """obs (..., O) → (z (..., K·C) one-hot with straight-through grad, probs (..., K, C))."""
+        logits = self.encoder(symlog(obs)).unflatten(-1, (self.K, self.C))  # (..., K, C)
+        return self.sample(logits, noise)
+
+    def prior(self, h: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """h (..., D) → (z_{t+1} (..., K·C), prior probs (..., K, C))."""
+        logits = self.dyn_head(h).unflatten(-1, (self.K, self.C))  # (..., K, C)
+        return self.sample(logits, noise)
+
+    def sample(self, logits: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
+        lead = logits.shape[:-2]
+        flat = logits.reshape(-1, self.K, self.C).float()  # (M, K, C)
+        nz = None if noise is None else noise.reshape(-1, self.K, self.C)
+        z, probs = kernels.sample_latent(flat, self.cfg.unimix, noise=nz)  # (M, K, C) each
+        return z.reshape(*lead, self.K * self.C), probs.reshape(*lead, self.K, self.C)
+
+    def scaled_action(self, agent: Tensor, act: Tensor) -> Tensor:
+        """Paper's action scaling: agent k's action a → one-hot index k·A + a of width N·A."""
+        idx = agent.view(-1, *([1] * (act.dim() - 1))) * self.A + act  # (R, ...) long
+        return F.one_hot(idx, self.N * self.A).float()  # (R, ..., N·A)
+
+    def mix(self, z: Tensor, agent: Tensor, act: Tensor) -> Tensor:
+        """(z (R, ..., K·C), a (R, ...)) → token e (R, ..., D)."""
+        onehot = self.scaled_action(agent, act).to(z.dtype)  # (R, ..., N·A)
+        return self.mixer(torch.cat([z, onehot], dim=-1))
+
+    def heads(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """h (..., D) → (reward logits (..., NB), continuation logit (...,))."""
+        return self.rew_head(h), self.con_head(h).squeeze(-1)
+
+    # ------------------------------------------------------------------------------- training pass
+    def observe(self, obs: Tensor, act: Tensor, first: Tensor, agent: Tensor) -> WMOutputs:
+        """Teacher-forced pass over real sequences: obs (R, T, O), act (R, T), first (R, T), agent (R,)."""
+        z, post = self.posterior(obs)  # (R, T, K·C), (R, T, K, C)
+        recon = self.decoder(z)  # (R, T, O)
+        mask, pos = segment_mask(first)  # (R, T, T), (R, T)
+        h = self.seq(self.mix(z, agent, act), pos, mask)  # (R, T, D)
+        prior_logits = self.dyn_head(h).unflatten(-1, (self.K, self.C))  # (R, T, K, C)
+        prior = (1.0 - self.cfg.unimix) * torch.softmax(prior_logits.float(), -1) + self.cfg.unimix / self.C
+        rew_logits, con_logits = self.heads(h)  # (R, T, NB), (R, T)
+        team = self.teammates(z.detach(), pos, mask, agent)  # (R, T, N-1, A)
+        return WMOutputs(post, prior, recon, rew_logits, con_logits, team, mask)
