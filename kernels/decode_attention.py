@@ -16,8 +16,6 @@ Forward only: imagination runs under torch.no_grad.  Use impl='ref' if a
 gradient is ever needed.
 """
 
-from __future__ import annotations
-
 import math
 
 import torch

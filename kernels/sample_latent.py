@@ -26,7 +26,7 @@ the Triton kernel uses tl.rand(seed, flat_index + offset) with `seed` and
 when the caller bumps `offset` in place (by at least B*K*C per call).
 """
 
-from __future__ import annotations
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -96,8 +96,8 @@ def _sample_latent_kernel(
     x = tl.where(ok, x, -1.0e30)
     e = tl.exp(x - tl.max(x, axis=1)[:, None])
     # keep = 1 - unimix and floor = unimix / C come rounded from float64 on the
-    # host, exactly like the scalars in the eager reference, so both compute
-    # bit-comparable probabilities.
+    # host, exactly like the scalars in the eager reference; what remains
+    # between the impls is exp/log rounding and summation order (~1 ulp).
     probs = keep * (e / tl.sum(e, axis=1)[:, None]) + floor
 
     if HAS_NOISE:
@@ -153,8 +153,10 @@ def _sample_latent_triton(
 # --------------------------------------------------------------------------- #
 @torch.library.custom_op("matwm::sample_latent", mutates_args=())
 def _sample_latent_op(
-    logits: Tensor, unimix: float, noise: Tensor | None, seed: Tensor | None, offset: Tensor | None
-) -> tuple[Tensor, Tensor]:
+    logits: Tensor, unimix: float, noise: Optional[Tensor], seed: Optional[Tensor], offset: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    # typing.Optional / Tuple (not `X | None`, `tuple[...]`): schema inference
+    # handles these spellings on every torch >= 2.4.
     return _sample_latent_triton(logits, unimix, noise, seed, offset)
 
 
@@ -165,6 +167,7 @@ def _sample_latent_fake(logits, unimix, noise, seed, offset):
 
 def _sample_latent_setup(ctx, inputs, output):
     logits, unimix, _noise, _seed, _offset = inputs
+    ctx.mark_non_differentiable(output[0])  # the one-hot: piecewise constant in logits
     ctx.save_for_backward(logits)
     ctx.unimix = unimix
 
@@ -203,12 +206,15 @@ def sample_latent(
     (B, K, C) in logits' dtype: sample is the exact one-hot in the forward pass
     and passes its gradient to probs; probs is differentiable w.r.t. logits.
 
-    noise: optional float32 uniforms (B, K, C) used by both impls (identical draws).
+    noise: optional float32 uniforms (B, K, C) used by both impls: identical draws,
+    except where two classes' Gumbel scores tie to within fp32 rounding (~1e-6).
     seed, offset: int64 device tensors (0-dim or (1,)) for the Triton RNG when
     noise is None; read on the device, so they may change between CUDA-graph
     replays.  If seed is None a fresh one is drawn from torch's generator.
     Ignored by the reference, which uses torch.rand.
     """
+    if noise is not None and noise.shape != logits.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} != logits shape {tuple(logits.shape)}")
     if resolve_impl(impl, logits) == "ref":
         return sample_latent_ref(logits, unimix, noise)
     if noise is None:

@@ -22,7 +22,7 @@ bins[i], bins[i+1] values (the division can round across a bin edge); the
 weights always use the stored bin values, so they match `two_hot_ref`.
 """
 
-from __future__ import annotations
+from typing import Tuple
 
 import torch
 from torch import Tensor
@@ -56,7 +56,8 @@ def two_hot_ref(target: Tensor, bins: Tensor) -> Tensor:
 def twohot_ce_ref(logits: Tensor, target: Tensor, bins: Tensor) -> Tensor:
     """Eager two-hot cross-entropy (M,) in float32; autograd provides the backward."""
     acc = torch.promote_types(logits.dtype, torch.float32)
-    tw = two_hot_ref(target.to(acc), bins)  # (M, NB)
+    # The target is a fixed label (no gradient to target or bins), as in the fused op.
+    tw = two_hot_ref(target.detach().to(acc), bins.detach())  # (M, NB)
     logp = torch.log_softmax(logits.to(acc), dim=-1)  # (M, NB)
     return -(tw * logp).sum(dim=-1)
 
@@ -183,7 +184,7 @@ def _twohot_ce_bwd_triton(grad: Tensor, logits: Tensor, target: Tensor, bins: Te
 # AOTAutograd can trace it through the fake impl.                               #
 # --------------------------------------------------------------------------- #
 @torch.library.custom_op("matwm::twohot_ce", mutates_args=())
-def _twohot_ce_op(logits: Tensor, target: Tensor, bins: Tensor) -> tuple[Tensor, Tensor]:
+def _twohot_ce_op(logits: Tensor, target: Tensor, bins: Tensor) -> Tuple[Tensor, Tensor]:
     return _twohot_ce_fwd_triton(logits, target, bins)
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .config import ActorCriticConfig
 from .env import EnvSpec
-from .losses import two_hot_decode
+from .losses import fp32, two_hot_decode
 from .nn import StackedMLP
 
 Tensor = torch.Tensor
@@ -45,7 +45,7 @@ class ActorCritic(nn.Module):
     def policy_logits(self, s: Tensor, idx: Tensor | None = None) -> Tensor:
         """s (n, B, S) → logits (n, B, A) with each agent's padded actions at −∞-ish."""
         mask = self.action_mask if idx is None else self.action_mask[idx]  # (n, A)
-        logits = self.actor(s, idx).float()  # (n, B, A)
+        logits = fp32(self.actor(s, idx))  # (n, B, A)
         return logits.masked_fill(~mask[:, None], -1e9)
 
     def act(self, s: Tensor, noise: Tensor | None = None, idx: Tensor | None = None, greedy: bool = False) -> Tensor:

@@ -13,19 +13,27 @@ checkpoint intact, and a truncated or corrupted file fails its hash and is refus
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
+import pickle
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import Config
+from .config import SECTION_TYPES, Config
 
 MAGIC = b"MATWMCK1"
 _HASH = 32
+FORMAT = 1  # bump when the payload's layout changes
+
+# settings that may change when a run resumes: they do not alter what has been learned
+RESUMABLE = frozenset({"train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                       "train.eval_every", "train.eval_episodes", "train.device", "train.backend",
+                       "train.kernels", "train.amp"})
 
 
 class CheckpointError(RuntimeError):
@@ -34,29 +42,82 @@ class CheckpointError(RuntimeError):
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left behind when the write itself failed
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
 
 
+# ----------------------------------------------------------------------------- env state
+# MPE2's raw envs are gymnasium ``EzPickle``: plain pickling stores only the constructor
+# arguments and unpickling builds a *fresh, un-reset* env, losing the world, its RNG and the
+# agent selector.  So the env is pickled by its instance ``__dict__`` instead, and pygame objects
+# (a screen surface and font exist even without rendering, and cannot be pickled) are left out
+# and taken from the live env on restore.
+def _new(cls):
+    return cls.__new__(cls)
+
+
+def _set_dict(obj, state: dict) -> None:
+    obj.__dict__.update(state)
+
+
+class _EnvPickler(pickle.Pickler):
+    def reducer_override(self, obj):
+        from gymnasium.utils.ezpickle import EzPickle
+
+        if isinstance(obj, EzPickle) and not isinstance(obj, type):
+            return _new, (type(obj),), dict(obj.__dict__), None, None, _set_dict
+        return NotImplemented
+
+    def persistent_id(self, obj):
+        return "pygame" if type(obj).__module__.startswith("pygame") else None
+
+
+class _EnvUnpickler(pickle.Unpickler):
+    def persistent_load(self, pid):
+        return None  # pygame objects: refilled from the live env below
+
+
+def env_state(env) -> bytes:
+    """Everything needed to continue a :class:`~matwm_fast.env.MultiAgentEnv` exactly."""
+    buf = io.BytesIO()
+    _EnvPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump((env.env, env._obs, env._needs_reset))
+    return buf.getvalue()
+
+
+def restore_env(env, blob: bytes) -> None:
+    inner, obs, needs_reset = _EnvUnpickler(io.BytesIO(blob)).load()
+    live, raw = env.env.unwrapped.__dict__, inner.unwrapped.__dict__
+    for k, v in live.items():
+        if type(v).__module__.startswith("pygame") and raw.get(k) is None:
+            raw[k] = v
+    env.env, env._obs, env._needs_reset = inner, obs, needs_reset
+
+
+# ----------------------------------------------------------------------------- trainer state
 def trainer_state(tr) -> dict:
     """Everything of a :class:`~matwm_fast.trainer.Trainer` the next step depends on."""
     return {
+        "format": FORMAT,
         "config": tr.cfg.to_dict(),
+        "agents": list(tr.spec.agents),
         "step": tr.step,
         "wm": tr.wm.state_dict(),
         "ac": tr.ac.state_dict(),
         "wm_opt": tr.wm_opt.state_dict(),
         "ac_opt": tr.ac_opt.state_dict(),
         "replay": tr.replay.state_dict(),
-        "env": tr.env.get_state(),
+        "env": env_state(tr.env),
         "obs": tr.obs,
         "first": tr.first,
         "queues": (tr.queues.obs.cpu(), tr.queues.act.cpu(), tr.queues.count),
@@ -72,15 +133,45 @@ def trainer_state(tr) -> dict:
     }
 
 
+def saved_config(st: dict) -> Config:
+    """The checkpoint's config; refused when its fields are not this version's."""
+    d = st.get("config")
+    if not isinstance(d, dict):
+        raise CheckpointError("checkpoint holds no config")
+    problems = []
+    for sec, cls in SECTION_TYPES.items():
+        have, want = set(d.get(sec, {})), {f.name for f in dataclasses.fields(cls)}
+        problems += [f"unknown field {sec}.{k}" for k in sorted(have - want)]
+        problems += [f"missing field {sec}.{k}" for k in sorted(want - have)]
+    if problems:
+        raise CheckpointError("checkpoint was written by an incompatible version of matwm_fast: "
+                              + "; ".join(problems))
+    return Config.from_dict(d)
+
+
+def check_compatible(st: dict, cfg: Config, ignore=RESUMABLE) -> None:
+    """Refuse a checkpoint whose config differs from ``cfg`` in anything but ``ignore``."""
+    diff = config_diff(saved_config(st), cfg, ignore=set(ignore))
+    if diff:
+        raise CheckpointError("checkpoint is from a different config: " + "; ".join(diff))
+
+
 def load_trainer_state(tr, st: dict) -> None:
+    """Restore a trainer built from the checkpoint's config (``check_compatible`` first)."""
+    check_compatible(st, tr.cfg)
+    if st.get("agents", list(tr.spec.agents)) != list(tr.spec.agents):
+        raise CheckpointError(f"checkpoint agents {st['agents']} differ from this env's {list(tr.spec.agents)}")
     dev = tr.device
+    try:
+        tr.wm.load_state_dict(st["wm"])
+        tr.ac.load_state_dict(st["ac"])
+        tr.wm_opt.load_state_dict(st["wm_opt"])
+        tr.ac_opt.load_state_dict(st["ac_opt"])
+        tr.replay.load_state_dict(st["replay"])
+    except (RuntimeError, ValueError, KeyError) as e:  # shapes or keys of another model
+        raise CheckpointError(f"checkpoint does not fit the model built from its config: {e}") from e
     tr.step = st["step"]
-    tr.wm.load_state_dict(st["wm"])
-    tr.ac.load_state_dict(st["ac"])
-    tr.wm_opt.load_state_dict(st["wm_opt"])
-    tr.ac_opt.load_state_dict(st["ac_opt"])
-    tr.replay.load_state_dict(st["replay"])
-    tr.env.set_state(st["env"])
+    restore_env(tr.env, st["env"])
     tr.obs, tr.first = st["obs"], st["first"]
     qo, qa, qc = st["queues"]
     tr.queues.obs, tr.queues.act, tr.queues.count = qo.to(dev), qa.to(dev), qc
@@ -96,6 +187,7 @@ def load_trainer_state(tr, st: dict) -> None:
     tr.rng.bit_generator.state = rng["trainer"]
 
 
+# ----------------------------------------------------------------------------- files
 def save(path: Path, payload: dict) -> None:
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -105,19 +197,51 @@ def save(path: Path, payload: dict) -> None:
 
 def load(path: Path) -> dict:
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     data = path.read_bytes()
     if len(data) < len(MAGIC) + _HASH or data[: len(MAGIC)] != MAGIC:
-        raise CheckpointError(f"{path} is not a matwm_fast checkpoint (bad header; truncated or another format)")
+        raise CheckpointError(f"{path} is not a matwm_fast checkpoint (bad header; truncated or another format)"
+                              + _others(path))
     digest, blob = data[len(MAGIC): len(MAGIC) + _HASH], data[len(MAGIC) + _HASH:]
     if hashlib.sha256(blob).digest() != digest:
-        raise CheckpointError(f"{path} is corrupt or truncated (checksum mismatch); refusing to load it")
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
+        raise CheckpointError(f"{path} is corrupt or truncated (checksum mismatch); refusing to load it"
+                              + _others(path))
+    try:
+        st = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
+    except Exception as e:  # intact bytes this torch cannot read (e.g. written by a newer one)
+        raise CheckpointError(f"{path} passed its checksum but cannot be read: {e}") from e
+    if not isinstance(st, dict) or st.get("format", FORMAT) != FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {st.get('format') if isinstance(st, dict) else '?'}; "
+                              f"this version reads format {FORMAT}")
+    return st
+
+
+def _others(path: Path) -> str:
+    """A hint naming the other checkpoints next to a bad one (each can be resumed from by path)."""
+    others = sorted(p.name for p in path.parent.glob("step_*.pt") if p.name != path.name)
+    if not others:
+        return ""
+    return f"; other checkpoints in {path.parent}: {', '.join(others)} (pass one as --resume PATH)"
+
+
+def resolve(path: Path | str) -> Path:
+    """A run directory (→ its latest checkpoint) or a checkpoint file → the checkpoint file."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is neither a run directory nor a checkpoint file")
+    return CheckpointDir(path).latest()
+
+
+def run_dir_of(ckpt: Path) -> Path:
+    """``RUN_DIR/checkpoints/step_X.pt`` → ``RUN_DIR``."""
+    return Path(ckpt).resolve().parent.parent
 
 
 class CheckpointDir:
-    """``RUN_DIR/checkpoints/step_XXXXXXXX.pt`` plus ``latest`` naming the newest good one."""
+    """``RUN_DIR/checkpoints/step_XXXXXXXXX.pt`` plus ``latest`` naming the newest good one."""
 
     def __init__(self, run_dir: Path, keep: int = 2):
         self.dir = Path(run_dir) / "checkpoints"
@@ -129,6 +253,7 @@ class CheckpointDir:
         payload = trainer_state(tr)
         payload["extra"] = extra or {}
         save(path, payload)
+        # the pointer moves only after the file is complete, and pruning only after the pointer
         _atomic_write(self.dir / "latest", path.name.encode())
         self._prune(keep_name=path.name)
         return path
@@ -141,9 +266,16 @@ class CheckpointDir:
 
     def latest(self) -> Path:
         ptr = self.dir / "latest"
-        if not ptr.exists():
-            raise CheckpointError(f"no checkpoint in {self.dir} (no 'latest' file)")
-        return self.dir / ptr.read_text().strip()
+        if ptr.exists():
+            path = self.dir / ptr.read_text().strip()
+            if not path.exists():
+                raise CheckpointError(f"{ptr} names {path.name}, which is missing" + _others(path))
+            return path
+        # no pointer (e.g. copied by hand): the newest step file, if any
+        ckpts = sorted(self.dir.glob("step_*.pt"))
+        if not ckpts:
+            raise CheckpointError(f"no checkpoint in {self.dir} (is {self.dir.parent} a matwm_fast run directory?)")
+        return ckpts[-1]
 
 
 def config_diff(a: Config, b: Config, ignore: set[str]) -> list[str]:

@@ -265,10 +265,11 @@ def validate(cfg: Config, n_agents: int) -> None:
     if wm.width % wm.heads or wm.tp_width % wm.tp_heads:
         raise ValueError(f"width {wm.width}/{wm.tp_width} must be divisible by heads {wm.heads}/{wm.tp_heads}")
     per_agent = wm.batch_size // n_agents
-    if rp.warmup < per_agent * wm.seq_len + wm.seq_len:
+    # twice the packed size keeps non-overlapping draws easy (random placement leaves gaps)
+    if rp.warmup < 2 * per_agent * wm.seq_len:
         raise ValueError(
             f"replay.warmup={rp.warmup} is too small for {per_agent} non-overlapping sequences of "
-            f"{wm.seq_len} per agent; need at least {per_agent * wm.seq_len + wm.seq_len}")
+            f"{wm.seq_len} per agent; need at least {2 * per_agent * wm.seq_len}")
     if rp.capacity < rp.warmup:
         raise ValueError(f"replay.capacity={rp.capacity} is below replay.warmup={rp.warmup}")
     if not 0.0 < rp.priority_decay <= 1.0:

@@ -174,12 +174,27 @@ class MultiAgentEnv:
         self.env.close()
 
     # -- exact resume ------------------------------------------------------------------------------
+    # MPE2's raw env pickles by re-construction (EzPickle), which drops the world state, so the
+    # state is taken attribute by attribute: the raw env's (world, RNG, counters) and each
+    # wrapper's own flags.  Rendering handles (pygame surfaces, fonts) are left out.
+    _NOT_STATE = {"screen", "game_font", "viewer", "renderOn", "_ezpickle_args", "_ezpickle_kwargs", "env", "aec_env"}
+
+    def _chain(self) -> list:
+        out, e = [], self.env
+        while e is not None:
+            out.append(e)
+            e = vars(e).get("aec_env") or vars(e).get("env")
+        return out
+
     def get_state(self) -> bytes:
         """Everything needed to continue this env exactly (world state and its RNG)."""
-        return pickle.dumps((self.env, self._obs, self._needs_reset))
+        layers = [{k: v for k, v in vars(e).items() if k not in self._NOT_STATE} for e in self._chain()]
+        return pickle.dumps((layers, self._obs, self._needs_reset))
 
     def set_state(self, state: bytes) -> None:
-        self.env, self._obs, self._needs_reset = pickle.loads(state)
+        layers, self._obs, self._needs_reset = pickle.loads(state)
+        for e, attrs in zip(self._chain(), layers):
+            vars(e).update(attrs)
 
 
 def random_actions(rng: np.random.Generator, spec: EnvSpec) -> np.ndarray:

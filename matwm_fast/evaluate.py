@@ -30,6 +30,52 @@ def summarise(returns: np.ndarray, spec: EnvSpec) -> dict:
 
 
 @torch.no_grad()
+def play(wm, ac, env_cfg: EnvConfig, act_context: int, episodes: int, seed: int, device,
+         greedy: bool = True, random_policy: bool = False, capture_frames: int = 0,
+         policies: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray], EnvSpec]:
+    """Play ``episodes`` episodes → (returns (E, N), frames of the first ``capture_frames``, spec).
+
+    Reproducible from ``seed`` alone and invisible to the caller's random streams: torch's global
+    generator (which the latent sampling and a sampled policy draw from) is forked and seeded
+    here, so evaluating during training leaves the training run exactly as without evaluation.
+    """
+    device = torch.device(device)
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked):
+        torch.manual_seed(seed)
+        env = MultiAgentEnv(env_cfg, seed=seed, render_mode="rgb_array" if capture_frames else None)
+        spec = env.spec
+        rng = np.random.default_rng(seed)
+        queues = ContextQueues(spec.n_agents, spec.obs_dim, act_context, device)
+        returns, frames = [], []
+        was_training = wm.training if wm is not None else False
+        if wm is not None:
+            wm.eval()
+        for ep in range(episodes):
+            obs = env.reset(seed=seed + ep)
+            queues.reset()
+            total = np.zeros(spec.n_agents)  # (N,)
+            done = False
+            while not done:
+                if ep < capture_frames:
+                    frames.append(env.render())
+                actions = random_actions(rng, spec)  # (N,)
+                if not random_policy:
+                    o = torch.as_tensor(obs, device=device)  # (N, O)
+                    learned = policy_step(wm, ac, *queues.view(), o, greedy=greedy).cpu().numpy()  # (N,)
+                    actions = learned if policies is None else np.where(policies, learned, actions)
+                queues.push(torch.as_tensor(obs, device=device), torch.as_tensor(actions, device=device))
+                obs, rew, _, done = env.step(actions)
+                total += rew
+            if ep < capture_frames:
+                frames.append(env.render())  # the final state too
+            returns.append(total)
+        env.close()
+        if wm is not None:
+            wm.train(was_training)
+    return np.stack(returns), frames, spec  # (E, N)
+
+
 def evaluate(wm, ac, env_cfg: EnvConfig, act_context: int, episodes: int, seed: int, device,
              greedy: bool = True, random_policy: bool = False, capture_frames: int = 0,
              policies: np.ndarray | None = None) -> tuple[dict, list[np.ndarray]]:
@@ -39,32 +85,9 @@ def evaluate(wm, ac, env_cfg: EnvConfig, act_context: int, episodes: int, seed: 
     given, says which agents use the learned policy; the others act randomly (e.g. prey vs a random
     predator).
     """
-    env = MultiAgentEnv(env_cfg, seed=seed, render_mode="rgb_array" if capture_frames else None)
-    spec = env.spec
-    rng = np.random.default_rng(seed)
-    queues = ContextQueues(spec.n_agents, spec.obs_dim, act_context, device)
-    returns, frames = [], []
-    if wm is not None:
-        wm.eval()
-    for ep in range(episodes):
-        obs = env.reset(seed=seed + ep)
-        queues.reset()
-        total = np.zeros(spec.n_agents)
-        done = False
-        while not done:
-            if ep < capture_frames:
-                frames.append(env.render())
-            actions = random_actions(rng, spec)
-            if not random_policy:
-                o = torch.as_tensor(obs, device=device)
-                learned = policy_step(wm, ac, *queues.view(), o, greedy=greedy).cpu().numpy()
-                actions = learned if policies is None else np.where(policies, learned, actions)
-            queues.push(torch.as_tensor(obs, device=device), torch.as_tensor(actions, device=device))
-            obs, rew, _, done = env.step(actions)
-            total += rew
-        returns.append(total)
-    env.close()
-    return summarise(np.stack(returns), spec), frames
+    returns, frames, spec = play(wm, ac, env_cfg, act_context, episodes, seed, device, greedy=greedy,
+                                 random_policy=random_policy, capture_frames=capture_frames, policies=policies)
+    return summarise(returns, spec), frames
 
 
 def write_video(frames: list[np.ndarray], path: str, fps: int = 10) -> None:

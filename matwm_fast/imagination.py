@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from .actor_critic import ActorCritic
-from .losses import two_hot_decode
+from .losses import fp32, two_hot_decode
 from .transformer import KVCache, segment_mask
 from .world_model import WorldModel
 
@@ -74,8 +74,8 @@ def agent_state(z: Tensor, h: Tensor, team_logits: Tensor) -> Tensor:
     **CHOICE**: the teammate part is the softmax of the predictor's logits rather than raw logits:
     bounded, and padded actions are exactly 0.
     """
-    team = torch.softmax(team_logits.float(), -1).flatten(-2)  # (..., (N-1)·A)
-    return torch.cat([z.float(), h.float(), team], dim=-1)
+    team = torch.softmax(fp32(team_logits), -1).flatten(-2)  # (..., (N-1)·A)
+    return torch.cat([fp32(z), fp32(h), team], dim=-1)
 
 
 def imagine(wm: WorldModel, ac: ActorCritic, obs: Tensor, act: Tensor, first: Tensor, agents: Tensor,

@@ -15,6 +15,11 @@ Tensor = torch.Tensor
 
 
 # ----------------------------------------------------------------------------- transforms
+def fp32(x: Tensor) -> Tensor:
+    """At least float32 (bf16 activations are upcast for softmaxes and losses; float64 stays)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def symlog(x: Tensor) -> Tensor:
     """sign(x)·log(1+|x|): compresses large magnitudes (DreamerV3, Eq. 1)."""
     return torch.sign(x) * torch.log1p(torch.abs(x))
@@ -45,7 +50,7 @@ def two_hot(x: Tensor, bins: Tensor) -> Tensor:
 
 def two_hot_decode(logits: Tensor, bins: Tensor) -> Tensor:
     """Expected value (in real space) of a symlog two-hot head: (..., NB) → (...,)."""
-    return symexp((torch.softmax(logits.float(), -1) * bins).sum(-1))
+    return symexp((torch.softmax(fp32(logits), -1) * bins).sum(-1))
 
 
 def two_hot_ce(logits: Tensor, target_symlog: Tensor, bins: Tensor) -> Tensor:
@@ -57,7 +62,7 @@ def two_hot_ce(logits: Tensor, target_symlog: Tensor, bins: Tensor) -> Tensor:
 
     lead = target_symlog.shape
     nb = logits.shape[-1]
-    out = kernels.twohot_ce(logits.reshape(-1, nb), target_symlog.reshape(-1).float(), bins)  # (M,)
+    out = kernels.twohot_ce(logits.reshape(-1, nb), fp32(target_symlog.reshape(-1)), bins)  # (M,)
     return out.reshape(lead)
 
 
@@ -82,7 +87,7 @@ def lambda_returns(rewards: Tensor, continues: Tensor, values: Tensor, gamma: fl
 # ----------------------------------------------------------------------------- categorical latents
 def unimix_probs(logits: Tensor, unimix: float) -> Tensor:
     """(1−u)·softmax + u/C over the last axis: keeps every class reachable (DreamerV3 §Robustness)."""
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(fp32(logits), dim=-1)
     return (1.0 - unimix) * probs + unimix / logits.shape[-1]
 
 
@@ -125,10 +130,10 @@ def world_model_loss(out, obs: Tensor, rew: Tensor, cont: Tensor, team_act: Tens
     pairs (prior at t, posterior at t+1) count only where t+1 lies in t's episode: across an
     episode start the "next latent" is a reset, not a consequence of a_t.
     """
-    rec = ((out.recon.float() - obs).pow(2) * obs_mask[:, None]).sum(-1).mean()
+    rec = ((fp32(out.recon) - obs).pow(2) * obs_mask[:, None]).sum(-1).mean()
     rew_loss = two_hot_ce(out.reward_logits, symlog(rew), bins).mean()
-    con_loss = F.binary_cross_entropy_with_logits(out.cont_logits.float(), cont)
-    team_logits = out.team_logits.float()  # (R, T, N-1, A)
+    con_loss = F.binary_cross_entropy_with_logits(fp32(out.cont_logits), cont)
+    team_logits = fp32(out.team_logits)  # (R, T, N-1, A)
     team = F.cross_entropy(team_logits.flatten(0, 2), team_act.flatten(), reduction="none")  # (R·T·(N-1),)
     has_team = (team_logits.amax(-1) > -1e8).flatten().float()  # dummy slot of a lone agent: 0
     team_loss = (team * has_team).view(team_act.shape).sum(-1).mean()
@@ -146,7 +151,7 @@ def world_model_loss(out, obs: Tensor, rew: Tensor, cont: Tensor, team_act: Tens
 # ----------------------------------------------------------------------------- actor-critic loss
 def return_range(returns: Tensor, low: float, high: float) -> Tensor:
     """Per-agent spread of λ-returns, the high − low percentile: (N, ...) → (N,)."""
-    flat = returns.flatten(1).float()  # (N, B·H)
+    flat = fp32(returns.flatten(1))  # (N, B·H)
     q = torch.quantile(flat, torch.tensor([low, high], device=flat.device), dim=1)  # (2, N)
     return q[1] - q[0]
 
@@ -163,10 +168,10 @@ def actor_critic_loss(policy_logits: Tensor, actions: Tensor, critic_logits: Ten
     ``return_scale``, the updated EMA the caller stores (EMA from 0, as DreamerV3; max(1, S) makes
     the first updates unscaled).
     """
-    values = symexp((torch.softmax(critic_logits.float(), -1) * bins).sum(-1))  # (N, B, H+1)
+    values = symexp((torch.softmax(fp32(critic_logits), -1) * bins).sum(-1))  # (N, B, H+1)
     returns = lambda_returns(rewards, continues, values.detach(), gamma, lam)  # (N, B, H)
     # actor: REINFORCE with normalised advantage, plus entropy bonus
-    logp_all = torch.log_softmax(policy_logits.float(), -1)  # (N, B, H, A)
+    logp_all = torch.log_softmax(fp32(policy_logits), -1)  # (N, B, H, A)
     logp = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (N, B, H)
     probs = logp_all.exp()
     entropy = -(probs * logp_all.clamp_min(-1e4)).sum(-1)  # (N, B, H); masked actions contribute 0
@@ -174,7 +179,7 @@ def actor_critic_loss(policy_logits: Tensor, actions: Tensor, critic_logits: Ten
     adv = (returns - values[..., :-1]) / scale.clamp_min(1.0).view(-1, 1, 1)  # (N, B, H)
     actor = (-adv.detach() * logp - entropy_coef * entropy).flatten(1).mean(1)  # (N,)
     # critic: two-hot CE to sg(G_t), plus CE to the slow critic's value as a regulariser
-    slow_v = symexp((torch.softmax(slow_logits.float(), -1) * bins).sum(-1))  # (N, B, H+1)
+    slow_v = symexp((torch.softmax(fp32(slow_logits), -1) * bins).sum(-1))  # (N, B, H+1)
     crit_logits = critic_logits[..., :-1, :]  # (N, B, H, NB)
     critic = (two_hot_ce(crit_logits, symlog(returns.detach()), bins)
               + two_hot_ce(crit_logits, symlog(slow_v[..., :-1].detach()), bins)).flatten(1).mean(1)  # (N,)

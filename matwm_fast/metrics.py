@@ -45,7 +45,7 @@ class MetricAccumulator:
 class MetricsWriter:
     """Appends rows to ``metrics.jsonl`` and ``metrics.csv`` (and TensorBoard if importable)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = self.run_dir / "metrics.jsonl"
@@ -55,7 +55,8 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.run_dir / "tb"))
+                # purge_step: a resumed run drops the events logged after its checkpoint
+                self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step)
             except Exception:  # tensorboard not installed: JSONL/CSV still hold everything
                 self._tb = None
 
@@ -99,6 +100,33 @@ def read_metrics(run_dir: Path | str) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a matwm_fast run directory?")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_after(run_dir: Path | str, step: int) -> int:
+    """Drop rows logged after env step ``step`` (from ``metrics.jsonl`` and ``metrics.csv``).
+
+    A run killed without warning (SIGKILL, power loss) has logged rows past its last checkpoint;
+    resuming from that checkpoint logs those steps again, so the stale rows go first.  Returns
+    how many rows were dropped.
+    """
+    run_dir = Path(run_dir)
+    jsonl, csv_path = run_dir / "metrics.jsonl", run_dir / "metrics.csv"
+    if not jsonl.exists():
+        return 0
+    lines = [ln for ln in jsonl.read_text().splitlines() if ln.strip()]
+    keep = [ln for ln in lines if json.loads(ln).get("env_step", 0) <= step]
+    if len(keep) == len(lines):
+        return 0
+    jsonl.write_text("".join(ln + "\n" for ln in keep))
+    if csv_path.exists():
+        with open(csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            cols, rows = reader.fieldnames or [], [r for r in reader if int(r.get("env_step") or 0) <= step]
+        with open(csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+    return len(lines) - len(keep)
 
 
 class Progress:

@@ -104,24 +104,30 @@ class ReplayBuffer:
             j = np.floor(np.log1p(-u * (-np.expm1(n * np.log(decay)))) / np.log(decay))
         return np.minimum(j.astype(np.int64), n - 1) + (length - 1)
 
-    def sample_sequences(self, per_agent: int, length: int, decay: float, max_rounds: int = 10_000) -> Batch:
+    def sample_sequences(self, per_agent: int, length: int, decay: float, max_rounds: int = 64,
+                         max_restarts: int = 1000) -> Batch:
         """World-model batch: ``per_agent`` non-overlapping recency-weighted sequences per agent.
 
         Overlaps are resolved by redrawing only the offending later sequences (a vectorised
-        rejection step): the accepted set has the law of sequential draws without overlap.
+        rejection step, so the accepted set follows the recency law conditioned on not
+        overlapping); an agent whose draws still clash after ``max_rounds`` (accepted sequences
+        leaving only fragmented gaps) starts afresh.
         """
         if per_agent * length > self.size:
             raise ValueError(f"cannot fit {per_agent} disjoint sequences of {length} in {self.size} steps")
         ages = self.sample_recent_ages(self.n_agents * per_agent, length, decay).reshape(self.n_agents, per_agent)
-        for _ in range(max_rounds):
-            # conflict[i, b] = sequence b overlaps an earlier sequence b' < b of agent i
+        for attempt in range(max_rounds * max_restarts):
+            # clash[i, b] = sequence b overlaps an earlier sequence b' < b of agent i
             d = np.abs(ages[:, :, None] - ages[:, None, :])  # (N, B, B)
             clash = np.tril(d < length, k=-1).any(-1)  # (N, B)
             if not clash.any():
                 break
+            if (attempt + 1) % max_rounds == 0:
+                clash = clash.any(1, keepdims=True).repeat(per_agent, 1)  # restart the stuck agents
             ages[clash] = self.sample_recent_ages(int(clash.sum()), length, decay)
         else:
-            raise RuntimeError("could not draw non-overlapping sequences; the buffer is too small")
+            raise RuntimeError(f"could not draw {per_agent} non-overlapping sequences of {length} from "
+                               f"{self.size} steps; collect more before sampling (raise replay.warmup)")
         agent = np.repeat(np.arange(self.n_agents), per_agent)  # (R,)
         return self._gather(agent, self._slots(ages.reshape(-1), length))
 
@@ -137,7 +143,6 @@ class ReplayBuffer:
     # ------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         n = self.size
-        # store only the written part in chronological order would reorder ages; keep slots as is
         return {
             "obs": self.obs[:, :n].cpu(), "act": self.act[:, :n].cpu(), "rew": self.rew[:, :n].cpu(),
             "cont": self.cont[:, :n].cpu(), "first": self.first[:, :n].cpu(),

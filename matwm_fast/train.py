@@ -124,7 +124,7 @@ def run(tr: Trainer, run_dir: Path, state: dict | None = None) -> int:
             m = tr.train_step()
             if m is not None:
                 acc.add(m)
-                imagined_total += tr.imagined_per_update if tr.step % tc.agent_every == 0 else 0
+                imagined_total += tr.imagined_per_update if "imagined_steps" in m else 0
             progress.update(tr.step, imagined_total - i_row)
             if tr.step % tc.log_every == 0 or tr.step == tc.steps:
                 tr.check_finite()

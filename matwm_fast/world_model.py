@@ -25,7 +25,7 @@ import kernels
 
 from .config import WorldModelConfig
 from .env import EnvSpec
-from .losses import symlog
+from .losses import fp32, symlog, unimix_probs
 from .nn import mlp
 from .transformer import CausalTransformer, KVCache, segment_mask
 
@@ -124,7 +124,7 @@ class WorldModel(nn.Module):
 
     def sample(self, logits: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
         lead = logits.shape[:-2]
-        flat = logits.reshape(-1, self.K, self.C).float()  # (M, K, C)
+        flat = fp32(logits.reshape(-1, self.K, self.C))  # (M, K, C)
         nz = None if noise is None else noise.reshape(-1, self.K, self.C)
         z, probs = kernels.sample_latent(flat, self.cfg.unimix, noise=nz)  # (M, K, C) each
         return z.reshape(*lead, self.K * self.C), probs.reshape(*lead, self.K, self.C)
@@ -151,7 +151,7 @@ class WorldModel(nn.Module):
         mask, pos = segment_mask(first)  # (R, T, T), (R, T)
         h = self.seq(self.mix(z, agent, act), pos, mask)  # (R, T, D)
         prior_logits = self.dyn_head(h).unflatten(-1, (self.K, self.C))  # (R, T, K, C)
-        prior = (1.0 - self.cfg.unimix) * torch.softmax(prior_logits.float(), -1) + self.cfg.unimix / self.C
+        prior = unimix_probs(prior_logits, self.cfg.unimix)  # (R, T, K, C)
         rew_logits, con_logits = self.heads(h)  # (R, T, NB), (R, T)
         team = self.teammates(z.detach(), pos, mask, agent)  # (R, T, N-1, A)
         return WMOutputs(post, prior, recon, rew_logits, con_logits, team, mask)

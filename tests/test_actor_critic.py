@@ -1,0 +1,110 @@
+"""Stacked per-agent networks, per-agent clipping, and the actor-critic loss."""
+
+import torch
+
+from matwm_fast.actor_critic import ActorCritic
+from matwm_fast.config import preset
+from matwm_fast.env import EnvSpec
+from matwm_fast.losses import actor_critic_loss
+from matwm_fast.nn import StackedMLP, ema_update, mlp, per_agent_grad_clip
+
+SPEC = EnvSpec(agents=("a_0", "a_1", "b_0"), obs_sizes=(4, 4, 4), action_counts=(5, 3, 5))
+
+
+def test_stacked_mlp_equals_separate_mlps():
+    torch.manual_seed(0)
+    st = StackedMLP(3, 6, 8, 2, 4)
+    x = torch.randn(3, 5, 6)
+    y = st(x)
+    for i in range(3):
+        ref = mlp(6, 8, 2, 4)
+        # copy agent i's weights into a plain MLP (nn.Linear stores W transposed)
+        plain = [m for m in ref if not isinstance(m, torch.nn.SiLU)]
+        stacked = [m for m in st.net if not isinstance(m, torch.nn.SiLU)]
+        with torch.no_grad():
+            for p, s in zip(plain, stacked):
+                p.weight.copy_(s.weight[i].T if p.weight.dim() == 2 else s.weight[i, 0])
+                if p.bias is not None:
+                    p.bias.copy_(s.bias[i, 0])
+        torch.testing.assert_close(ref(x[i]), y[i])
+        torch.testing.assert_close(st(x[i:i + 1], torch.tensor([i]))[0], y[i])
+
+
+def test_per_agent_clip_leaves_other_agents_alone():
+    w = torch.nn.Parameter(torch.zeros(3, 4, 2))
+    w.grad = torch.ones(3, 4, 2)
+    w.grad[0] *= 1e6  # agent 0 explodes
+    norms = per_agent_grad_clip([w], max_norm=100.0)
+    assert torch.allclose(w.grad[1], torch.ones(4, 2)) and torch.allclose(w.grad[2], torch.ones(4, 2))
+    assert abs(w.grad[0].norm().item() - 100.0) < 1e-3
+    assert torch.allclose(norms[1:], torch.full((2,), 8.0 ** 0.5))
+
+
+def test_ema_update():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    wa, wb = a.weight.detach().clone(), b.weight.detach().clone()
+    ema_update(a, b, 0.98)
+    torch.testing.assert_close(a.weight.detach(), 0.98 * wa + 0.02 * wb)
+
+
+def make_ac():
+    torch.manual_seed(0)
+    cfg = preset("smoke").ac
+    bins = torch.linspace(-20, 20, 31)
+    return cfg, ActorCritic(cfg, SPEC, 10, bins)
+
+
+def loss_of(ac, states, actions, rewards, conts, cfg):
+    n, b, h1, s = states.shape
+    logits = ac.policy_logits(states.reshape(n, -1, s)).view(n, b, h1, -1)[:, :, :-1]
+    crit = ac.critic(states.reshape(n, -1, s)).view(n, b, h1, -1)
+    slow = ac.slow_critic(states.reshape(n, -1, s)).view(n, b, h1, -1)
+    return actor_critic_loss(logits, actions, crit, slow, rewards, conts, ac.bins, ac.return_scale, cfg.gamma,
+                             cfg.lam, cfg.entropy, cfg.return_scale_decay, cfg.return_pct_low, cfg.return_pct_high)
+
+
+def test_agent_loss_touches_only_its_own_weights():
+    cfg, ac = make_ac()
+    n, b, h = 3, 8, 4
+    states = torch.randn(n, b, h + 1, 10)
+    actions = torch.randint(0, 3, (n, b, h))
+    rewards, conts = torch.randn(n, b, h), torch.ones(n, b, h)
+    loss, m = loss_of(ac, states, actions, rewards, conts, cfg)
+    assert m["actor_loss"].shape == (3,) and m["critic_loss"].shape == (3,)
+    ac.zero_grad()
+    torch.testing.assert_close(loss.detach(), (m["actor_loss"] + m["critic_loss"]).sum())
+    # the gradient of the summed loss on agent 1's rows equals that of agent 1's data alone
+    loss.backward()
+    g_all = [p.grad[1].clone() for p in ac.actor.parameters()]
+    ac.zero_grad()
+    states2 = states.clone()
+    states2[0] += 10.0  # change only agent 0's data
+    loss2, _ = loss_of(ac, states2, actions, rewards, conts, cfg)
+    loss2.backward()
+    for g, p in zip(g_all, ac.actor.parameters()):
+        torch.testing.assert_close(p.grad[1], g)
+
+
+def test_return_scale_is_an_ema_of_the_percentile_range():
+    cfg, ac = make_ac()
+    n, b, h = 3, 64, 4
+    states = torch.randn(n, b, h + 1, 10)
+    actions = torch.zeros(n, b, h, dtype=torch.long)
+    rewards = torch.randn(n, b, h) * torch.tensor([1.0, 10.0, 100.0]).view(3, 1, 1)
+    _, m = loss_of(ac, states, actions, rewards, torch.ones(n, b, h), cfg)
+    scale = m["return_scale"]
+    assert scale[0] < scale[1] < scale[2]  # per agent, not shared
+    # with V ≡ 0 at init the returns are the discounted reward sums: S = (1−d)·(q95 − q5)
+    from matwm_fast.losses import lambda_returns
+    g = lambda_returns(rewards, torch.ones(n, b, h), torch.zeros(n, b, h + 1), cfg.gamma, cfg.lam).flatten(1)
+    rng = torch.quantile(g, 0.95, dim=1) - torch.quantile(g, 0.05, dim=1)
+    torch.testing.assert_close(scale, (1 - cfg.return_scale_decay) * rng, rtol=1e-4, atol=1e-4)
+
+
+def test_policy_masks_padded_actions():
+    _, ac = make_ac()
+    s = torch.randn(3, 2000, 10)
+    a = ac.act(s)
+    assert a[1].max() < 3 and a[0].max() == 4  # agent 1 has 3 actions; the others use all 5
+    g = ac.act(s, greedy=True)
+    assert torch.equal(g, ac.policy_logits(s).argmax(-1))

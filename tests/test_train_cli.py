@@ -1,0 +1,58 @@
+"""End to end: the real CLI in a subprocess, its metrics and the per-step budget counters."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(tmp_path: Path, *args: str, timeout: int = 600) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-m", "matwm_fast.train", "--run-dir", str(run_dir), "--device", "cpu", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return proc, rows
+
+
+def check_budget_row(row: dict, agents: list[str], sequences: int, imagined: int) -> None:
+    assert "shared_wm_total_loss" in row
+    assert not [k for k in row if k.endswith("_wm_total_loss") and k != "shared_wm_total_loss"]  # never per agent
+    for a in agents:
+        assert f"{a}_actor_loss" in row and f"{a}_critic_loss" in row
+    assert row["wm_sequences"] == sequences
+    assert row["wm_sequences_per_agent"] == sequences // len(agents)
+    assert row["imagined_steps"] == imagined
+
+
+@pytest.mark.parametrize("scenario,agents", [
+    ("simple_tag", ["adversary_0", "adversary_1", "adversary_2", "agent_0"]),
+    ("simple_speaker_listener", ["speaker_0", "listener_0"]),
+])
+def test_smoke_cli(tmp_path, scenario, agents):
+    proc, rows = train(tmp_path, "--preset", "smoke", "--scenario", scenario, "--wm.batch-size", "4")
+    assert "device = cpu" in proc.stdout and "wm.batch_size = 4" in proc.stdout
+    warm = [r for r in rows if r.get("warm") and "shared_wm_total_loss" in r]
+    assert warm, rows
+    # smoke: 4 sequences in total; 6 trajectories × 3 steps per agent
+    check_budget_row(warm[-1], agents, sequences=4, imagined=len(agents) * 6 * 3)
+    assert any("episode_return" in r for r in rows)
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()
+    assert (tmp_path / "run" / "metrics.csv").exists()
+
+
+@pytest.mark.slow
+def test_paper_preset_budget_on_simple_tag(tmp_path):
+    """One real update at the paper's sizes: 16 sequences (4 per agent) and 36,864 imagined steps."""
+    _, rows = train(tmp_path, "--preset", "paper", "--replay.warmup", "512", "--steps", "512",
+                    "--log-every", "512", "--checkpoint-every", "0", "--train.keep-checkpoints", "1")
+    row = rows[-1]
+    check_budget_row(row, ["adversary_0", "adversary_1", "adversary_2", "agent_0"], sequences=16,
+                     imagined=36_864)
+    assert row["imagined_steps_total"] == 36_864

@@ -1,0 +1,132 @@
+"""World model: action scaling, shapes, causal/episode masking, decode == forward, loss masking."""
+
+import pytest
+import torch
+
+from matwm_fast.config import preset
+from matwm_fast.env import EnvSpec
+from matwm_fast.losses import world_model_loss
+from matwm_fast.transformer import CausalTransformer, segment_mask
+from matwm_fast.world_model import WorldModel
+
+SPEC = EnvSpec(agents=("adversary_0", "adversary_1", "adversary_2", "agent_0"), obs_sizes=(16, 16, 16, 14),
+               action_counts=(5, 5, 5, 5))
+
+
+@pytest.fixture
+def wm():
+    torch.manual_seed(0)
+    return WorldModel(preset("smoke").wm, SPEC).double()
+
+
+def batch(r=4, t=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randn(r, t, SPEC.obs_dim, generator=g, dtype=torch.float64)
+    act = torch.randint(0, 5, (r, t), generator=g)
+    first = torch.zeros(r, t, dtype=torch.bool)
+    agent = torch.arange(r) % SPEC.n_agents
+    return obs, act, first, agent
+
+
+def test_action_scaling(wm):
+    onehot = wm.scaled_action(torch.tensor([0, 2, 3]), torch.tensor([4, 0, 3]))
+    assert onehot.shape == (3, SPEC.n_agents * SPEC.n_actions)
+    assert onehot.argmax(-1).tolist() == [4, 10, 18]  # k·A + a
+    assert torch.equal(onehot.sum(-1), torch.ones(3))
+
+
+def test_observe_shapes(wm):
+    obs, act, first, agent = batch()
+    out = wm.observe(obs, act, first, agent)
+    k, c = wm.K, wm.C
+    assert out.post_probs.shape == (4, 8, k, c) and out.prior_probs.shape == (4, 8, k, c)
+    assert out.recon.shape == obs.shape
+    assert out.reward_logits.shape == (4, 8, wm.cfg.reward_bins) and out.cont_logits.shape == (4, 8)
+    assert out.team_logits.shape == (4, 8, SPEC.n_agents - 1, SPEC.n_actions)
+    torch.testing.assert_close(out.post_probs.sum(-1), torch.ones(4, 8, k, dtype=torch.float64))
+    assert out.post_probs.min() >= wm.cfg.unimix / c - 1e-12  # unimix floor
+
+
+def test_segment_mask_and_positions():
+    first = torch.tensor([[False, False, True, False, False, True]])
+    mask, pos = segment_mask(first)
+    assert pos.tolist() == [[0, 1, 0, 1, 2, 0]]
+    assert mask[0, 3].tolist() == [False, False, True, True, False, False]
+    assert mask[0, 1].tolist() == [True, True, False, False, False, False]
+
+
+def test_no_leak_across_episode_start(wm):
+    obs, act, first, agent = batch()
+    first[:, 5] = True
+    torch.manual_seed(1)
+    a = wm.observe(obs, act, first, agent)
+    obs2, act2 = obs.clone(), act.clone()
+    obs2[:, :5] += 3.0  # change everything before the episode start
+    act2[:, :5] = (act2[:, :5] + 1) % 5
+    torch.manual_seed(1)  # same sampling noise
+    b = wm.observe(obs2, act2, first, agent)
+    torch.testing.assert_close(a.prior_probs[:, 5:], b.prior_probs[:, 5:])
+    torch.testing.assert_close(a.team_logits[:, 5:], b.team_logits[:, 5:])
+    torch.testing.assert_close(a.reward_logits[:, 5:], b.reward_logits[:, 5:])
+    assert not torch.allclose(a.prior_probs[:, :5], b.prior_probs[:, :5])  # the change did matter before
+
+
+def test_causal(wm):
+    obs, act, first, agent = batch()
+    torch.manual_seed(1)
+    a = wm.observe(obs, act, first, agent)
+    obs2 = obs.clone()
+    obs2[:, 6:] -= 2.0
+    torch.manual_seed(1)
+    b = wm.observe(obs2, act, first, agent)
+    torch.testing.assert_close(a.prior_probs[:, :6], b.prior_probs[:, :6])
+
+
+@pytest.mark.parametrize("start", [0, 3])
+def test_decode_equals_forward(start):
+    torch.manual_seed(0)
+    tf = CausalTransformer(width=32, layers=2, heads=4, ffn_mult=2, max_len=16).double().eval()
+    r, t, ctx = 5, 10, 6
+    x = torch.randn(r, t, 32, dtype=torch.float64)
+    first = torch.zeros(r, t, dtype=torch.bool)
+    first[:, start] = True  # the context crosses an episode start at `start`
+    mask, pos = segment_mask(first)
+    full = tf(x, pos, mask)
+    cache = tf.allocate_cache(r, t, "cpu", torch.float64)
+    pre = tf(x[:, :ctx], pos[:, :ctx], mask[:, :ctx, :ctx], cache)
+    torch.testing.assert_close(pre, full[:, :ctx])
+    kv_start = (ctx - 1) - pos[:, ctx - 1]
+    for i in range(ctx, t):
+        h = tf.decode(x[:, i], pos[:, i], cache, torch.tensor(i), kv_start)
+        torch.testing.assert_close(h, full[:, i])
+
+
+def test_loss_ignores_pairs_across_episode_start(wm):
+    obs, act, first, agent = batch()
+    first[:, 4] = True
+    out = wm.observe(obs, act, first, agent)
+    args = (obs, torch.zeros(4, 8, dtype=torch.float64), torch.ones(4, 8, dtype=torch.float64),
+            torch.zeros(4, 8, 3, dtype=torch.long), wm.obs_mask[agent].double(), wm.bins.double(), 0.5, 0.1, 0.0)
+    base, m = world_model_loss(out, *args)
+    assert set(m) >= {"total", "rec", "rew", "con", "team", "dyn", "rep"}
+    # the posterior at the episode start is a reset, not a prediction target of step 3
+    out.post_probs = out.post_probs.clone()
+    out.post_probs[:, 4] = torch.softmax(torch.randn_like(out.post_probs[:, 4]), -1)
+    again, m2 = world_model_loss(out, *args)
+    torch.testing.assert_close(m2["dyn"], m["dyn"])
+    out.post_probs[:, 5] = torch.softmax(torch.randn_like(out.post_probs[:, 5]), -1)
+    third, m3 = world_model_loss(out, *args)
+    assert not torch.allclose(m3["dyn"], m["dyn"])  # a pair inside the episode does count
+    expected = m["rec"] + m["rew"] + m["con"] + m["team"] + 0.5 * m["dyn"] + 0.1 * m["rep"]
+    torch.testing.assert_close(base.detach(), expected)
+
+
+def test_loss_backward_reaches_every_parameter(wm):
+    obs, act, first, agent = batch()
+    out = wm.observe(obs, act, first, agent)
+    team = torch.randint(0, 5, (4, 8, 3))
+    loss, _ = world_model_loss(out, obs, torch.randn(4, 8, dtype=torch.float64), torch.ones(4, 8, dtype=torch.float64),
+                               team, wm.obs_mask[agent].double(), wm.bins.double(), 0.5, 0.1, 1.0)
+    loss.backward()
+    missing = [n for n, p in wm.named_parameters() if p.grad is None]
+    assert missing == []
