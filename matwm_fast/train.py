@@ -5,7 +5,8 @@
 
 Prints the resolved config and device, shows progress (env steps/s, imagined steps/s), writes
 ``metrics.jsonl``/``metrics.csv`` every ``--log-every`` steps and checkpoints atomically every
-``--checkpoint-every`` steps, at the end, and on Ctrl-C/SIGTERM.
+``--checkpoint-every`` steps, at the end, and on Ctrl-C/SIGTERM (a second Ctrl-C quits at once).
+Exit status: 0 done, 2 bad arguments/config/checkpoint, 3 non-finite loss, 128+signal interrupted.
 """
 
 from __future__ import annotations
@@ -22,16 +23,14 @@ import torch
 import kernels
 
 from . import checkpoint as ck
-from .cli import Parser, add_config_flags, config_from_args, describe, fail, overrides, apply_overrides
+from .checkpoint import RESUMABLE
+from .cli import Parser, add_config_flags, apply_overrides, config_from_args, describe, fail, overrides
 from .config import Config
 from .evaluate import evaluate
-from .metrics import MetricAccumulator, MetricsWriter, Progress
+from .metrics import MetricAccumulator, MetricsWriter, Progress, truncate_after
 from .trainer import Trainer, resolve_device
 
-# settings that may change when a run resumes: they do not alter what has been learned
-RESUMABLE = {"train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-             "train.eval_every", "train.eval_episodes", "train.device", "train.backend", "train.kernels",
-             "train.amp"}
+__all__ = ["RESUMABLE", "build_parser", "prepare", "run", "main"]
 
 
 def build_parser() -> Parser:
@@ -39,7 +38,9 @@ def build_parser() -> Parser:
                formatter_class=lambda prog: __import__("argparse").HelpFormatter(prog, max_help_position=40),
                allow_abbrev=False)
     p.add_argument("--run-dir", default=None, help="where metrics and checkpoints go (default runs/<name>)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR exactly (or from a checkpoint file RUN_DIR/checkpoints/step_*.pt); "
+                        f"only these may change: {', '.join(sorted(RESUMABLE))}")
     add_config_flags(p)
     return p
 
@@ -62,52 +63,79 @@ def episode_row(tr: Trainer) -> dict:
     return row
 
 
-def prepare(args) -> tuple[Config, Path, dict | None]:
-    """Resolve config and run directory, from the preset and flags or from a checkpoint."""
-    if args.resume is None:
-        cfg = config_from_args(args)
-        return cfg, Path(args.run_dir) if args.run_dir else default_run_dir(cfg), None
-    run_dir = Path(args.resume)
-    state = ck.load(ck.CheckpointDir(run_dir).latest())
-    saved = Config.from_dict(state["config"])
-    over = overrides(args)
-    refused = sorted(k for k, v in over.items() if k not in RESUMABLE and v != _get(saved, k))
-    if args.preset is not None or args.scenario_args:
-        refused.append("--preset/--scenario-arg")
-    if refused:
-        raise ValueError(f"cannot change {', '.join(refused)} when resuming (the checkpoint was trained with "
-                         f"them); changeable on resume: {', '.join(sorted(RESUMABLE))}")
-    changed = {k: v for k, v in over.items() if v != _get(saved, k)}
-    cfg = apply_overrides(saved, changed)
-    for k, v in changed.items():
-        print(f"resume: {k} = {v} (was {_get(saved, k)})")
-    return cfg, run_dir, state
-
-
 def _get(cfg: Config, key: str):
     sec, name = key.split(".", 1)
     return getattr(getattr(cfg, sec), name)
 
 
-def run(tr: Trainer, run_dir: Path, state: dict | None = None) -> int:
+def prepare(args) -> tuple[Config, Path, dict | None]:
+    """Resolve config and run directory, from the preset and flags or from a checkpoint.
+
+    On resume every flag given is either applied (the RESUMABLE ones; each change is printed) or,
+    when it would change what the checkpoint was trained with, refused with the differing values.
+    """
+    if args.resume is None:
+        cfg = config_from_args(args)
+        return cfg, Path(args.run_dir) if args.run_dir else default_run_dir(cfg), None
+    path = ck.resolve(args.resume)
+    run_dir = ck.run_dir_of(path) if Path(args.resume).is_file() else Path(args.resume)
+    if args.run_dir is not None and Path(args.run_dir).resolve() != run_dir.resolve():
+        raise ValueError(f"--run-dir {args.run_dir} conflicts with --resume {args.resume}: a resumed run "
+                         f"continues in its own directory ({run_dir})")
+    state = ck.load(path)
+    saved = ck.saved_config(state)
+    over = overrides(args)
+    refused = [f"{k} (checkpoint {_get(saved, k)!r}, requested {v!r})"
+               for k, v in sorted(over.items()) if k not in RESUMABLE and v != _get(saved, k)]
+    if args.preset is not None and args.preset != saved.preset:
+        refused.append(f"--preset (checkpoint {saved.preset!r}, requested {args.preset!r})")
+    if args.scenario_args:
+        wanted = apply_overrides(saved, {}, args.scenario_args).env.kwargs
+        if wanted != saved.env.kwargs:
+            refused.append(f"--scenario-arg (checkpoint {dict(saved.env.kwargs)}, requested {dict(wanted)})")
+    if refused:
+        raise ValueError(f"cannot change {'; '.join(refused)} when resuming: the checkpoint was trained with "
+                         f"its values. Changeable on resume: {', '.join(sorted(RESUMABLE))}")
+    changed = {k: v for k, v in over.items() if v != _get(saved, k)}
+    cfg = apply_overrides(saved, changed)
+    for k, v in sorted(changed.items()):
+        print(f"resume: {k} = {v!r} (was {_get(saved, k)!r})")
+    print(f"resume: from {path} (env step {state['step']})")
+    return cfg, run_dir, state
+
+
+def run(tr: Trainer, run_dir: Path, extra: dict | None = None) -> int:
+    """Train ``tr`` to ``train.steps``; ``extra`` is a restored checkpoint's ``extra`` when resuming.
+
+    Signals set a flag that is acted on at the next step boundary, so the checkpoint is always of
+    a whole step.  Returns the exit status (see the module docstring).
+    """
     cfg = tr.cfg
     tc = cfg.train
+    run_dir = Path(run_dir)
     ckpts = ck.CheckpointDir(run_dir, keep=tc.keep_checkpoints)
-    writer = MetricsWriter(run_dir)
     acc = MetricAccumulator()
     imagined_total = 0
-    if state is not None:
-        ck.load_trainer_state(tr, state)
-        extra = state.get("extra", {})
+    if extra is not None:
+        # rows past the checkpoint (a run killed without saving) would be logged twice
+        dropped = truncate_after(run_dir, tr.step)
+        if dropped:
+            print(f"resume: dropped {dropped} metric rows logged after env step {tr.step}")
         acc.sums = {k: v.to(tr.device) for k, v in extra.get("acc_sums", {}).items()}
         acc.counts = dict(extra.get("acc_counts", {}))
         imagined_total = extra.get("imagined_total", 0)
-        print(f"resumed from step {tr.step}")
+        if tr.step >= tc.steps:
+            print(f"run already at env step {tr.step} (train.steps = {tc.steps}); "
+                  f"pass --steps N with N > {tr.step} to train further")
+            return 0
+    writer = MetricsWriter(run_dir, purge_step=tr.step + 1 if extra is not None else None)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     stop: dict = {"sig": None}
 
     def on_signal(signum, _frame):
+        if stop["sig"] is not None:  # a second signal: the user will not wait for the checkpoint
+            raise KeyboardInterrupt
         stop["sig"] = signum
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -124,7 +152,7 @@ def run(tr: Trainer, run_dir: Path, state: dict | None = None) -> int:
             m = tr.train_step()
             if m is not None:
                 acc.add(m)
-                imagined_total += tr.imagined_per_update if "imagined_steps" in m else 0
+                imagined_total += tr.imagined_per_update if tr.step % tc.agent_every == 0 else 0
             progress.update(tr.step, imagined_total - i_row)
             if tr.step % tc.log_every == 0 or tr.step == tc.steps:
                 tr.check_finite()
@@ -138,6 +166,7 @@ def run(tr: Trainer, run_dir: Path, state: dict | None = None) -> int:
                 t_row, s_row, i_row = now, tr.step, imagined_total
                 progress = Progress(tc.steps, start=tr.step)
             if tc.eval_every and tr.step % tc.eval_every == 0 and tr.warm:
+                # evaluate() forks and reseeds torch's RNG: training continues as without it
                 summary, _ = evaluate(tr.wm, tr.ac, cfg.env, tc.act_context, tc.eval_episodes,
                                       seed=10_000 + tr.step, device=tr.device)
                 writer.write({"env_step": tr.step, **{f"eval_{k}": v for k, v in summary.items()}})
@@ -154,9 +183,9 @@ def run(tr: Trainer, run_dir: Path, state: dict | None = None) -> int:
         return 0
     except FloatingPointError as e:
         try:
-            last = ckpts.latest()
+            last = f"{ckpts.latest()} (resume with: python -m matwm_fast.train --resume {run_dir})"
         except ck.CheckpointError:
-            last = "none written yet"
+            last = "none written yet (set --checkpoint-every to keep some)"
         print(f"\nerror: {e}; stopping. Last good checkpoint: {last}", file=sys.stderr)
         return 3
     finally:
@@ -173,10 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         kernels.set_impl(cfg.train.kernels)
         tr = Trainer(cfg, device)
         if state is not None:
-            diff = ck.config_diff(Config.from_dict(state["config"]), cfg, ignore=RESUMABLE)
-            if diff:
-                raise ValueError("checkpoint config differs: " + "; ".join(diff))
-    except (ValueError, RuntimeError) as e:  # bad flag values, configs, checkpoints
+            ck.load_trainer_state(tr, state)  # refuses a checkpoint that does not fit, saying what differs
+    except (ValueError, RuntimeError) as e:  # bad flag values, configs, checkpoints (CheckpointError)
         fail(str(e))
     print(describe(cfg))
     print(f"device = {device} | torch {torch.__version__} | kernels {kernels.resolve_impl(None, torch.empty(0, device=device))} | "
@@ -184,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({tr.wm_per_agent} per agent) | imagination {tr.imag_batch} × {tr.horizon} per agent "
           f"= {tr.imagined_per_update} imagined steps per env step")
     print(f"run dir = {run_dir}")
-    return run(tr, run_dir, state)
+    if state is not None:
+        print(f"resumed from step {tr.step}")
+    return run(tr, run_dir, state.get("extra", {}) if state is not None else None)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from .env import MultiAgentEnv, random_actions
 from .imagination import ImagCaches, imagine
 from .losses import actor_critic_loss, world_model_loss
 from .nn import ema_update, per_agent_grad_clip
+from .backends import StepFunctions, resolve_backend
 from .replay import Batch, ReplayBuffer
 from .world_model import WorldModel
 
@@ -69,10 +70,18 @@ class Trainer:
         self.wm = WorldModel(cfg.wm, spec).to(self.device)
         s_dim = state_dim(cfg.wm.latent_vars, cfg.wm.latent_classes, cfg.wm.width, n, spec.n_actions)
         self.ac = ActorCritic(cfg.ac, spec, s_dim, self.wm.bins).to(self.device)
-        self.wm_opt = torch.optim.Adam(self.wm.parameters(), lr=cfg.wm.lr, eps=cfg.wm.adam_eps)
+        self.backend = resolve_backend(tr.backend, self.device)
+        # CUDA graphs replay the optimiser step: its state must live on the device (capturable)
+        # and the learning rate be a tensor, so nothing is read from the host inside the graph
+        graphs = self.backend == "cudagraphs"
+
+        def lr(x: float):
+            return torch.tensor(x, device=self.device) if graphs else x
+
+        self.wm_opt = torch.optim.Adam(self.wm.parameters(), lr=lr(cfg.wm.lr), eps=cfg.wm.adam_eps, capturable=graphs)
         self.ac_opt = torch.optim.Adam(
             [{"params": self.ac.actor_params()}, {"params": self.ac.critic_params()}],
-            lr=cfg.ac.lr, eps=cfg.ac.adam_eps)
+            lr=lr(cfg.ac.lr), eps=cfg.ac.adam_eps, capturable=graphs)
         self.replay = ReplayBuffer(n, spec.obs_dim, cfg.replay.capacity, self.device, seed=tr.seed + 1)
         self.queues = ContextQueues(n, spec.obs_dim, tr.act_context, self.device)
         self.imag_batch, self.horizon = imagination_size(n, cfg.ac)
@@ -83,6 +92,7 @@ class Trainer:
         self.obs = self.env.reset(seed=tr.seed)
         self.first = True
         self.episodes = EpisodeStats(np.zeros(n))
+        self.fn = StepFunctions.build(self, self.backend)
         # device-side record of the first non-finite loss: (step, which) — checked at log intervals
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.bad_which = torch.zeros((), dtype=torch.long, device=self.device)
@@ -129,43 +139,75 @@ class Trainer:
             self.first = True
 
     # ------------------------------------------------------------------------------------ updates
-    def wm_update(self, batch: Batch) -> dict[str, Tensor]:
-        """One step of the shared world model on the combined batch of all agents (Eq. 3)."""
-        wm, c = self.wm, self.cfg.wm
-        wm.train()
-        out = wm.observe(batch.obs, batch.act, batch.first, batch.agent)
-        loss, m = world_model_loss(out, batch.obs, batch.rew, batch.cont, batch.team_act, self.obs_mask[batch.agent],
-                                   wm.bins, c.dyn_weight, c.rep_weight, c.free_bits)
-        self.wm_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        m["grad_norm"] = torch.nn.utils.clip_grad_norm_(wm.parameters(), c.grad_clip)
+    # Each update is split into pure pieces — a loss function (forward only) and an optimiser step
+    # (clip + Adam + EMA) — that :mod:`matwm_fast.backends` wraps with torch.compile / CUDA graphs;
+    # the backward pass between them is autograd's (compiled by AOTAutograd under a backend).
+    def wm_loss(self, obs: Tensor, act: Tensor, rew: Tensor, cont: Tensor, first: Tensor, team_act: Tensor,
+                agent: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Paper Eq. 3 on the combined batch of all agents: R = N·(B/N) rows of T steps."""
+        c = self.cfg.wm
+        with self.autocast():
+            out = self.wm.observe(obs, act, first, agent)
+        return world_model_loss(out, obs, rew, cont, team_act, self.obs_mask[agent], self.wm.bins,
+                                c.dyn_weight, c.rep_weight, c.free_bits)
+
+    def wm_opt_step(self) -> Tensor:
+        norm = torch.nn.utils.clip_grad_norm_(self.wm.parameters(), self.cfg.wm.grad_clip)
         self.wm_opt.step()
+        return norm
+
+    def imagine_rollout(self, obs: Tensor, act: Tensor, first: Tensor, noise=None):
+        with torch.no_grad(), self.autocast():
+            return imagine(self.wm, self.ac, obs, act, first, self.agents, self.horizon, self.caches, noise)
+
+    def ac_loss(self, states: Tensor, actions: Tensor, rewards: Tensor, continues: Tensor):
+        """Eqs. 10–13 for every agent at once, each on its own imagined batch (N, B, H+1, S)."""
+        ac, c = self.ac, self.cfg.ac
+        n, b, h1, s = states.shape
+        flat = states.reshape(n, b * h1, s)  # (N, B·(H+1), S)
+        logits = ac.policy_logits(flat).view(n, b, h1, -1)[:, :, :-1]  # (N, B, H, A)
+        critic_logits = ac.critic(flat).view(n, b, h1, -1)  # (N, B, H+1, NB)
+        with torch.no_grad():
+            slow_logits = ac.slow_critic(flat).view(n, b, h1, -1)  # (N, B, H+1, NB)
+        return actor_critic_loss(logits, actions, critic_logits, slow_logits, rewards, continues, ac.bins,
+                                 ac.return_scale, c.gamma, c.lam, c.entropy, c.return_scale_decay,
+                                 c.return_pct_low, c.return_pct_high)
+
+    def ac_opt_step(self, new_scale: Tensor) -> tuple[Tensor, Tensor]:
+        ac, c = self.ac, self.cfg.ac
+        actor_norm = per_agent_grad_clip(ac.actor_params(), c.grad_clip)
+        critic_norm = per_agent_grad_clip(ac.critic_params(), c.grad_clip)
+        self.ac_opt.step()
+        ema_update(ac.slow_critic, ac.critic, c.slow_critic_decay)
+        ac.return_scale.copy_(new_scale)
+        return actor_norm, critic_norm
+
+    def autocast(self):
+        """bf16 autocast for the world model on CUDA when ``train.amp``; a no-op on the CPU."""
+        on = self.device.type == "cuda" and self.cfg.train.amp
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
+
+    # the step functions the loop calls; a backend replaces the pure pieces they use
+    def wm_update(self, batch: Batch) -> dict[str, Tensor]:
+        """One step of the shared world model on the combined batch of all agents."""
+        self.wm.train()
+        loss, m = self.fn.wm_loss(batch.obs, batch.act, batch.rew, batch.cont, batch.first, batch.team_act,
+                                  batch.agent)
+        self.wm_opt.zero_grad(set_to_none=False)
+        loss.backward()
+        m["grad_norm"] = self.fn.wm_opt_step()
         return m
 
     def imagine(self, ctx: Batch, noise=None):
         self.wm.eval()
-        with torch.no_grad():
-            return imagine(self.wm, self.ac, ctx.obs, ctx.act, ctx.first, self.agents, self.horizon, self.caches, noise)
+        return self.fn.imagine(ctx.obs, ctx.act, ctx.first, noise)
 
     def ac_update(self, roll) -> dict[str, Tensor]:
-        """One actor-critic step for every agent, each on its own imagined batch (Eqs. 10–13)."""
-        ac, c = self.ac, self.cfg.ac
-        n, b, h1, s = roll.states.shape
-        states = roll.states.reshape(n, b * h1, s)  # (N, B·(H+1), S)
-        logits = ac.policy_logits(states).view(n, b, h1, -1)[:, :, :-1]  # (N, B, H, A)
-        critic_logits = ac.critic(states).view(n, b, h1, -1)  # (N, B, H+1, NB)
-        with torch.no_grad():
-            slow_logits = ac.slow_critic(states).view(n, b, h1, -1)  # (N, B, H+1, NB)
-        loss, m = actor_critic_loss(logits, roll.actions, critic_logits, slow_logits, roll.rewards, roll.continues,
-                                    ac.bins, ac.return_scale, c.gamma, c.lam, c.entropy, c.return_scale_decay,
-                                    c.return_pct_low, c.return_pct_high)
-        self.ac_opt.zero_grad(set_to_none=True)
+        """One actor-critic step for every agent (per-agent clipping inside)."""
+        loss, m = self.fn.ac_loss(roll.states, roll.actions, roll.rewards, roll.continues)
+        self.ac_opt.zero_grad(set_to_none=False)
         loss.backward()
-        m["actor_grad_norm"] = per_agent_grad_clip(ac.actor_params(), c.grad_clip)
-        m["critic_grad_norm"] = per_agent_grad_clip(ac.critic_params(), c.grad_clip)
-        self.ac_opt.step()
-        ema_update(ac.slow_critic, ac.critic, c.slow_critic_decay)
-        ac.return_scale.copy_(m["return_scale"])
+        m["actor_grad_norm"], m["critic_grad_norm"] = self.fn.ac_opt_step(m["return_scale"])
         return m
 
     def _flag_nonfinite(self, which: int, *losses: Tensor) -> None:

@@ -1,0 +1,150 @@
+"""``python -m matwm_fast.eval RUN_DIR`` — evaluate a trained policy, optionally record a video.
+
+    python -m matwm_fast.eval runs/simple_tag-cpu-s0 --episodes 50
+    python -m matwm_fast.eval runs/simple_tag-cpu-s0 --sample --video tag.gif
+
+Loads the latest checkpoint of RUN_DIR (or the checkpoint file given), rebuilds the world model
+and the actors from the config saved in it, plays ``--episodes`` episodes of a fresh env and
+prints the mean ± std of episode returns per agent, per team and overall.  The same numbers go to
+``RUN_DIR/eval_step_<step>.json`` (``_sample``/``_random`` suffix for those policies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import kernels
+
+from . import checkpoint as ck
+from .actor_critic import ActorCritic, state_dim
+from .cli import Parser, fail
+from .config import Config
+from .env import EnvSpec, MultiAgentEnv
+from .evaluate import play, summarise, write_video
+from .trainer import resolve_device
+from .world_model import WorldModel
+
+VIDEO_EXTS = (".gif", ".mp4")
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="python -m matwm_fast.eval", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("run", metavar="RUN_DIR", help="a training run directory, or one of its checkpoint files")
+    p.add_argument("--episodes", type=int, default=50, help="episodes to play (default 50, the paper's protocol)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", dest="mode", action="store_const", const="greedy",
+                      help="act with each actor's most likely action (default)")
+    mode.add_argument("--sample", dest="mode", action="store_const", const="sample",
+                      help="sample actions from the actors, as in training")
+    mode.add_argument("--random", dest="mode", action="store_const", const="random",
+                      help="uniformly random actions: the baseline a policy should beat")
+    p.set_defaults(mode="greedy")
+    p.add_argument("--video", metavar="FILE", default=None, help="record episodes to FILE (.gif, or .mp4 with imageio-ffmpeg)")
+    p.add_argument("--video-episodes", type=int, default=1, help="episodes to record with --video (default 1)")
+    p.add_argument("--fps", type=int, default=10, help="frames per second of the video (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation envs and sampling (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device: auto, cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--out", metavar="FILE.json", default=None,
+                   help="where to write the results (default RUN_DIR/eval_step_<step>.json)")
+    return p
+
+
+def load_policy(path: Path | str, device: torch.device | str = "cpu") -> tuple[Config, WorldModel, ActorCritic, dict]:
+    """Checkpoint (or run directory) → (config, world model, actor-critic, checkpoint state).
+
+    Only the networks are rebuilt — no replay or optimisers — so a large run evaluates cheaply.
+    """
+    state = ck.load(ck.resolve(path))
+    cfg = ck.saved_config(state)
+    env = MultiAgentEnv(cfg.env, seed=cfg.train.seed)  # only for the spec the networks are sized by
+    spec: EnvSpec = env.spec
+    env.close()
+    wm = WorldModel(cfg.wm, spec).to(device)
+    s_dim = state_dim(cfg.wm.latent_vars, cfg.wm.latent_classes, cfg.wm.width, spec.n_agents, spec.n_actions)
+    ac = ActorCritic(cfg.ac, spec, s_dim, wm.bins).to(device)
+    try:
+        wm.load_state_dict(state["wm"])
+        ac.load_state_dict(state["ac"])
+    except (RuntimeError, KeyError) as e:
+        raise ck.CheckpointError(f"checkpoint does not fit the model built from its config: {e}") from e
+    wm.eval()
+    ac.eval()
+    return cfg, wm, ac, state
+
+
+def _has_mp4_writer() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) is not None for m in ("imageio_ffmpeg", "av"))
+
+
+def table(summary: dict, spec: EnvSpec) -> str:
+    """The summary as an aligned text table: one row per agent, per team, and all agents."""
+    rows = [(name, summary[f"{name}_return_mean"], summary[f"{name}_return_std"]) for name in spec.agents]
+    rows += [(f"team {t} (mean of {len(idx)})", summary[f"team_{t}_return_mean"], summary[f"team_{t}_return_std"])
+             for t, idx in spec.teams.items()]
+    rows.append(("all agents (mean)", summary["return_mean"], summary["return_std"]))
+    w = max(len(r[0]) for r in rows)
+    lines = [f"{'who':<{w}}  {'mean':>10}  {'std':>9}", "-" * (w + 23)]
+    lines += [f"{n:<{w}}  {m:>10.3f}  {s:>9.3f}" for n, m, s in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.episodes < 1:
+            raise ValueError(f"--episodes {args.episodes}: need at least 1")
+        if args.video is not None and not args.video.lower().endswith(VIDEO_EXTS):
+            raise ValueError(f"--video {args.video!r}: the file name must end in {' or '.join(VIDEO_EXTS)}")
+        if args.video is not None and args.video.lower().endswith(".mp4") and not _has_mp4_writer():
+            # refuse before playing 50 episodes, not after
+            raise ValueError(f"--video {args.video!r}: writing MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); "
+                             "or use a .gif file name")
+        device = resolve_device(args.device)
+        kernels.set_impl("auto")
+        cfg, wm, ac, state = load_policy(args.run, device)
+    except (ValueError, RuntimeError) as e:  # bad arguments, missing or corrupt checkpoints
+        fail(str(e))
+    path = ck.resolve(args.run)
+    run_dir = ck.run_dir_of(path)
+    step = int(state["step"])
+    n_video = min(args.video_episodes, args.episodes) if args.video else 0
+    returns, frames, spec = play(wm, ac, cfg.env, cfg.train.act_context, args.episodes, args.seed, device,
+                                 greedy=args.mode == "greedy", random_policy=args.mode == "random",
+                                 capture_frames=n_video)  # returns (E, N)
+    summary = summarise(returns, spec)
+    print(f"{cfg.env.scenario}: {args.mode} policy of {path} (env step {step}), "
+          f"{args.episodes} episodes, seed {args.seed}")
+    print(table(summary, spec))
+    out = Path(args.out) if args.out else run_dir / f"eval_step_{step}{'' if args.mode == 'greedy' else '_' + args.mode}.json"
+    result = {
+        "run_dir": str(run_dir), "checkpoint": str(path), "env_step": step, "scenario": cfg.env.scenario,
+        "policy": args.mode, "episodes": args.episodes, "seed": args.seed,
+        "agents": {a: {"mean": summary[f"{a}_return_mean"], "std": summary[f"{a}_return_std"]} for a in spec.agents},
+        "teams": {t: {"mean": summary[f"team_{t}_return_mean"], "std": summary[f"team_{t}_return_std"],
+                      "members": [spec.agents[i] for i in idx]} for t, idx in spec.teams.items()},
+        "all": {"mean": summary["return_mean"], "std": summary["return_std"]},
+        "summary": summary,
+        "returns": np.round(returns, 6).tolist(),  # (E, N) in agent order
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    if args.video:
+        try:
+            write_video(frames, args.video, fps=args.fps)
+        except (ValueError, RuntimeError) as e:
+            fail(str(e))
+        print(f"wrote {args.video} ({len(frames)} frames, {n_video} episode{'s' * (n_video > 1)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
