@@ -64,8 +64,13 @@ class ImagCaches:
 
     @staticmethod
     def allocate(wm: WorldModel, rows: int, context: int, horizon: int, device, dtype=torch.float32) -> "ImagCaches":
-        return ImagCaches(wm.seq.allocate_cache(rows, context + horizon, device, dtype),
-                          wm.teammates.tf.allocate_cache(rows, context + horizon + 1, device, dtype))
+        caches = ImagCaches(wm.seq.allocate_cache(rows, context + horizon, device, dtype),
+                            wm.teammates.tf.allocate_cache(rows, context + horizon + 1, device, dtype))
+        # the rollout writes these in place; a static address lets a CUDA graph capture the
+        # writes instead of treating the caches as fresh inputs (or refusing to graph at all)
+        for t in (caches.seq.k, caches.seq.v, caches.team.k, caches.team.v):
+            torch._dynamo.mark_static_address(t)
+        return caches
 
 
 def agent_state(z: Tensor, h: Tensor, team_logits: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from .env import MultiAgentEnv, random_actions
 from .imagination import ImagCaches, imagine
 from .losses import actor_critic_loss, world_model_loss
 from .nn import ema_update, per_agent_grad_clip
+from .nvtx import phase
 from .backends import StepFunctions, resolve_backend
 from .replay import Batch, ReplayBuffer
 from .world_model import WorldModel
@@ -85,7 +86,10 @@ class Trainer:
         self.replay = ReplayBuffer(n, spec.obs_dim, cfg.replay.capacity, self.device, seed=tr.seed + 1)
         self.queues = ContextQueues(n, spec.obs_dim, tr.act_context, self.device)
         self.imag_batch, self.horizon = imagination_size(n, cfg.ac)
-        self.caches = ImagCaches.allocate(self.wm, n * self.imag_batch, cfg.ac.context_len, self.horizon, self.device)
+        # the caches hold what autocast computes: bf16 keys/values on CUDA with amp, else float32
+        cache_dtype = torch.bfloat16 if (self.device.type == "cuda" and tr.amp) else torch.float32
+        self.caches = ImagCaches.allocate(self.wm, n * self.imag_batch, cfg.ac.context_len, self.horizon,
+                                          self.device, cache_dtype)
         self.agents = torch.arange(n, device=self.device)  # (N,)
         self.obs_mask = self.wm.obs_mask  # (N, O)
         self.step = 0  # env steps taken
@@ -123,8 +127,10 @@ class Trainer:
 
     def env_step(self) -> None:
         """Act, step the env, store the transition; on episode end reset env and queues."""
-        actions = self.choose_actions()
-        next_obs, rew, cont, done = self.env.step(actions)
+        with phase("act"):
+            actions = self.choose_actions()
+        with phase("env"):
+            next_obs, rew, cont, done = self.env.step(actions)
         self.replay.add(self.obs, actions, rew, cont, self.first)
         self.queues.push(torch.as_tensor(self.obs, device=self.device), torch.as_tensor(actions, device=self.device))
         self.episodes.current += rew
@@ -219,23 +225,32 @@ class Trainer:
 
     def train_step(self) -> dict[str, Tensor] | None:
         """One env step of Algorithm 2; returns the step's metric tensors once updates run."""
+        if self.backend == "cudagraphs":
+            # a new iteration: outputs of the previous step's graphs may be overwritten now
+            torch.compiler.cudagraph_mark_step_begin()
         self.env_step()
         if not self.warm:
             return None
         metrics: dict[str, Tensor] = {}
         tr = self.cfg.train
         if self.step % tr.wm_every == 0:
-            batch = self.replay.sample_sequences(self.wm_per_agent, self.cfg.wm.seq_len, self.cfg.replay.priority_decay)
-            wm_m = self.wm_update(batch)
+            with phase("replay_sample"):
+                batch = self.replay.sample_sequences(self.wm_per_agent, self.cfg.wm.seq_len,
+                                                     self.cfg.replay.priority_decay)
+            with phase("wm_update"):
+                wm_m = self.wm_update(batch)
             self._flag_nonfinite(0, wm_m["total"])
             metrics.update({f"shared_wm_{k}_loss" if k != "grad_norm" else "shared_wm_grad_norm": v
                             for k, v in wm_m.items()})
             metrics["wm_sequences"] = torch.tensor(batch.agent.shape[0])
             metrics["wm_sequences_per_agent"] = torch.tensor(self.wm_per_agent)
         if self.step % tr.agent_every == 0:
-            ctx = self.replay.sample_contexts(self.imag_batch, self.cfg.ac.context_len)
-            roll = self.imagine(ctx)
-            ac_m = self.ac_update(roll)
+            with phase("replay_sample"):
+                ctx = self.replay.sample_contexts(self.imag_batch, self.cfg.ac.context_len)
+            with phase("imagine"):
+                roll = self.imagine(ctx)
+            with phase("ac_update"):
+                ac_m = self.ac_update(roll)
             self._flag_nonfinite(1, ac_m["actor_loss"], ac_m["critic_loss"])
             for i, name in enumerate(self.spec.agents):
                 for k, v in ac_m.items():

@@ -94,3 +94,24 @@ def test_context_before_episode_start_is_invisible():
         c = imagine(wm, ac, obs2, act, first, torch.arange(n), h, caches, noise)
     torch.testing.assert_close(a.states, c.states)
     assert torch.equal(a.actions, c.actions)
+
+
+def test_triton_kernels_equal_reference_in_imagination():
+    """The whole rollout with ``--kernels triton`` equals ``--kernels ref`` under the same draws."""
+    import kernels
+
+    if not (kernels.HAS_TRITON and (torch.cuda.is_available() or kernels.TRITON_INTERPRET)):
+        pytest.skip("Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
+    cfg, wm, ac = build(torch.float32)
+    n, b, h, L = SPEC.n_agents, 3, 2, 3
+    obs, act, first = contexts(n, b, L, seed=2)
+    obs = obs.float()
+    noise = ImagNoise.draw(n * b, L, h, wm.K, wm.C, wm.A, "cpu")
+    out = {}
+    for impl in ("ref", "triton"):
+        with kernels.use_impl(impl), torch.no_grad():
+            out[impl] = imagine(wm, ac, obs, act, first, torch.arange(n), h,
+                                ImagCaches.allocate(wm, n * b, L, h, "cpu"), noise)
+    assert torch.equal(out["ref"].actions, out["triton"].actions)
+    torch.testing.assert_close(out["ref"].states, out["triton"].states, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["ref"].rewards, out["triton"].rewards, rtol=1e-4, atol=1e-4)

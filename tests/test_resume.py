@@ -1,0 +1,148 @@
+"""Resuming reproduces the uninterrupted run: in-process (checkpoint mid-interval) and for real
+(SIGTERM / SIGINT to a ``python -m matwm_fast.train`` subprocess), and resume-time overrides are
+applied and reported or refused — never dropped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from matwm_fast import train
+from matwm_fast.metrics import read_metrics
+from matwm_fast.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+# one thread per process: the smoke model is tiny and the CPU is shared
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+SMOKE = ["--preset", "smoke", "--device", "cpu", "--log-every", "5"]
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """Rows without wall-clock timings (perf_*), the only figures allowed to differ."""
+    return [{k: v for k, v in r.items() if not k.startswith("perf_")} for r in rows]
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "matwm_fast.train", *args], capture_output=True, text=True,
+                          env=ENV, cwd=ROOT, timeout=timeout)
+
+
+def train_inprocess(run_dir: Path, *flags: str, stop_at: int | None = None) -> int:
+    """Train in this process; ``stop_at`` sends this process SIGTERM right after that env step."""
+    cfg, rd, _ = train.prepare(train.build_parser().parse_args([*SMOKE, "--run-dir", str(run_dir), *flags]))
+    tr = Trainer(cfg, "cpu")
+    if stop_at is not None:
+        step = tr.train_step
+
+        def step_then_signal():
+            m = step()
+            if tr.step == stop_at:
+                signal.raise_signal(signal.SIGTERM)  # handled by run() at this step's boundary
+            return m
+
+        tr.train_step = step_then_signal
+    return train.run(tr, rd)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> list[dict]:
+    """An uninterrupted 70-step smoke run, in this process."""
+    d = tmp_path_factory.mktemp("baseline")
+    assert train_inprocess(d, "--steps", "70") == 0
+    return read_metrics(d)
+
+
+def test_inprocess_resume_is_bit_exact(tmp_path, baseline, capsys):
+    # stop at 53, mid log interval: the checkpoint must carry the unflushed metric sums too
+    assert train_inprocess(tmp_path, "--steps", "70", stop_at=53) == 128 + signal.SIGTERM
+    assert "interrupted by signal 15 at step 53" in capsys.readouterr().err
+    assert (tmp_path / "checkpoints" / "step_000000053.pt").exists()
+    # a stale row past the checkpoint (as a SIGKILLed run leaves) must not survive the resume
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"env_step": 55, "stale": 1.0}) + "\n")
+    assert train.main(["--resume", str(tmp_path), "--steps", "70"]) == 0
+    out = capsys.readouterr().out
+    assert "resume: train.steps = 70 (was 70)" not in out  # unchanged values are not "changes"
+    assert "resumed from step 53" in out and "dropped 1 metric rows" in out
+    rows = read_metrics(tmp_path)
+    assert [r["env_step"] for r in rows] == [r["env_step"] for r in baseline]
+    assert comparable(rows) == comparable(baseline)  # bit-exact: floats compared with ==
+
+
+def test_evaluation_during_training_does_not_change_training(tmp_path, baseline):
+    assert train_inprocess(tmp_path, "--steps", "70", "--eval-every", "10", "--train.eval-episodes", "1") == 0
+    rows = read_metrics(tmp_path)
+    evals = [r for r in rows if "eval_return_mean" in r]
+    # from warm-up's end (40) on, every 10 steps, into the same metrics stream
+    assert [r["env_step"] for r in evals] == [40, 50, 60, 70]
+    assert all(r["eval_episodes"] == 1 and "eval_team_adversary_return_mean" in r for r in evals)
+    assert comparable([r for r in rows if "eval_return_mean" not in r]) == comparable(baseline)
+
+
+# ----------------------------------------------------------------------------------- subprocess
+@pytest.fixture(scope="module")
+def cli_baseline(tmp_path_factory) -> list[dict]:
+    d = tmp_path_factory.mktemp("cli_baseline")
+    proc = cli(*SMOKE, "--steps", "120", "--run-dir", str(d))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return read_metrics(d)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_killed_run_resumes_exactly(tmp_path, cli_baseline, sig):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "matwm_fast.train", *SMOKE, "--steps", "120",
+                             "--run-dir", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV, cwd=ROOT)
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 240
+    # signal once updates are running (warm-up ends at 40), so the checkpoint holds trained state
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and any(json.loads(l).get("env_step", 0) >= 50 for l in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert f"interrupted by signal {int(sig)}" in err and "resume with:" in err
+    stopped = int(err.split(" at step ")[1].split(";")[0])
+    assert 50 <= stopped < 120
+    assert (run_dir / "checkpoints" / f"step_{stopped:09d}.pt").exists()
+
+    res = cli("--resume", str(run_dir))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"resumed from step {stopped}" in res.stdout
+    assert comparable(read_metrics(run_dir)) == comparable(cli_baseline)
+
+
+def test_resume_overrides_applied_or_refused(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert train_inprocess(run_dir, "--steps", "45") == 0
+    capsys.readouterr()
+    before = (run_dir / "checkpoints" / "latest").read_text()
+    for flags, named in [(["--wm.width", "64"], "wm.width (checkpoint 32, requested 64)"),
+                         (["--scenario", "simple_spread"], "env.scenario (checkpoint 'simple_tag', requested 'simple_spread')"),
+                         (["--preset", "cpu"], "--preset (checkpoint 'smoke', requested 'cpu')"),
+                         (["--scenario-arg", "num_good=2"], "--scenario-arg")]:
+        proc = cli("--resume", str(run_dir), *flags)
+        assert proc.returncode == 2, proc.stdout[-500:]
+        assert f"cannot change {named}" in proc.stderr, proc.stderr
+        assert "Changeable on resume:" in proc.stderr and "train.steps" in proc.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text() == before  # nothing was trained or written
+
+    # a resumable override is applied and said so; one equal to the saved value is a no-op
+    proc = cli("--resume", str(run_dir), "--steps", "50", "--log-every", "5", "--seed", "0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resume: train.steps = 50 (was 45)" in proc.stdout
+    assert "train.log_every" not in proc.stdout.split("preset =")[0] and "train.seed" not in proc.stdout.split("preset =")[0]
+    assert read_metrics(run_dir)[-1]["env_step"] == 50
+    assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 50
+    proc = cli("--resume", str(run_dir))
+    assert proc.returncode == 0 and "run already at env step 50" in proc.stdout
