@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import io
 import os
-import pickle
 import random
 from pathlib import Path
 
@@ -57,53 +56,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-# ----------------------------------------------------------------------------- env state
-# MPE2's raw envs are gymnasium ``EzPickle``: plain pickling stores only the constructor
-# arguments and unpickling builds a *fresh, un-reset* env, losing the world, its RNG and the
-# agent selector.  So the env is pickled by its instance ``__dict__`` instead, and pygame objects
-# (a screen surface and font exist even without rendering, and cannot be pickled) are left out
-# and taken from the live env on restore.
-def _new(cls):
-    return cls.__new__(cls)
-
-
-def _set_dict(obj, state: dict) -> None:
-    obj.__dict__.update(state)
-
-
-class _EnvPickler(pickle.Pickler):
-    def reducer_override(self, obj):
-        from gymnasium.utils.ezpickle import EzPickle
-
-        if isinstance(obj, EzPickle) and not isinstance(obj, type):
-            return _new, (type(obj),), dict(obj.__dict__), None, None, _set_dict
-        return NotImplemented
-
-    def persistent_id(self, obj):
-        return "pygame" if type(obj).__module__.startswith("pygame") else None
-
-
-class _EnvUnpickler(pickle.Unpickler):
-    def persistent_load(self, pid):
-        return None  # pygame objects: refilled from the live env below
-
-
-def env_state(env) -> bytes:
-    """Everything needed to continue a :class:`~matwm_fast.env.MultiAgentEnv` exactly."""
-    buf = io.BytesIO()
-    _EnvPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump((env.env, env._obs, env._needs_reset))
-    return buf.getvalue()
-
-
-def restore_env(env, blob: bytes) -> None:
-    inner, obs, needs_reset = _EnvUnpickler(io.BytesIO(blob)).load()
-    live, raw = env.env.unwrapped.__dict__, inner.unwrapped.__dict__
-    for k, v in live.items():
-        if type(v).__module__.startswith("pygame") and raw.get(k) is None:
-            raw[k] = v
-    env.env, env._obs, env._needs_reset = inner, obs, needs_reset
-
-
 # ----------------------------------------------------------------------------- trainer state
 def trainer_state(tr) -> dict:
     """Everything of a :class:`~matwm_fast.trainer.Trainer` the next step depends on."""
@@ -117,7 +69,7 @@ def trainer_state(tr) -> dict:
         "wm_opt": tr.wm_opt.state_dict(),
         "ac_opt": tr.ac_opt.state_dict(),
         "replay": tr.replay.state_dict(),
-        "env": env_state(tr.env),
+        "env": tr.env.get_state(),  # world, its RNG and the wrappers' flags (not a plain pickle: EzPickle)
         "obs": tr.obs,
         "first": tr.first,
         "queues": (tr.queues.obs.cpu(), tr.queues.act.cpu(), tr.queues.count),
@@ -156,6 +108,27 @@ def check_compatible(st: dict, cfg: Config, ignore=RESUMABLE) -> None:
         raise CheckpointError("checkpoint is from a different config: " + "; ".join(diff))
 
 
+# how an optimiser runs, not what it learns: kept from the trainer's own optimiser on load
+_RUNTIME_KEYS = ("capturable", "foreach", "fused", "differentiable", "lr")
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, sd: dict) -> None:
+    """``opt.load_state_dict(sd)``, keeping ``opt``'s runtime settings.
+
+    ``load_state_dict`` replaces every group setting with the saved one, but device and backend
+    may change on resume: the ``cudagraphs`` backend runs Adam ``capturable`` with a float32
+    device-tensor learning rate, eager on the CPU neither.  So those settings stay ``opt``'s —
+    the learning rate included: it comes from the config, which a resume cannot change.  They go
+    in before loading (Adam places its ``step`` counters as ``capturable`` wants) and the very
+    objects are put back after (loading deep-copies groups; a CUDA graph may hold the lr tensor).
+    """
+    runtime = [{k: g[k] for k in _RUNTIME_KEYS if k in g} for g in opt.param_groups]
+    groups = [{**saved, **cur} for saved, cur in zip(sd["param_groups"], runtime)]
+    opt.load_state_dict({"state": sd["state"], "param_groups": groups})
+    for g, cur in zip(opt.param_groups, runtime):
+        g.update(cur)
+
+
 def load_trainer_state(tr, st: dict) -> None:
     """Restore a trainer built from the checkpoint's config (``check_compatible`` first)."""
     check_compatible(st, tr.cfg)
@@ -165,13 +138,13 @@ def load_trainer_state(tr, st: dict) -> None:
     try:
         tr.wm.load_state_dict(st["wm"])
         tr.ac.load_state_dict(st["ac"])
-        tr.wm_opt.load_state_dict(st["wm_opt"])
-        tr.ac_opt.load_state_dict(st["ac_opt"])
+        _load_optimizer(tr.wm_opt, st["wm_opt"])
+        _load_optimizer(tr.ac_opt, st["ac_opt"])
         tr.replay.load_state_dict(st["replay"])
     except (RuntimeError, ValueError, KeyError) as e:  # shapes or keys of another model
         raise CheckpointError(f"checkpoint does not fit the model built from its config: {e}") from e
     tr.step = st["step"]
-    restore_env(tr.env, st["env"])
+    tr.env.set_state(st["env"])
     tr.obs, tr.first = st["obs"], st["first"]
     qo, qa, qc = st["queues"]
     tr.queues.obs, tr.queues.act, tr.queues.count = qo.to(dev), qa.to(dev), qc
@@ -254,9 +227,13 @@ class CheckpointDir:
         payload["extra"] = extra or {}
         save(path, payload)
         # the pointer moves only after the file is complete, and pruning only after the pointer
-        _atomic_write(self.dir / "latest", path.name.encode())
+        self.point_to(path)
         self._prune(keep_name=path.name)
         return path
+
+    def point_to(self, path: Path) -> None:
+        """Make ``path`` (a file in this directory) the ``latest`` checkpoint."""
+        _atomic_write(self.dir / "latest", Path(path).name.encode())
 
     def _prune(self, keep_name: str) -> None:
         ckpts = sorted(self.dir.glob("step_*.pt"))

@@ -34,7 +34,14 @@ ALIASES = {
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that answers a bad flag with the valid ones closest to it."""
+    """argparse that answers a bad flag with the valid ones closest to it.
+
+    The usage line stays short (the config has dozens of flags; ``--help`` lists them all).
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("usage", "%(prog)s [options]   (see --help)")
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse API
         if "unrecognized arguments" in message:

@@ -11,7 +11,6 @@ prints the mean ± std of episode returns per agent, per team and overall.  The 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -49,7 +48,7 @@ def build_parser() -> Parser:
     p.add_argument("--video-episodes", type=int, default=1, help="episodes to record with --video (default 1)")
     p.add_argument("--fps", type=int, default=10, help="frames per second of the video (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation envs and sampling (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device: auto, cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--device", default="auto", help="torch device: auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--out", metavar="FILE.json", default=None,
                    help="where to write the results (default RUN_DIR/eval_step_<step>.json)")
     return p

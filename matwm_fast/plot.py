@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -138,16 +139,13 @@ def aggregate(series: list[tuple[np.ndarray, np.ndarray]], band: str):
     for i, (s, v) in enumerate(series):
         inside = (grid >= s[0]) & (grid <= s[-1])
         vals[i, inside] = np.interp(grid[inside], s, v)
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns are fine: nothing drawn
-            med = np.nanmedian(vals, 0)  # (G,)
-            if band == "iqr":
-                lo, hi = np.nanpercentile(vals, 25, 0), np.nanpercentile(vals, 75, 0)  # (G,), (G,)
-            else:
-                lo, hi = np.nanmin(vals, 0), np.nanmax(vals, 0)  # (G,), (G,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column is fine: nothing is drawn there
+        med = np.nanmedian(vals, 0)  # (G,)
+        if band == "iqr":
+            lo, hi = np.nanpercentile(vals, 25, 0), np.nanpercentile(vals, 75, 0)  # (G,), (G,)
+        else:
+            lo, hi = np.nanmin(vals, 0), np.nanmax(vals, 0)  # (G,), (G,)
     return grid, med, lo, hi
 
 

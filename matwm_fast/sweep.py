@@ -106,7 +106,9 @@ def train_cmd(args, env: str, seed: int, extra: list[str]) -> list[str]:
     d = run_dir(args.out, env, seed)
     common = ["--steps", str(total_steps(args)), "--eval-every", str(args.eval_every),
               "--train.eval-episodes", str(args.eval_episodes)]
-    if has_checkpoint(d):  # an interrupted run continues exactly instead of starting over
+    # an interrupted run continues exactly instead of starting over; its config is the checkpoint's
+    # (train refuses changed training flags on resume), so the extra flags are not passed again
+    if has_checkpoint(d):
         return [sys.executable, "-m", "matwm_fast.train", "--resume", str(d), *common]
     return [sys.executable, "-m", "matwm_fast.train", "--preset", args.preset, "--scenario", env,
             "--seed", str(seed), "--run-dir", str(d), *common, *extra]
@@ -246,10 +248,10 @@ def diagnostics(rows: list[dict], agents: list[str]) -> dict:
     return {"first": pick(warm[0]), "last": pick(warm[-1])}
 
 
-def aggregate(args) -> dict:
+def aggregate(args, argv: list[str]) -> dict:
     out = Path(args.out)
     episodes = args.baseline_episodes or args.eval_episodes
-    result: dict = {"command": shlex.join([sys.executable, "-m", "matwm_fast.sweep", *sys.argv[1:]]),
+    result: dict = {"command": shlex.join(["python", "-m", "matwm_fast.sweep", *argv]),
                     "preset": args.preset, "envs": {}}
     for env in args.env:
         curves: dict = {}
@@ -377,7 +379,8 @@ def plot(result: dict, results_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    own, extra = split_argv(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, extra = split_argv(argv)
     args = build_parser().parse_args(own)
     results_dir = Path(args.results or args.out)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -387,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         log = run_training(args, extra)
         print(f"sweep: training done in {time.perf_counter() - t0:.0f} s")
     torch.set_num_threads(args.threads or (os.cpu_count() or 1))  # training is over: evaluation gets the cores
-    result = aggregate(args)
+    result = aggregate(args, argv)
     result["runs"] = log
     (results_dir / "results.json").write_text(json.dumps(result, indent=1))
     (results_dir / "results.md").write_text(markdown(result, args))

@@ -104,6 +104,13 @@ def prepare(args) -> tuple[Config, Path, dict | None]:
     return cfg, run_dir, state
 
 
+def _latest(ckpts: ck.CheckpointDir) -> str:
+    try:
+        return str(ckpts.latest())
+    except ck.CheckpointError:
+        return "none"
+
+
 def run(tr: Trainer, run_dir: Path, extra: dict | None = None) -> int:
     """Train ``tr`` to ``train.steps``; ``extra`` is a restored checkpoint's ``extra`` when resuming.
 
@@ -121,6 +128,14 @@ def run(tr: Trainer, run_dir: Path, extra: dict | None = None) -> int:
         dropped = truncate_after(run_dir, tr.step)
         if dropped:
             print(f"resume: dropped {dropped} metric rows logged after env step {tr.step}")
+        # checkpoints past the resumed one (resuming from an older file) belong to an abandoned
+        # future; set aside, not deleted, and out of the way of pruning and `latest`
+        later = [p for p in ckpts.dir.glob("step_*.pt") if int(p.stem.split("_")[1]) > tr.step]
+        for p in later:
+            p.rename(p.with_name(p.name + ".abandoned"))
+            print(f"resume: set aside {p.name} (after env step {tr.step}) as {p.name}.abandoned")
+        if later and (ckpts.dir / f"step_{tr.step:09d}.pt").exists():
+            ckpts.point_to(ckpts.dir / f"step_{tr.step:09d}.pt")
         acc.sums = {k: v.to(tr.device) for k, v in extra.get("acc_sums", {}).items()}
         acc.counts = dict(extra.get("acc_counts", {}))
         imagined_total = extra.get("imagined_total", 0)
@@ -134,9 +149,12 @@ def run(tr: Trainer, run_dir: Path, extra: dict | None = None) -> int:
     stop: dict = {"sig": None}
 
     def on_signal(signum, _frame):
-        if stop["sig"] is not None:  # a second signal: the user will not wait for the checkpoint
+        # only a second Ctrl-C quits at once (a person who will not wait): a SIGTERM after the
+        # terminal's SIGINT is a supervisor (sweep, scheduler) relaying it, and must not cost the checkpoint
+        if stop["sig"] == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        stop["sig"] = signum
+        if stop["sig"] is None:
+            stop["sig"] = signum
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
@@ -156,12 +174,18 @@ def run(tr: Trainer, run_dir: Path, extra: dict | None = None) -> int:
             progress.update(tr.step, imagined_total - i_row)
             if tr.step % tc.log_every == 0 or tr.step == tc.steps:
                 tr.check_finite()
+                # a last step off the logging grid gets a row too, but the checkpoint keeps the
+                # interval open, so a resume with more --steps logs exactly the uninterrupted rows
+                off_grid = (dict(acc.sums), dict(acc.counts), list(tr.episodes.finished)) \
+                    if tr.step % tc.log_every else None
                 now = time.perf_counter()
                 row = {"env_step": tr.step, "warm": tr.warm, **acc.mean(), **episode_row(tr),
                        "imagined_steps_total": imagined_total,
                        "perf_env_steps_per_s": (tr.step - s_row) / (now - t_row),
                        "perf_imagined_steps_per_s": (imagined_total - i_row) / (now - t_row)}
                 writer.write(row)
+                if off_grid is not None:
+                    acc.sums, acc.counts, tr.episodes.finished = off_grid
                 progress.update(tr.step, imagined_total - i_row, force=True)
                 t_row, s_row, i_row = now, tr.step, imagined_total
                 progress = Progress(tc.steps, start=tr.step)
@@ -181,10 +205,14 @@ def run(tr: Trainer, run_dir: Path, extra: dict | None = None) -> int:
         progress.close()
         print(f"done: {tr.step} env steps; checkpoint {path}")
         return 0
+    except KeyboardInterrupt:  # a second Ctrl-C while the first was being handled
+        print(f"\ninterrupted twice: quitting without a new checkpoint (newest: {_latest(ckpts)})", file=sys.stderr)
+        return 130
     except FloatingPointError as e:
-        try:
-            last = f"{ckpts.latest()} (resume with: python -m matwm_fast.train --resume {run_dir})"
-        except ck.CheckpointError:
+        last = _latest(ckpts)
+        if last != "none":
+            last += f" (resume with: python -m matwm_fast.train --resume {run_dir})"
+        else:
             last = "none written yet (set --checkpoint-every to keep some)"
         print(f"\nerror: {e}; stopping. Last good checkpoint: {last}", file=sys.stderr)
         return 3

@@ -81,7 +81,11 @@ def test_actor_critic_update_matches(pair):
 
 def test_no_recompile_across_env_steps(pair):
     _, comp = pair
+    from torch._dynamo.utils import counters
+
     comp.train_step()  # warm every piece (the tests above may not have run first)
+    graphs = counters["stats"]["unique_graphs"]
+    breaks = sum(counters["graph_break"].values())
     torch._dynamo.config.error_on_recompile = True
     try:
         for _ in range(3):
@@ -89,6 +93,9 @@ def test_no_recompile_across_env_steps(pair):
     finally:
         torch._dynamo.config.error_on_recompile = False
     comp.check_finite()
+    # steady state traces nothing new: no new graphs, no new graph breaks
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert sum(counters["graph_break"].values()) == breaks
 
 
 def test_backend_resolution():

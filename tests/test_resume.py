@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from matwm_fast import train
 from matwm_fast.metrics import read_metrics
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SMOKE = ["--preset", "smoke", "--device", "cpu", "--log-every", "5"]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def comparable(rows: list[dict]) -> list[dict]:
     """Rows without wall-clock timings (perf_*), the only figures allowed to differ."""
@@ -34,8 +36,9 @@ def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           env=ENV, cwd=ROOT, timeout=timeout)
 
 
-def train_inprocess(run_dir: Path, *flags: str, stop_at: int | None = None) -> int:
-    """Train in this process; ``stop_at`` sends this process SIGTERM right after that env step."""
+def train_inprocess(run_dir: Path, *flags: str, stop_at: int | None = None,
+                    signals: tuple = (signal.SIGTERM,)) -> int:
+    """Train in this process; ``stop_at`` sends this process ``signals`` right after that env step."""
     cfg, rd, _ = train.prepare(train.build_parser().parse_args([*SMOKE, "--run-dir", str(run_dir), *flags]))
     tr = Trainer(cfg, "cpu")
     if stop_at is not None:
@@ -44,7 +47,8 @@ def train_inprocess(run_dir: Path, *flags: str, stop_at: int | None = None) -> i
         def step_then_signal():
             m = step()
             if tr.step == stop_at:
-                signal.raise_signal(signal.SIGTERM)  # handled by run() at this step's boundary
+                for sig in signals:
+                    signal.raise_signal(sig)  # handled by run() at this step's boundary
             return m
 
         tr.train_step = step_then_signal
@@ -76,6 +80,42 @@ def test_inprocess_resume_is_bit_exact(tmp_path, baseline, capsys):
     assert comparable(rows) == comparable(baseline)  # bit-exact: floats compared with ==
 
 
+def test_resume_after_a_budget_off_the_logging_grid(tmp_path, baseline, capsys):
+    """--steps 53 logs a last row at 53; resumed to 70, the rows at 55.. are the uninterrupted ones."""
+    assert train_inprocess(tmp_path, "--steps", "53") == 0
+    assert read_metrics(tmp_path)[-1]["env_step"] == 53
+    assert train.main(["--resume", str(tmp_path), "--steps", "70"]) == 0
+    rows = [r for r in read_metrics(tmp_path) if r["env_step"] != 53]
+    assert comparable(rows) == comparable(baseline)
+
+
+def test_resume_from_an_older_checkpoint_file(tmp_path, baseline, capsys):
+    assert train_inprocess(tmp_path, "--steps", "60", "--checkpoint-every", "10", "--train.keep-checkpoints", "3") == 0
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*.pt")) == [f"step_0000000{s}.pt" for s in (40, 50, 60)]
+    assert train.main(["--resume", str(ckpts / "step_000000050.pt"), "--steps", "70"]) == 0
+    out = capsys.readouterr().out
+    assert "set aside step_000000060.pt" in out and "dropped 2 metric rows" in out  # rows 55 and 60
+    assert (ckpts / "step_000000060.pt.abandoned").exists() and (ckpts / "latest").read_text() == "step_000000070.pt"
+    assert comparable(read_metrics(tmp_path)) == comparable(baseline)
+
+
+def test_second_ctrl_c_quits_at_once(tmp_path, capsys):
+    before = signal.getsignal(signal.SIGINT)
+    assert train_inprocess(tmp_path, "--steps", "70", "--checkpoint-every", "10", stop_at=43,
+                           signals=(signal.SIGINT, signal.SIGINT)) == 130
+    err = capsys.readouterr().err
+    assert "interrupted twice: quitting without a new checkpoint" in err and "step_000000040.pt" in err
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
+
+
+def test_sigterm_after_ctrl_c_still_checkpoints(tmp_path, capsys):
+    """Ctrl-C reaches a sweep and its trainers; the sweep then SIGTERMs them: that must not abort the save."""
+    assert train_inprocess(tmp_path, "--steps", "70", stop_at=43, signals=(signal.SIGINT, signal.SIGTERM)) == 130
+    assert "interrupted by signal 2 at step 43" in capsys.readouterr().err
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000000043.pt"
+
+
 def test_evaluation_during_training_does_not_change_training(tmp_path, baseline):
     assert train_inprocess(tmp_path, "--steps", "70", "--eval-every", "10", "--train.eval-episodes", "1") == 0
     rows = read_metrics(tmp_path)
@@ -104,7 +144,8 @@ def test_killed_run_resumes_exactly(tmp_path, cli_baseline, sig):
     metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 240
     # signal once updates are running (warm-up ends at 40), so the checkpoint holds trained state
     while proc.poll() is None and time.monotonic() < deadline:
-        if metrics.exists() and any(json.loads(l).get("env_step", 0) >= 50 for l in metrics.read_text().splitlines()):
+        complete = metrics.read_text().split("\n")[:-1] if metrics.exists() else []  # not a half-written last line
+        if any(json.loads(line)["env_step"] >= 50 for line in complete):
             break
         time.sleep(0.01)
     assert proc.poll() is None, "the run ended before it could be interrupted"
@@ -127,14 +168,19 @@ def test_resume_overrides_applied_or_refused(tmp_path, capsys):
     assert train_inprocess(run_dir, "--steps", "45") == 0
     capsys.readouterr()
     before = (run_dir / "checkpoints" / "latest").read_text()
-    for flags, named in [(["--wm.width", "64"], "wm.width (checkpoint 32, requested 64)"),
-                         (["--scenario", "simple_spread"], "env.scenario (checkpoint 'simple_tag', requested 'simple_spread')"),
+    # the real CLI once; the other refusals in-process (same code path, no interpreter start-up)
+    proc = cli("--resume", str(run_dir), "--wm.width", "64")
+    assert proc.returncode == 2, proc.stdout[-500:]
+    assert "cannot change wm.width (checkpoint 32, requested 64)" in proc.stderr, proc.stderr
+    assert "Changeable on resume:" in proc.stderr and "train.steps" in proc.stderr
+    for flags, named in [(["--scenario", "simple_spread"], "env.scenario (checkpoint 'simple_tag', requested 'simple_spread')"),
                          (["--preset", "cpu"], "--preset (checkpoint 'smoke', requested 'cpu')"),
-                         (["--scenario-arg", "num_good=2"], "--scenario-arg")]:
-        proc = cli("--resume", str(run_dir), *flags)
-        assert proc.returncode == 2, proc.stdout[-500:]
-        assert f"cannot change {named}" in proc.stderr, proc.stderr
-        assert "Changeable on resume:" in proc.stderr and "train.steps" in proc.stderr
+                         (["--scenario-arg", "num_good=2"], "--scenario-arg (checkpoint {}, requested {'num_good': 2})"),
+                         (["--run-dir", str(tmp_path / "elsewhere")], "conflicts with --resume")]:
+        with pytest.raises(SystemExit) as e:
+            train.main(["--resume", str(run_dir), *flags])
+        assert e.value.code == 2
+        assert named in capsys.readouterr().err
     assert (run_dir / "checkpoints" / "latest").read_text() == before  # nothing was trained or written
 
     # a resumable override is applied and said so; one equal to the saved value is a no-op
@@ -144,5 +190,5 @@ def test_resume_overrides_applied_or_refused(tmp_path, capsys):
     assert "train.log_every" not in proc.stdout.split("preset =")[0] and "train.seed" not in proc.stdout.split("preset =")[0]
     assert read_metrics(run_dir)[-1]["env_step"] == 50
     assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 50
-    proc = cli("--resume", str(run_dir))
-    assert proc.returncode == 0 and "run already at env step 50" in proc.stdout
+    assert train.main(["--resume", str(run_dir)]) == 0
+    assert "run already at env step 50" in capsys.readouterr().out

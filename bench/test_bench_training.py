@@ -1,0 +1,72 @@
+"""Benchmarks of the training step's pieces, per backend (sizes and knobs: bench/conftest.py).
+
+    pytest bench/ --benchmark-only                       # smoke sizes on the CPU, paper on CUDA
+    MATWM_BENCH_PRESET=paper pytest bench/test_bench_training.py --benchmark-only
+
+* ``imagine``   one imagination rollout of all agents (N × B trajectories × H steps, no grad);
+* ``wm_update`` one shared world-model update on the combined batch (loss, backward, Adam);
+* ``ac_update`` one actor-critic update of every agent on a fixed rollout;
+* ``train_step`` one whole env step of Algorithm 2 after warm-up (act, env, replay, all updates).
+
+Inputs are sampled once per trainer (see ``WarmTrainer``) so rounds differ only by the state the
+updates themselves change.  ``backend`` is parametrised by bench/conftest.py.  ``extra_info`` carries the throughput computed from the mean.
+"""
+
+from __future__ import annotations
+
+
+def test_bench_imagine(benchmark, bench, warm_trainer, bench_cfg, backend):
+    w = warm_trainer(backend)
+    tr = w.tr
+
+    def fn():
+        roll = tr.imagine(w.ctx)  # fresh noise every call, as in training
+        bench.sync()
+        return roll
+
+    info = bench.info(backend, bench_cfg) | {
+        "rows": tr.n * tr.imag_batch, "horizon": tr.horizon, "imagined_per_call": tr.imagined_per_update,
+        "trainer_setup_s": round(w.setup_s, 2)}
+    bench.measure(benchmark, fn, info, {"imagined_steps_per_s": tr.imagined_per_update})
+
+
+def test_bench_wm_update(benchmark, bench, warm_trainer, bench_cfg, backend):
+    w = warm_trainer(backend)
+    tr = w.tr
+    samples = w.batch.act.numel()  # R × T sequence steps trained on
+
+    def fn():
+        m = tr.wm_update(w.batch)
+        bench.sync()
+        return m
+
+    info = bench.info(backend, bench_cfg) | {"sequences": w.batch.act.shape[0], "seq_len": w.batch.act.shape[1]}
+    bench.measure(benchmark, fn, info, {"wm_updates_per_s": 1, "wm_samples_per_s": samples})
+
+
+def test_bench_ac_update(benchmark, bench, warm_trainer, bench_cfg, backend):
+    w = warm_trainer(backend)
+    tr = w.tr
+
+    def fn():
+        m = tr.ac_update(w.roll)
+        bench.sync()
+        return m
+
+    info = bench.info(backend, bench_cfg) | {"agents": tr.n, "imag_batch": tr.imag_batch, "horizon": tr.horizon}
+    bench.measure(benchmark, fn, info, {"ac_updates_per_s": 1, "imagined_steps_per_s": tr.imagined_per_update})
+
+
+def test_bench_train_step(benchmark, bench, warm_trainer, bench_cfg, backend):
+    w = warm_trainer(backend)
+    tr = w.tr
+
+    def fn():
+        m = tr.train_step()
+        bench.sync()
+        return m
+
+    info = bench.info(backend, bench_cfg) | {"imagined_per_step": tr.imagined_per_update,
+                                             "wm_batch": bench_cfg.wm.batch_size, "wm_seq_len": bench_cfg.wm.seq_len}
+    bench.measure(benchmark, fn, info, {"env_steps_per_s": 1, "imagined_steps_per_s": tr.imagined_per_update})
+    tr.check_finite()  # a benchmark of a diverged model would time NaN arithmetic

@@ -1,0 +1,154 @@
+"""``python -m matwm_fast.plot``: a valid PNG from real runs, seeds grouped by config (median and
+spread), eval rows preferred to training episodes, per-team panels, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from matwm_fast import plot, train
+from matwm_fast.config import preset
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk; fails on anything that is not a PNG."""
+    data = path.read_bytes()
+    assert data[:8] == PNG and data[12:16] == b"IHDR", "not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def fake_run(root: Path, name: str, values: list[float], seed: int = 0, lr: float = 1e-3,
+             evals: list[float] | None = None, steps: list[int] = (10, 20, 30)) -> Path:
+    """A run directory as train.py writes it, with chosen episode returns (and eval returns)."""
+    cfg = preset("smoke")
+    cfg = replace(cfg, wm=replace(cfg.wm, lr=lr), train=replace(cfg.train, seed=seed))
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(cfg.to_dict()))
+    rows = []
+    for i, (s, v) in enumerate(zip(steps, values)):
+        rows.append({"env_step": s, "episode_return": v, "team_adversary_episode_return": 2 * v,
+                     "team_agent_episode_return": -v, "perf_env_steps_per_s": 1.0})
+        if evals is not None:
+            rows.append({"env_step": s, "eval_return_mean": evals[i], "eval_team_adversary_return_mean": evals[i],
+                         "eval_team_agent_return_mean": -evals[i]})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def test_plot_real_run_writes_png(tmp_path):
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = tmp_path / "run"
+        assert train.main(["--preset", "smoke", "--device", "cpu", "--steps", "50", "--log-every", "5",
+                           "--run-dir", str(run)]) == 0
+    finally:
+        torch.set_num_threads(torch_threads)
+    out = tmp_path / "curve.png"
+    proc = subprocess.run([sys.executable, "-m", "matwm_fast.plot", str(run), "--out", str(out)],
+                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "episode_return: 1 run(s) in 1 group(s)" in proc.stdout and f"wrote {out}" in proc.stdout
+    w, h = png_size(out)
+    assert out.stat().st_size > 5000 and w == 3 * 550 and h == 400  # all agents + 2 team panels (simple_tag)
+    import matplotlib.image
+
+    img = matplotlib.image.imread(out)
+    assert img.shape[:2] == (400, 1650) and img.std() > 0  # something is drawn
+    # default output: next to the run
+    assert plot.main([str(run), "--no-teams"]) == 0
+    assert png_size(run / "learning_curve.png") == (550, 400)
+
+
+def test_seeds_group_into_median_and_spread(tmp_path):
+    a = fake_run(tmp_path, "a", [0, 10, 20], seed=0)
+    b = fake_run(tmp_path, "b", [2, 14, 20], seed=1)
+    c = fake_run(tmp_path, "c", [4, 12, 50], seed=2)
+    other = fake_run(tmp_path, "d", [1, 1, 1], seed=0, lr=1e-2)
+    groups = plot.group([plot.Run(p) for p in (a, b, c, other)])
+    assert [(label, [r.path.name for r in m]) for label, m in groups] == [
+        ("simple_tag (smoke) wm.lr=0.001", ["a", "b", "c"]), ("simple_tag (smoke) wm.lr=0.01", ["d"])]
+    runs = groups[0][1]
+    grid, med, lo, hi = plot.aggregate([r.series("episode_return") for r in runs], "minmax")
+    assert grid.tolist() == [10, 20, 30]
+    assert med.tolist() == [2, 12, 20] and lo.tolist() == [0, 10, 20] and hi.tolist() == [4, 14, 50]
+    _, _, q1, q3 = plot.aggregate([r.series("episode_return") for r in runs], "iqr")
+    assert q1.tolist() == [1, 11, 20] and q3.tolist() == [3, 13, 35]
+    # runs logged at different steps: interpolated, each only within its own range
+    grid, med, _, _ = plot.aggregate([(np.array([0.0, 20.0]), np.array([0.0, 20.0])),
+                                      (np.array([10.0, 30.0]), np.array([30.0, 50.0]))], "minmax")
+    assert grid.tolist() == [0, 10, 20, 30] and med.tolist() == [0, 20, 30, 50]
+    out = tmp_path / "seeds.png"
+    assert plot.main([str(a), str(b), str(c), str(other), "--out", str(out), "--band", "iqr"]) == 0
+    assert png_size(out)[0] == 1650
+
+
+def test_eval_rows_are_preferred(tmp_path, capsys):
+    a = fake_run(tmp_path, "a", [0, 1, 2], evals=[5, 6, 7])
+    b = fake_run(tmp_path, "b", [0, 1, 2], seed=1, evals=[5, 6, 9])
+    runs = [plot.Run(a), plot.Run(b)]
+    assert plot.choose_metric(runs, None) == "eval_return_mean"
+    assert plot.teams_of(runs) == ["adversary", "agent"]
+    # only when every run has them: mixing evaluations with training episodes would mislead
+    runs.append(plot.Run(fake_run(tmp_path, "c", [0, 1, 2], seed=2)))
+    assert plot.choose_metric(runs, None) == "episode_return"
+    assert plot.main([str(a), str(b), "--metric", "team_agent_episode_return", "--out", str(tmp_path / "m.png")]) == 0
+    assert png_size(tmp_path / "m.png")[0] == 550  # a single metric: one panel
+    assert "team_agent_episode_return: 2 run(s) in 1 group(s)" in capsys.readouterr().out
+
+
+def test_plot_errors(tmp_path, capsys):
+    run = fake_run(tmp_path, "a", [0, 1, 2])
+    proc = subprocess.run([sys.executable, "-m", "matwm_fast.plot", str(run), "--metric", "retrun"],
+                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert f"error: no metric 'retrun' in {run}; valid metrics: episode_return, perf_env_steps_per_s" in proc.stderr
+    for args, message in [([str(tmp_path / "nope")], "is not a directory"),
+                          ([str(tmp_path)], "metrics.jsonl not found: is"),
+                          ([str(run), "--out", "x.jpg"], "--out 'x.jpg': the image is a PNG")]:
+        with pytest.raises(SystemExit) as e:
+            plot.main(args)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_metric_sinks_jsonl_csv_tensorboard(tmp_path):
+    """Every row to JSONL and CSV (columns: the union so far), TensorBoard when installed."""
+    import csv
+    import importlib.util
+
+    from matwm_fast.metrics import MetricsWriter, read_metrics, truncate_after
+
+    w = MetricsWriter(tmp_path)
+    w.write({"env_step": 5, "a": 1.0})
+    w.write({"env_step": 10, "a": 2.0, "b": float("nan")})  # a new column, a non-finite value
+    w.write({"env_step": 15, "a": 3.0, "b": 4.0})
+    w.close()
+    assert read_metrics(tmp_path) == [{"env_step": 5, "a": 1.0}, {"env_step": 10, "a": 2.0, "b": None},
+                                      {"env_step": 15, "a": 3.0, "b": 4.0}]
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["env_step", "a", "b"]
+    assert [(r["env_step"], r["a"], r["b"]) for r in rows] == [("5", "1.0", ""), ("10", "2.0", ""), ("15", "3.0", "4.0")]
+    # what a resume does to rows logged after its checkpoint
+    assert truncate_after(tmp_path, 10) == 1
+    assert [r["env_step"] for r in read_metrics(tmp_path)] == [5, 10]
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert [r["env_step"] for r in csv.DictReader(f)] == ["5", "10"]
+    if importlib.util.find_spec("tensorboard") is not None:
+        assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    else:
+        assert not (tmp_path / "tb").exists()  # silently JSONL/CSV only

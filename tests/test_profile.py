@@ -1,0 +1,108 @@
+"""The profiler (python -m matwm_fast.profile): a quick eager run prints the tables and writes a
+JSON report with every phase; the comparison's ratios; refusal of impossible requests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from matwm_fast import nvtx, profile
+from matwm_fast import trainer as trainer_mod
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One smoke-sized eager run with every output switched on (a few seconds on 2 cores)."""
+    out = tmp_path_factory.mktemp("profile")
+    argv = ["--preset", "smoke", "--backend", "eager", "--steps", "3", "--warmup-steps", "1", "--device", "cpu",
+            "--json", str(out / "p.json"), "--markdown", str(out / "p.md"),
+            "--torch-profiler", str(out / "trace"), "--nsys"]
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    buf = StringIO()
+    with redirect_stdout(buf):
+        assert profile.main(argv) == 0
+    return out, buf.getvalue(), json.loads((out / "p.json").read_text())
+
+
+def test_table_printed(quick):
+    _, text, _ = quick
+    assert "== backend eager: smoke preset" in text
+    for p in profile.PHASES:
+        assert f"\n{p} " in text
+    assert "step (total)" in text and "imagined steps/s" in text and "env steps/s" in text
+    assert "--nsys: no CUDA device" in text  # CPU: a clear message instead of a capture range
+
+
+def test_json_report(quick):
+    out, _, rep = quick
+    for key in ("device", "device_name", "torch", "triton", "git_commit", "date", "preset", "command"):
+        assert key in rep
+    assert rep["preset"] == "smoke" and rep["device"] == "cpu"
+    assert rep["budget"] == {"agents": 4, "wm_batch": 4, "wm_seq_len": 8, "imag_batch_per_agent": 6,
+                             "horizon": 3, "imagined_per_update": 4 * 6 * 3}
+    r = rep["backends"]["eager"]
+    assert set(r["phases_ms"]) == set(profile.PHASES) == set(r["share"])
+    # every phase of train_step was entered and timed (the trainer marks all of them)
+    for p in nvtx.PHASES:
+        assert r["phases_ms"][p] > 0, p
+    assert sum(r["phases_ms"].values()) == pytest.approx(r["step_ms"], rel=1e-6)
+    assert r["env_steps_per_s"] == pytest.approx(1e3 / r["step_ms"])
+    assert r["imagined_steps_per_s"] == pytest.approx(72 * 1e3 / r["step_ms"])
+    assert r["peak_memory_mib"] > 0 and r["steps"] == 3
+    assert "backend eager" in (out / "p.md").read_text()
+    assert (out / "trace" / "trace-eager.json").stat().st_size > 0
+
+
+def test_global_state_restored(quick):
+    # in-process runs must not leave NVTX on or the trainer's phase hook replaced
+    assert not nvtx.enabled()
+    assert trainer_mod.phase is nvtx.phase
+
+
+def test_interleaved_run(tmp_path, capsys):
+    # --interleave alternates the backends' steps; with one backend it is the plain loop
+    argv = ["--preset", "smoke", "--backend", "eager", "eager", "--steps", "2", "--warmup-steps", "0",
+            "--device", "cpu", "--interleave", "--json", str(tmp_path / "p.json")]
+    assert profile.main(argv) == 0
+    rep = json.loads((tmp_path / "p.json").read_text())
+    assert rep["interleaved"] is True and list(rep["backends"]) == ["eager"]  # repeated name dropped
+    assert len(rep["backends"]["eager"]["step_ms_each"]) == 2
+    assert "interleaved with the other backends" in capsys.readouterr().out
+
+
+def test_comparison_ratios():
+    def fake(step_ms, imagine_ms):
+        phases = {p: 1.0 for p in profile.PHASES} | {"imagine": imagine_ms}
+        phases["other"] = step_ms - sum(v for k, v in phases.items() if k != "other")
+        return {"steps": 5, "warmup_steps": 3, "warmup_s": 1.0, "step_ms": step_ms, "step_ms_median": step_ms,
+                "step_ms_std": 0.0, "phases_ms": phases, "share": {p: v / step_ms for p, v in phases.items()},
+                "env_steps_per_s": 1e3 / step_ms, "imagined_steps_per_s": 72e3 / step_ms,
+                "imagine_phase_steps_per_s": 72e3 / imagine_ms, "peak_memory_mib": 1.0, "peak_memory_kind": "x"}
+
+    rep = {"preset": "smoke", "device_name": "cpu", "budget": {"imagined_per_update": 72},
+           "backends": {"eager": fake(40.0, 20.0), "compile": fake(20.0, 5.0)}}
+    text = profile.format_tables(rep)
+    assert "compile speed-up vs eager" in text
+    comparison = text.split("== comparison")[1].splitlines()
+    rows = {ln.split("  ")[0].strip(): ln.split() for ln in comparison[3:] if ln.strip()}  # after the rule
+    assert rows["imagine"][-1] == "4.00x"  # 20 ms → 5 ms
+    assert rows["step"][-1] == "2.00x" and rows["step"][1:3] == ["40.00", "20.00"]
+    md = profile.format_tables(rep, markdown=True)
+    assert "| phase | eager ms | compile ms | compile speed-up vs eager |" in md
+
+
+def test_cli_refuses_cudagraphs_on_cpu():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "matwm_fast.profile", "--device", "cpu", "--backend", "cudagraphs"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "cudagraphs" in proc.stderr and "CUDA" in proc.stderr
