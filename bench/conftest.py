@@ -6,7 +6,10 @@ in a few minutes on 2 cores), the ``paper`` preset when CUDA is available.  Envi
 * ``MATWM_BENCH_PRESET=paper|cpu|smoke``  force a preset;
 * ``MATWM_BENCH_BACKENDS=eager,compile``  restrict the backends (default: eager, compile, and
   cudagraphs on CUDA);
-* ``MATWM_BENCH_ROUNDS=N``               timed rounds per benchmark.
+* ``MATWM_BENCH_ROUNDS=N``               timed rounds per benchmark;
+* ``MATWM_BENCH_THREADS=N``              torch CPU threads; default 1 without CUDA (0: torch's
+  own choice).  On a CPU shared with other work one thread is by far the steadiest: with two, every
+  OpenMP barrier waits for a descheduled thread (measured 68x slower: bench/results/cpu-threads-ab.md).
 
 One warmed trainer per backend is built once per session (compilation and CUDA-graph capture
 happen there, never inside a timed round) and shared by every benchmark of that backend.  Every
@@ -36,6 +39,9 @@ from matwm_fast.imagination import Rollout  # noqa: E402
 from matwm_fast.trainer import Trainer  # noqa: E402
 
 CUDA = torch.cuda.is_available()
+_THREADS = int(os.environ.get("MATWM_BENCH_THREADS", "0" if CUDA else "1"))
+if _THREADS > 0:
+    torch.set_num_threads(_THREADS)
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 PRESET = os.environ.get("MATWM_BENCH_PRESET") or ("paper" if CUDA else "smoke")
 BACKENDS = [b for b in os.environ.get("MATWM_BENCH_BACKENDS", "").split(",") if b] or (
@@ -79,8 +85,11 @@ def measure(benchmark, fn, info: dict, rates: dict[str, float] | None = None, ro
     out = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=WARMUP_ROUNDS)
     stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
     mean = stats.stats.mean if stats is not None else None
+    median = stats.stats.median if stats is not None else None
     for name, count in (rates or {}).items():
         benchmark.extra_info[name] = count / mean if mean else None
+        # the median shrugs off the stalls of a shared machine; the mean is the headline
+        benchmark.extra_info[name + "_at_median"] = count / median if median else None
     if mean:
         benchmark.extra_info["mean_ms"] = 1e3 * mean
     return out

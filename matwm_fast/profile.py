@@ -109,6 +109,9 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):  # Linux names the model; platform gives only "x86_64"
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
     return f"cpu ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
@@ -164,7 +167,8 @@ class BackendRun:
         with self.timer.installed():
             sync(self.device)
             t0 = time.perf_counter()
-            with (torch.cuda.nvtx.range(f"{self.backend}/train_step") if capture else contextlib.nullcontext()):
+            # no "/" in the name: Nsight Compute's --nvtx-include uses it to nest push/pop ranges
+            with (torch.cuda.nvtx.range(f"train_step_{self.backend}") if capture else contextlib.nullcontext()):
                 self.tr.train_step()
             sync(self.device)
             self.step_s.append(time.perf_counter() - t0)

@@ -33,7 +33,7 @@ import torch
 
 from . import checkpoint as ck
 from .actor_critic import ActorCritic, state_dim
-from .config import preset
+from .config import Config, preset
 from .env import MultiAgentEnv
 from .evaluate import evaluate
 from .world_model import WorldModel
@@ -248,6 +248,21 @@ def diagnostics(rows: list[dict], agents: list[str]) -> dict:
     return {"first": pick(warm[0]), "last": pick(warm[-1])}
 
 
+# settings every sweep run sets on its own: not worth reporting as a change from the preset
+SWEEP_SET = {"env.scenario", "train.seed", "train.steps", "train.eval_every", "train.eval_episodes"}
+
+
+def config_changes(d: Path, preset_name: str) -> list[str]:
+    """How run ``d``'s saved config differs from its preset (e.g. flags passed after ``--``)."""
+    f = Path(d) / "config.json"
+    if not f.exists():
+        return []
+    cfg = Config.from_dict(json.loads(f.read_text()))
+    base = preset(cfg.preset or preset_name)
+    return [line.replace("checkpoint", "run").replace("requested", "preset")
+            for line in ck.config_diff(cfg, base, ignore=SWEEP_SET)]
+
+
 def aggregate(args, argv: list[str]) -> dict:
     out = Path(args.out)
     episodes = args.baseline_episodes or args.eval_episodes
@@ -255,7 +270,7 @@ def aggregate(args, argv: list[str]) -> dict:
                     "preset": args.preset, "envs": {}}
     for env in args.env:
         curves: dict = {}
-        per_seed, match, diag = {}, {}, {}
+        per_seed, match, diag, changes = {}, {}, {}, set()
         for k, seed in enumerate(args.seeds):
             d = run_dir(out, env, seed)
             rows = read_rows(d)
@@ -268,6 +283,7 @@ def aggregate(args, argv: list[str]) -> dict:
             agents = sorted({k[len("eval_"):-len("_return_mean")] for r in evals for k in r
                              if k.endswith("_return_mean") and not k.startswith(("eval_team_", "eval_return"))})
             diag[seed] = diagnostics(rows, agents)
+            changes.update(config_changes(d, args.preset))
             if not args.no_matchups and has_checkpoint(d):
                 match[seed] = matchups(d, episodes, args.baseline_seed + k * episodes)
         if not per_seed:
@@ -283,7 +299,7 @@ def aggregate(args, argv: list[str]) -> dict:
         result["envs"][env] = {"seeds": sorted(per_seed), "steps": steps, "curves": curves,
                                "matchups": mres, "matchup_episodes": episodes,
                                "teams": next(iter(match.values()))["teams"] if match else None,
-                               "diagnostics": diag}
+                               "diagnostics": diag, "config_changes": sorted(changes)}
     return result
 
 
@@ -307,8 +323,10 @@ def markdown(result: dict, args) -> str:
              f"Command: `{result['command']}`", ""]
     for env, r in result["envs"].items():
         keys = list(r["curves"])
-        lines += [f"## {env} (seeds {', '.join(map(str, r['seeds']))})", "",
-                  "| env step | seeds | " + " | ".join(label(k) for k in keys) + " |",
+        lines += [f"## {env} (seeds {', '.join(map(str, r['seeds']))})", ""]
+        if r["config_changes"]:
+            lines += ["Config changed from the preset: " + "; ".join(f"`{c}`" for c in r["config_changes"]), ""]
+        lines += ["| env step | seeds | " + " | ".join(label(k) for k in keys) + " |",
                   "|---:|---:|" + "---:|" * len(keys)]
         shown = [s for s in r["steps"] if args.table_steps is None or s in args.table_steps]
         for s in shown:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
+def quick(tmp_path_factory, one_thread):
     """One smoke-sized eager run with every output switched on (a few seconds on 2 cores)."""
     out = tmp_path_factory.mktemp("profile")
     argv = ["--preset", "smoke", "--backend", "eager", "--steps", "3", "--warmup-steps", "1", "--device", "cpu",
@@ -68,7 +68,7 @@ def test_global_state_restored(quick):
     assert trainer_mod.phase is nvtx.phase
 
 
-def test_interleaved_run(tmp_path, capsys):
+def test_interleaved_run(tmp_path, capsys, one_thread):
     # --interleave alternates the backends' steps; with one backend it is the plain loop
     argv = ["--preset", "smoke", "--backend", "eager", "eager", "--steps", "2", "--warmup-steps", "0",
             "--device", "cpu", "--interleave", "--json", str(tmp_path / "p.json")]
@@ -101,7 +101,7 @@ def test_comparison_ratios():
 
 
 def test_cli_refuses_cudagraphs_on_cpu():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "matwm_fast.profile", "--device", "cpu", "--backend", "cudagraphs"],
                           capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert proc.returncode == 2
