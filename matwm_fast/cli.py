@@ -29,6 +29,7 @@ ALIASES = {
     "max-cycles": ("env", "max_cycles"),
     "checkpoint-every": ("train", "checkpoint_every"),
     "eval-every": ("train", "eval_every"),
+    "eval-episodes": ("train", "eval_episodes"),
     "log-every": ("train", "log_every"),
 }
 

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -58,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-episodes", type=int, default=None,
                    help="episodes per matchup evaluation (default: --eval-episodes)")
     p.add_argument("--baseline-seed", type=int, default=20_000,
-                   help="evaluation seed of run k's matchups is this + k·episodes (disjoint episodes per run, "
-                        "and away from training's 10,000 + step)")
+                   help="evaluation seed of seed s's matchups is this + s·episodes (disjoint episodes per "
+                        "run, and away from training's 10,000 + step)")
     p.add_argument("--table-steps", nargs="+", type=int, default=None,
                    help="env steps shown in the table (default: every evaluated step)")
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild table and plots from OUT")
@@ -129,6 +130,11 @@ def run_training(args, extra: list[str]) -> list[dict]:
             else:
                 todo.append((env, seed, train_cmd(args, env, seed, extra)))
     running: list[tuple] = []
+
+    def on_term(signum, _frame):  # `kill SWEEP_PID` stops the runs as Ctrl-C does
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
     try:
         while todo or running:
             while todo and len(running) < max(args.jobs, 1):
@@ -137,7 +143,10 @@ def run_training(args, extra: list[str]) -> list[dict]:
                 d.mkdir(parents=True, exist_ok=True)
                 print(f"sweep: start {env} seed {seed} ({threads} threads): {shlex.join(cmd)}", flush=True)
                 fh = open(d / "train.log", "a")
-                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env)
+                # own session: a terminal Ctrl-C reaches only the sweep, which then sends each run a
+                # single SIGTERM (a second signal would make train quit without its checkpoint)
+                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env,
+                                        start_new_session=True)
                 running.append((env, seed, cmd, proc, fh, time.perf_counter()))
             time.sleep(0.5)
             for item in list(running):
@@ -157,12 +166,14 @@ def run_training(args, extra: list[str]) -> list[dict]:
         for _, _, _, proc, _, _ in running:
             proc.wait()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
     return log
 
 
 # ----------------------------------------------------------------------------- matchups
 def load_models(d: Path):
-    """The final checkpoint of run ``d`` → (config, wm, ac, step), in eval mode on the CPU."""
+    """The final checkpoint of run ``d`` → (config, wm, ac, step, spec), in eval mode on the CPU."""
     st = ck.load(ck.CheckpointDir(d).latest())
     cfg = ck.saved_config(st)
     env = MultiAgentEnv(cfg.env, seed=0)
@@ -248,8 +259,9 @@ def diagnostics(rows: list[dict], agents: list[str]) -> dict:
     return {"first": pick(warm[0]), "last": pick(warm[-1])}
 
 
-# settings every sweep run sets on its own: not worth reporting as a change from the preset
-SWEEP_SET = {"env.scenario", "train.seed", "train.steps", "train.eval_every", "train.eval_episodes"}
+# settings every sweep run sets on its own, and those that do not change what is learned (device,
+# logging, checkpointing: the ones a resume may change): not reported as changes from the preset
+SWEEP_SET = {"env.scenario", "train.seed", "train.steps"} | ck.RESUMABLE
 
 
 def config_changes(d: Path, preset_name: str) -> list[str]:
@@ -271,7 +283,7 @@ def aggregate(args, argv: list[str]) -> dict:
     for env in args.env:
         curves: dict = {}
         per_seed, match, diag, changes = {}, {}, {}, set()
-        for k, seed in enumerate(args.seeds):
+        for seed in args.seeds:
             d = run_dir(out, env, seed)
             rows = read_rows(d)
             evals = [r for r in rows if "eval_return_mean" in r]
@@ -280,12 +292,12 @@ def aggregate(args, argv: list[str]) -> dict:
                 continue
             keys = curve_keys(evals)
             per_seed[seed] = {key: {int(r["env_step"]): eval_value(r, key) for r in evals} for key in keys}
-            agents = sorted({k[len("eval_"):-len("_return_mean")] for r in evals for k in r
-                             if k.endswith("_return_mean") and not k.startswith(("eval_team_", "eval_return"))})
+            agents = sorted({c[len("eval_"):-len("_return_mean")] for r in evals for c in r
+                             if c.endswith("_return_mean") and not c.startswith(("eval_team_", "eval_return"))})
             diag[seed] = diagnostics(rows, agents)
             changes.update(config_changes(d, args.preset))
             if not args.no_matchups and has_checkpoint(d):
-                match[seed] = matchups(d, episodes, args.baseline_seed + k * episodes)
+                match[seed] = matchups(d, episodes, args.baseline_seed + seed * episodes)
         if not per_seed:
             continue
         keys = list(next(iter(per_seed.values())))
@@ -405,10 +417,18 @@ def main(argv: list[str] | None = None) -> int:
     log = []
     if not args.aggregate_only:
         t0 = time.perf_counter()
-        log = run_training(args, extra)
+        try:
+            log = run_training(args, extra)
+        except KeyboardInterrupt:
+            print(f"sweep: interrupted; the runs checkpointed, rerun the same command to resume them",
+                  file=sys.stderr)
+            return 130
         print(f"sweep: training done in {time.perf_counter() - t0:.0f} s")
     torch.set_num_threads(args.threads or (os.cpu_count() or 1))  # training is over: evaluation gets the cores
     result = aggregate(args, argv)
+    old = results_dir / "results.json"
+    if args.aggregate_only and old.exists():  # keep the record of how the runs were trained
+        log = json.loads(old.read_text()).get("runs", [])
     result["runs"] = log
     (results_dir / "results.json").write_text(json.dumps(result, indent=1))
     (results_dir / "results.md").write_text(markdown(result, args))
