@@ -10,7 +10,7 @@ import ast
 import dataclasses
 import inspect
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 

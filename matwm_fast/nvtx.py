@@ -2,6 +2,8 @@
 
 ``enable()`` switches them on (``python -m matwm_fast.profile --nsys`` does); otherwise
 ``phase(name)`` returns a shared no-op context, so the hot path pays one attribute read.
+A profiler can also ``set_listener`` a hook that wraps every phase (``matwm_fast.profile`` times
+the phases this way).
 Ranges go through ``torch.cuda.nvtx`` on CUDA and the ``nvtx`` package elsewhere (when
 installed), so ``nsys`` sees the same names with or without a GPU build of torch.
 """
@@ -12,6 +14,7 @@ import contextlib
 
 _ENABLED = False
 _NULL = contextlib.nullcontext()
+_LISTENER = None  # a profiler's hook: name → context manager wrapped around each phase
 
 PHASES = ("act", "env", "replay_sample", "wm_update", "imagine", "ac_update")
 
@@ -45,6 +48,19 @@ def _range(name: str):
         yield
 
 
+def set_listener(fn) -> None:
+    """Install (or with None remove) a hook that wraps every phase, e.g. a per-phase timer."""
+    global _LISTENER
+    _LISTENER = fn
+
+
+def nvtx_range(name: str):
+    """The bare NVTX range of a phase (no listener), for hooks that add their own work around it."""
+    return _range(name) if _ENABLED else _NULL
+
+
 def phase(name: str):
-    """A context manager marking ``name`` in the profile (a shared no-op when disabled)."""
+    """A context manager marking ``name`` in the profile (a shared no-op when nothing listens)."""
+    if _LISTENER is not None:
+        return _LISTENER(name)
     return _range(name) if _ENABLED else _NULL

@@ -10,8 +10,8 @@ replay_sample, wm_update, imagine, ac_update) is timed between two device synchr
 syncs cost a little overlap on CUDA, which is acceptable for a profiler and what makes the phase
 shares mean something.  ``other`` is the rest of the step (replay writes, bookkeeping).
 
-The phases are timed by temporarily replacing the trainer's ``phase`` context manager (the NVTX
-hook of :mod:`matwm_fast.nvtx`), so the steps measured are exactly ``Trainer.train_step`` — no
+The phases are timed through the listener hook of :mod:`matwm_fast.nvtx` (the same ``phase``
+marks that emit NVTX ranges), so the steps measured are exactly ``Trainer.train_step`` — no
 copy of the training loop lives here to drift from the real one.
 
 Backends run one after the other (one trainer alive at a time, so each peak memory is its own);
@@ -43,14 +43,12 @@ from pathlib import Path
 import torch
 
 from . import nvtx
-from . import trainer as trainer_mod
 from .backends import BACKENDS, resolve_backend
 from .cli import Parser, add_config_flags, apply_overrides, describe, fail, overrides
 from .config import PRESETS, preset
 from .trainer import Trainer, resolve_device
 
 PHASES = nvtx.PHASES + ("other",)
-_ORIG_PHASE = nvtx.phase  # the NVTX context manager the trainer uses when we are not timing
 
 
 def sync(device: torch.device) -> None:
@@ -71,7 +69,7 @@ class PhaseTimer:
         sync(self.device)  # work queued by the previous phase is not this one's
         t0 = time.perf_counter()
         try:
-            with _ORIG_PHASE(name):
+            with nvtx.nvtx_range(name):
                 yield
         finally:
             sync(self.device)
@@ -79,16 +77,11 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def installed(self):
-        # the trainer binds ``phase`` at import (``from .nvtx import phase``); patch that binding
-        # and the module's own, so either spelling in trainer.py is timed
-        targets = [m for m in (trainer_mod, nvtx) if getattr(m, "phase", None) is _ORIG_PHASE]
-        for m in targets:
-            m.phase = self._phase
+        nvtx.set_listener(self._phase)
         try:
             yield self
         finally:
-            for m in targets:
-                m.phase = _ORIG_PHASE
+            nvtx.set_listener(None)
 
 
 # ----------------------------------------------------------------------------------- environment

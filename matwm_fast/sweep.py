@@ -33,11 +33,9 @@ import numpy as np
 import torch
 
 from . import checkpoint as ck
-from .actor_critic import ActorCritic, state_dim
 from .config import Config, preset
-from .env import MultiAgentEnv
+from .eval import load_policy
 from .evaluate import evaluate
-from .world_model import WorldModel
 
 TRAINED, SAMPLED, RANDOM = "trained", "trained_sampled", "random"
 
@@ -174,17 +172,8 @@ def run_training(args, extra: list[str]) -> list[dict]:
 # ----------------------------------------------------------------------------- matchups
 def load_models(d: Path):
     """The final checkpoint of run ``d`` → (config, wm, ac, step, spec), in eval mode on the CPU."""
-    st = ck.load(ck.CheckpointDir(d).latest())
-    cfg = ck.saved_config(st)
-    env = MultiAgentEnv(cfg.env, seed=0)
-    spec = env.spec
-    env.close()
-    wm = WorldModel(cfg.wm, spec)
-    wm.load_state_dict(st["wm"])
-    s_dim = state_dim(cfg.wm.latent_vars, cfg.wm.latent_classes, cfg.wm.width, spec.n_agents, spec.n_actions)
-    ac = ActorCritic(cfg.ac, spec, s_dim, wm.bins)
-    ac.load_state_dict(st["ac"])
-    return cfg, wm.eval(), ac.eval(), int(st["step"]), spec
+    cfg, wm, ac, st = load_policy(d)
+    return cfg, wm, ac, int(st["step"]), wm.spec
 
 
 def matchups(d: Path, episodes: int, seed: int) -> dict:
@@ -420,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             log = run_training(args, extra)
         except KeyboardInterrupt:
-            print(f"sweep: interrupted; the runs checkpointed, rerun the same command to resume them",
+            print("sweep: interrupted; the runs checkpointed, rerun the same command to resume them",
                   file=sys.stderr)
             return 130
         print(f"sweep: training done in {time.perf_counter() - t0:.0f} s")

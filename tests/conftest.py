@@ -18,11 +18,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def subprocess_env() -> dict:
-    """Environment for a CLI subprocess: this checkout importable, one thread (tiny models)."""
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread: the smoke model is tiny, and on a shared CPU a second thread only waits."""

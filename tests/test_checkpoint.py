@@ -4,7 +4,6 @@ corrupt, foreign or incompatible checkpoints with a message that says what is wr
 from __future__ import annotations
 
 import copy
-import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -19,7 +18,7 @@ from matwm_fast.config import EnvConfig, preset
 from matwm_fast.env import MultiAgentEnv, random_actions
 from matwm_fast.trainer import Trainer
 
-from conftest import ROOT, subprocess_env  # noqa: E402
+from support import ROOT, subprocess_env  # noqa: E402
 ENV = subprocess_env()
 
 pytestmark = pytest.mark.usefixtures("one_thread")

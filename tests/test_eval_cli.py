@@ -4,7 +4,6 @@ its seed, a GIF of an episode, and clear refusals of bad arguments."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from matwm_fast import eval as ev
 from matwm_fast import train
 
-from conftest import ROOT, subprocess_env  # noqa: E402
+from support import ROOT, subprocess_env  # noqa: E402
 ENV = subprocess_env()
 AGENTS = ["adversary_0", "adversary_1", "adversary_2", "agent_0"]
 

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from matwm_fast import train
 from matwm_fast.metrics import read_metrics
