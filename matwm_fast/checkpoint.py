@@ -32,7 +32,7 @@ FORMAT = 1  # bump when the payload's layout changes
 # settings that may change when a run resumes: they do not alter what has been learned
 RESUMABLE = frozenset({"train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                        "train.eval_every", "train.eval_episodes", "train.device", "train.backend",
-                       "train.kernels", "train.amp"})
+                       "train.kernels", "train.amp", "train.threads"})
 
 
 class CheckpointError(RuntimeError):

@@ -144,6 +144,8 @@ class TrainConfig:
     """Kernel implementation: ref, triton, auto (Triton on CUDA)."""
     amp: bool = True
     """bf16 autocast for the world model and imagination on CUDA (always float32 on the CPU)."""
+    threads: int = 0
+    """Torch CPU threads (0 = torch's default); use 1 when other processes share the cores."""
     checkpoint_every: int = 5_000
     """Env steps between checkpoints (0 = only at the end)."""
     keep_checkpoints: int = 2
@@ -277,6 +279,8 @@ def validate(cfg: Config, n_agents: int) -> None:
         raise ValueError(f"replay.priority_decay={rp.priority_decay} must lie in (0, 1]")
     if tr.backend not in ("eager", "compile", "cudagraphs", "auto"):
         raise ValueError(f"train.backend={tr.backend!r}; valid: eager, compile, cudagraphs, auto")
+    if tr.threads < 0:
+        raise ValueError(f"train.threads={tr.threads} must be ≥ 0 (0 = torch's default)")
     if tr.kernels not in ("ref", "triton", "auto"):
         raise ValueError(f"train.kernels={tr.kernels!r}; valid: ref, triton, auto")
     for sec_name, sec in (("wm", wm), ("ac", ac)):

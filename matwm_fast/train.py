@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg, run_dir, state = prepare(args)
         device = resolve_device(cfg.train.device)
         kernels.set_impl(cfg.train.kernels)
+        if cfg.train.threads > 0:  # on a shared CPU, idle-waiting OpenMP threads cost ~60× (README)
+            torch.set_num_threads(cfg.train.threads)
         tr = Trainer(cfg, device)
         if state is not None:
             ck.load_trainer_state(tr, state)  # refuses a checkpoint that does not fit, saying what differs

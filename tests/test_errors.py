@@ -40,6 +40,7 @@ BAD = [
     (["--preset", "smoke", "--scenario", "simple_spread"],
      "wm.batch_size=4 is not divisible by the 3 agents of simple_spread; use a multiple of 3, e.g. 3 or 6"),
     # ... and 40 context + 3 imagined steps do not fit the smoke transformer's 16 positions
+    (["--preset", "smoke", "--train.threads", "-1"], "train.threads=-1 must be ≥ 0"),
     (["--preset", "smoke", "--ac.context-len", "40"], "ac.context_len + horizon + 1 = 40 + 3 + 1 exceeds wm.max_len=16; allowed: ac.context_len ≤ 12"),
 ]
 
