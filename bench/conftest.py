@@ -130,7 +130,7 @@ def pytest_generate_tests(metafunc):
 def bench():
     """The helpers above, for the test modules (``from conftest import`` would be fragile: tests/
     has a conftest module of the same name)."""
-    return types.SimpleNamespace(sync=sync, measure=measure, info=bench_info, device=DEVICE, cuda=CUDA,
+    return types.SimpleNamespace(sync=sync, device_name=device_name, measure=measure, info=bench_info, device=DEVICE, cuda=CUDA,
                                  backends=BACKENDS, preset=PRESET, rounds=ROUNDS)
 
 

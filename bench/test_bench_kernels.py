@@ -14,7 +14,6 @@ dtype and shape go into benchmark.extra_info for the JSON report.
 from __future__ import annotations
 
 import os
-import platform
 
 import pytest
 import torch
@@ -40,17 +39,6 @@ SHAPES = {
 # ----------------------------------------------------------------------------- #
 # Helpers                                                                        #
 # ----------------------------------------------------------------------------- #
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def _device_name() -> str:
-    if CUDA:
-        return torch.cuda.get_device_name()
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def _skip_unavailable(impl: str) -> None:
     if impl != "triton":
         return
@@ -62,11 +50,11 @@ def _skip_unavailable(impl: str) -> None:
         pytest.skip("TRITON_INTERPRET is set: timings would be of the interpreter")
 
 
-def _run_benchmark(benchmark, op: str, impl: str, fn) -> None:
+def _run_benchmark(benchmark, bench, op: str, impl: str, fn) -> None:
     for _ in range(WARMUP_CALLS):  # JIT compile / torch.compile / autotune caches
         fn()
     benchmark.extra_info.update(
-        device=_device_name(),
+        device=bench.device_name(),
         torch=torch.__version__,
         triton=kernels.TRITON_VERSION,
         impl=impl,
@@ -85,7 +73,7 @@ def _maybe_compile(fn, impl: str):
 # decode_attention (imagination, no grad)                                        #
 # ----------------------------------------------------------------------------- #
 @pytest.mark.parametrize("impl", IMPLS)
-def test_bench_decode_attention(benchmark, impl):
+def test_bench_decode_attention(benchmark, bench, impl):
     _skip_unavailable(impl)
     s = SHAPES["decode_attention"]
     B, H, L, D = s["B"], s["H"], s["L"], s["D"]
@@ -104,17 +92,17 @@ def test_bench_decode_attention(benchmark, impl):
     def fn():
         with torch.no_grad():
             out = op(q, k, v, kv_start, kv_len)
-        _sync()
+        bench.sync()
         return out
 
-    _run_benchmark(benchmark, "decode_attention", impl, fn)
+    _run_benchmark(benchmark, bench, "decode_attention", impl, fn)
 
 
 # ----------------------------------------------------------------------------- #
 # sample_latent (imagination: forward, fresh noise every call)                   #
 # ----------------------------------------------------------------------------- #
 @pytest.mark.parametrize("impl", IMPLS)
-def test_bench_sample_latent(benchmark, impl):
+def test_bench_sample_latent(benchmark, bench, impl):
     _skip_unavailable(impl)
     s = SHAPES["sample_latent"]
     logits = torch.randn(s["B"], s["K"], s["C"], generator=torch.Generator().manual_seed(0)).to(DEVICE, DTYPE)
@@ -135,17 +123,17 @@ def test_bench_sample_latent(benchmark, impl):
     def fn():
         with torch.no_grad():
             out = op(logits)
-        _sync()
+        bench.sync()
         return out
 
-    _run_benchmark(benchmark, "sample_latent", impl, fn)
+    _run_benchmark(benchmark, bench, "sample_latent", impl, fn)
 
 
 # ----------------------------------------------------------------------------- #
 # twohot_ce (training: forward + backward)                                       #
 # ----------------------------------------------------------------------------- #
 @pytest.mark.parametrize("impl", IMPLS)
-def test_bench_twohot_ce(benchmark, impl):
+def test_bench_twohot_ce(benchmark, bench, impl):
     _skip_unavailable(impl)
     s = SHAPES["twohot_ce"]
     M, NB = s["M"], s["NB"]
@@ -163,7 +151,7 @@ def test_bench_twohot_ce(benchmark, impl):
         logits.grad = None
         loss = op(logits, target, bins)
         loss.mean().backward()
-        _sync()
+        bench.sync()
         return loss
 
-    _run_benchmark(benchmark, "twohot_ce", impl, fn)
+    _run_benchmark(benchmark, bench, "twohot_ce", impl, fn)
