@@ -91,10 +91,17 @@ def saved_config(st: dict) -> Config:
     if not isinstance(d, dict):
         raise CheckpointError("checkpoint holds no config")
     problems = []
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
     for sec, cls in SECTION_TYPES.items():
-        have, want = set(d.get(sec, {})), {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        have, want = set(d.get(sec, {})), set(fields)
         problems += [f"unknown field {sec}.{k}" for k in sorted(have - want)]
-        problems += [f"missing field {sec}.{k}" for k in sorted(want - have)]
+        for k in sorted(want - have):
+            # a field added later that only says how to run (not what is learned) takes its default
+            if f"{sec}.{k}" in RESUMABLE:
+                d.setdefault(sec, {})[k] = fields[k].default
+            else:
+                problems.append(f"missing field {sec}.{k}")
     if problems:
         raise CheckpointError("checkpoint was written by an incompatible version of matwm_fast: "
                               + "; ".join(problems))

@@ -154,6 +154,10 @@ def test_incompatible_checkpoint_is_refused(trained):
     del bad["config"]["ac"]["gamma"]
     with pytest.raises(ck.CheckpointError, match="unknown field wm.warp; missing field ac.gamma"):
         ck.saved_config(bad)
+    # a missing run-time setting (added to the config later) takes its default instead
+    older = {**st, "config": copy.deepcopy(st["config"])}
+    del older["config"]["train"]["threads"]
+    assert ck.saved_config(older).train.threads == 0
     # weights that do not fit the model its config builds
     shapes = {**st, "wm": {k: v[..., :1] if v.ndim else v for k, v in st["wm"].items()}}
     with pytest.raises(ck.CheckpointError, match="does not fit the model"):
