@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+import kernels
+
 BACKENDS = ("eager", "compile", "cudagraphs", "auto")
 
 
@@ -36,6 +38,30 @@ def resolve_backend(name: str, device: torch.device) -> str:
     if name == "cudagraphs" and device.type != "cuda":
         raise ValueError("backend 'cudagraphs' needs a CUDA device; on the CPU use eager or compile")
     return name
+
+
+def kernel_impl(requested: str, backend: str) -> str:
+    """The kernel implementation the step functions of ``backend`` run with.
+
+    ``auto`` means the Triton kernels on CUDA under ``eager``, where each replaces a chain of
+    separately launched ops; under ``compile``/``cudagraphs`` it means the reference ops, which
+    Inductor fuses itself.  A Triton kernel should become the default there only once GPU timings
+    show it beating Inductor's code for the same op (``bench/test_bench_kernels.py`` measures
+    exactly that); none has been measured yet.  An explicit ``ref``/``triton`` is always obeyed.
+    """
+    if requested != "auto":
+        return requested
+    return "ref" if backend in ("compile", "cudagraphs") else "auto"
+
+
+def _with_kernels(fn: Callable, impl: str) -> Callable:
+    """Run ``fn`` under the kernel switch ``impl`` (a compiled graph guards on it: no recompiles)."""
+
+    def run(*args, **kwargs):
+        with kernels.use_impl(impl):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 @dataclass
@@ -53,14 +79,15 @@ class StepFunctions:
     def build(tr, backend: str) -> "StepFunctions":
         pieces = dict(wm_loss=tr.wm_loss, wm_opt_step=tr.wm_opt_step, imagine=tr.imagine_rollout,
                       ac_loss=tr.ac_loss, ac_opt_step=tr.ac_opt_step)
+        impl = kernel_impl(tr.cfg.train.kernels, backend)
         if backend == "eager":
-            return StepFunctions(**pieces, backend=backend)
+            return StepFunctions(**{k: _with_kernels(f, impl) for k, f in pieces.items()}, backend=backend)
         mode = "reduce-overhead" if backend == "cudagraphs" else None
         # torch.optim's step() carries two deliberate graph breaks (around its no_grad switch,
         # pytorch#104053), so the optimiser pieces compile with fullgraph=False: the clip, the
         # Adam update, the EMA still become one graph between those breaks.  Every other piece
         # must trace whole.
         optim = {"wm_opt_step", "ac_opt_step"}
-        compiled = {k: torch.compile(f, fullgraph=k not in optim, mode=mode, dynamic=False)
+        compiled = {k: _with_kernels(torch.compile(f, fullgraph=k not in optim, mode=mode, dynamic=False), impl)
                     for k, f in pieces.items()}
         return StepFunctions(**compiled, backend=backend)

@@ -23,6 +23,7 @@ import torch
 import kernels
 
 from . import checkpoint as ck
+from .backends import kernel_impl
 from .checkpoint import RESUMABLE
 from .cli import Parser, add_config_flags, apply_overrides, config_from_args, describe, fail, overrides
 from .config import Config
@@ -236,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as e:  # bad flag values, configs, checkpoints (CheckpointError)
         fail(str(e))
     print(describe(cfg))
-    print(f"device = {device} | torch {torch.__version__} | kernels {kernels.resolve_impl(None, torch.empty(0, device=device))} | "
+    print(f"device = {device} | torch {torch.__version__} | backend {tr.backend} | "
+          f"kernels {kernels.resolve_impl(kernel_impl(cfg.train.kernels, tr.backend), torch.empty(0, device=device))} | "
           f"agents {list(tr.spec.agents)} | WM batch {cfg.wm.batch_size} × {cfg.wm.seq_len} "
           f"({tr.wm_per_agent} per agent) | imagination {tr.imag_batch} × {tr.horizon} per agent "
           f"= {tr.imagined_per_update} imagined steps per env step")

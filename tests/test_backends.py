@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from matwm_fast.backends import resolve_backend
+from matwm_fast.backends import StepFunctions, kernel_impl, resolve_backend
 from matwm_fast.config import preset
 from matwm_fast.imagination import ImagNoise
 from matwm_fast.trainer import Trainer
@@ -105,3 +105,28 @@ def test_backend_resolution():
         resolve_backend("jit", torch.device("cpu"))
     with pytest.raises(ValueError, match="needs a CUDA device"):
         resolve_backend("cudagraphs", torch.device("cpu"))
+
+
+def test_kernel_choice_per_backend():
+    assert kernel_impl("auto", "eager") == "auto"  # Triton on CUDA, reference on the CPU
+    assert kernel_impl("auto", "compile") == "ref" and kernel_impl("auto", "cudagraphs") == "ref"
+    assert kernel_impl("triton", "compile") == "triton" and kernel_impl("ref", "eager") == "ref"
+
+
+def test_step_functions_run_under_their_kernel_switch():
+    import kernels
+
+    seen = []
+
+    class Fake:
+        cfg = replace(preset("smoke"), train=replace(preset("smoke").train, kernels="ref"))
+
+        def __getattr__(self, name):  # every piece records the switch it runs under
+            return lambda *a: seen.append(kernels.get_impl())
+
+    fn = StepFunctions.build(Fake(), "eager")
+    with kernels.use_impl("auto"):
+        fn.imagine()
+        fn.wm_loss()
+        assert kernels.get_impl() == "auto"  # restored after the call
+    assert seen == ["ref", "ref"]
