@@ -35,7 +35,8 @@ class MetricAccumulator:
         if not self.sums:
             return {}
         keys = list(self.sums)
-        vals = torch.stack([self.sums[k] for k in keys]).cpu().tolist()  # one sync for all
+        dev = self.sums[keys[0]].device
+        vals = torch.stack([self.sums[k].to(dev) for k in keys]).cpu().tolist()  # one sync for all
         out = {k: v / self.counts[k] for k, v in zip(keys, vals)}
         self.sums.clear()
         self.counts.clear()

@@ -97,6 +97,9 @@ class Trainer:
         self.first = True
         self.episodes = EpisodeStats(np.zeros(n))
         self.fn = StepFunctions.build(self, self.backend)
+        # the per-step budget counters live on the device with the other metrics, made once
+        self.counters = {k: torch.zeros((), device=self.device)
+                         for k in ("wm_sequences", "wm_sequences_per_agent", "imagined_steps")}
         # device-side record of the first non-finite loss: (step, which) — checked at log intervals
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.bad_which = torch.zeros((), dtype=torch.long, device=self.device)
@@ -242,8 +245,10 @@ class Trainer:
             self._flag_nonfinite(0, wm_m["total"])
             metrics.update({f"shared_wm_{k}_loss" if k != "grad_norm" else "shared_wm_grad_norm": v
                             for k, v in wm_m.items()})
-            metrics["wm_sequences"] = torch.tensor(batch.agent.shape[0])
-            metrics["wm_sequences_per_agent"] = torch.tensor(self.wm_per_agent)
+            # counted from the batch itself (host-known shapes: no sync), into tensors made once
+            rows = batch.agent.shape[0]
+            metrics["wm_sequences"] = self.counters["wm_sequences"].fill_(rows)
+            metrics["wm_sequences_per_agent"] = self.counters["wm_sequences_per_agent"].fill_(rows // self.n)
         if self.step % tr.agent_every == 0:
             with phase("replay_sample"):
                 ctx = self.replay.sample_contexts(self.imag_batch, self.cfg.ac.context_len)
@@ -255,7 +260,7 @@ class Trainer:
             for i, name in enumerate(self.spec.agents):
                 for k, v in ac_m.items():
                     metrics[f"{name}_{k}"] = v[i]
-            metrics["imagined_steps"] = torch.tensor(roll.actions.numel())
+            metrics["imagined_steps"] = self.counters["imagined_steps"].fill_(roll.actions.numel())
         return metrics
 
     def check_finite(self) -> None:
