@@ -223,8 +223,8 @@ class Trainer:
         """Remember the first step whose loss was NaN/Inf, on the device (no sync here)."""
         bad = ~torch.isfinite(torch.stack([x.float().sum() for x in losses])).all()
         new = bad & (self.bad_step < 0)
-        self.bad_step.copy_(torch.where(new, torch.full_like(self.bad_step, self.step), self.bad_step))
-        self.bad_which.copy_(torch.where(new, torch.full_like(self.bad_which, which), self.bad_which))
+        self.bad_step.copy_(torch.where(new, self.step, self.bad_step))
+        self.bad_which.copy_(torch.where(new, which, self.bad_which))
 
     def train_step(self) -> dict[str, Tensor] | None:
         """One env step of Algorithm 2; returns the step's metric tensors once updates run."""
