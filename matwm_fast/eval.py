@@ -49,6 +49,9 @@ def build_parser() -> Parser:
     p.add_argument("--fps", type=int, default=10, help="frames per second of the video (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation envs and sampling (default 0)")
     p.add_argument("--device", default="auto", help="torch device: auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: acting is a batch of N rows, and on a busy machine a "
+                        "second thread only waits, ~60× slower; 0 = torch's default)")
     p.add_argument("--out", metavar="FILE.json", default=None,
                    help="where to write the results (default RUN_DIR/eval_step_<step>.json)")
     return p
@@ -100,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.episodes < 1:
             raise ValueError(f"--episodes {args.episodes}: need at least 1")
+        if args.threads < 0:
+            raise ValueError(f"--threads {args.threads}: need 0 (torch's default) or more")
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
         if args.video is not None and not args.video.lower().endswith(VIDEO_EXTS):
             raise ValueError(f"--video {args.video!r}: the file name must end in {' or '.join(VIDEO_EXTS)}")
         if args.video is not None and args.video.lower().endswith(".mp4") and not _has_mp4_writer():

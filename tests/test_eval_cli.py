@@ -85,6 +85,7 @@ def test_load_policy_rebuilds_trained_networks(run_dir):
     (["--device", "tpu"], "unknown device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
     (["--video", "x.avi"], "--video 'x.avi': the file name must end in .gif or .mp4"),
     (["--episodes", "0"], "--episodes 0: need at least 1"),
+    (["--threads", "-1"], "--threads -1: need 0 (torch's default) or more"),
 ])
 def test_eval_bad_arguments(run_dir, capsys, args, message):
     with pytest.raises(SystemExit) as e:
