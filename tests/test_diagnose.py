@@ -149,7 +149,25 @@ def test_reward_data_cli_is_reproducible(tmp_path, capsys):
     assert "held-out R²" in capsys.readouterr().out
 
 
+def test_wm_data_cli_trains_and_scores_reproducibly(tmp_path, capsys):
+    args = ["wm-data", "--scenario", "simple_tag", "--preset", "smoke", "--steps", "60", "30",
+            "--test-episodes", "2"]
+    assert dg.main([*args, "--updates", "3", "--out", str(tmp_path / "a.json")]) == 0
+    assert dg.main([*args, "--updates", "3", "--out", str(tmp_path / "b.json")]) == 0
+    assert dg.main([*args, "--updates", "6", "--out", str(tmp_path / "c.json")]) == 0
+    a, c = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "c.json"))
+    assert a == json.loads((tmp_path / "b.json").read_text())
+    assert [(r["steps"], r["episodes"]) for r in a] == [(50, 2), (75, 3)]  # whole 25-step episodes
+    for r in a:
+        assert all(np.isfinite(r[k]) for k in ("reward_r2_heldout", "reward_r2_train", "recon_r2_heldout"))
+    assert a[0]["recon_r2_heldout"] != c[0]["recon_r2_heldout"]  # the updates really train the model
+    assert "reward R² held-out" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, needle", [
+    (["wm-data", "--scenario", "simple_tag", "--preset", "gpu", "--steps", "10"], "unknown preset 'gpu'; valid: paper, cpu, smoke"),
+    (["wm-data", "--scenario", "simple_tag", "--steps", "10", "--updates", "0"], "--updates must be ≥ 1, got 0"),
+    (["wm-data", "--scenario", "simple_spread", "--preset", "smoke", "--steps", "10"], "wm.batch_size=4 is not divisible"),
     (["reward-data", "--scenario", "simple_sprad", "--steps", "10"], "unknown scenario 'simple_sprad'; valid: simple_tag"),
     (["reward-data", "--scenario", "simple_spread", "--steps", "0"], "--steps must be ≥ 1, got 0"),
     (["model", "/nonexistent/run", "--contexts", "0"], "--contexts must be ≥ 1, got 0"),

@@ -44,6 +44,8 @@ python bench/results/learning/diagnose/spread_baselines.py
 # why simple_spread is slow (bench/results/learning/diagnose/): reward learnability from random data,
 python -m matwm_fast.diagnose reward-data --scenario simple_spread --steps 1000 3000 6000 12000 20000 \
   --out bench/results/learning/diagnose/reward_data_simple_spread.json
+python -m matwm_fast.diagnose wm-data --scenario simple_spread --steps 3000 12000 30000 --updates 6000 \
+  --out bench/results/learning/diagnose/wm_data_simple_spread.json
 python -m matwm_fast.diagnose reward-data --scenario simple_tag --steps 1000 3000 6000 12000 \
   --out bench/results/learning/diagnose/reward_data_simple_tag.json
 # and the world model of seed 0 along the way (a 4,000-step run keeping its checkpoints) and at 20k
