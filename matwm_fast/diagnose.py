@@ -1,8 +1,9 @@
 """``python -m matwm_fast.diagnose`` — is the world model the bottleneck, or the data, or the actor?
 
-Two questions a researcher asks when a policy does not improve, each a subcommand:
+Three questions a researcher asks when a policy does not improve, each a subcommand:
 
     python -m matwm_fast.diagnose model runs/simple_spread-cpu-s0
+    python -m matwm_fast.diagnose wm-data --scenario simple_spread --steps 3000 12000
     python -m matwm_fast.diagnose reward-data --scenario simple_spread --steps 3000 12000
 
 ``model`` loads a checkpoint and measures, on fresh episodes of the uniformly random policy (so
@@ -360,30 +361,39 @@ def build_parser() -> Parser:
     m.add_argument("--samples", type=int, default=16, help="latent draws averaged per imagined return (default 16)")
     m.add_argument("--seed", type=int, default=0, help="seed of the diagnostic episodes (default 0)")
     m.add_argument("--out", metavar="FILE.json", default=None, help="also write the report here")
-    w = sub.add_parser("wm-data", help="held-out reward fit of a world model trained offline on random data",
-                       allow_abbrev=False, usage="%(prog)s --scenario NAME --steps N [N ...] [options]")
-    w.add_argument("--scenario", required=True, help=f"MPE2 scenario: {', '.join(SCENARIOS)}")
-    w.add_argument("--steps", type=int, nargs="+", required=True,
-                   help="training-set sizes in env steps (rounded up to whole episodes)")
+    w = data_parser(sub, "wm-data", "held-out reward fit of a world model trained offline on random data")
     w.add_argument("--preset", default="cpu", help=f"world-model config: {', '.join(PRESETS)} (default cpu)")
     w.add_argument("--updates", type=int, default=6000, help="world-model updates per fit (default 6000)")
-    w.add_argument("--test-episodes", type=int, default=40, help="held-out episodes (default 40)")
-    w.add_argument("--seed", type=int, default=0, help="seed of data and model (default 0)")
-    w.add_argument("--out", metavar="FILE.json", default=None, help="also write the rows here")
-    d = sub.add_parser("reward-data", help="held-out R² of a supervised reward regression on random data",
-                       allow_abbrev=False, usage="%(prog)s --scenario NAME --steps N [N ...] [options]")
-    d.add_argument("--scenario", required=True, help=f"MPE2 scenario: {', '.join(SCENARIOS)}")
-    d.add_argument("--steps", type=int, nargs="+", required=True, help="training-set sizes in env steps")
-    d.add_argument("--test-episodes", type=int, default=40, help="held-out episodes (default 40)")
+    d = data_parser(sub, "reward-data", "held-out R² of a supervised reward regression on random data")
     d.add_argument("--updates", type=int, default=0,
                    help="Adam steps per fit (default 0: one per env step of the training set, the world model's budget)")
     d.add_argument("--width", type=int, default=256, help="MLP width (default 256)")
     d.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     d.add_argument("--batch", type=int, default=384,
                    help="batch size (default 384: the cpu preset's world-model batch, 12 × 32 steps)")
-    d.add_argument("--seed", type=int, default=0, help="seed of data and net (default 0)")
-    d.add_argument("--out", metavar="FILE.json", default=None, help="also write the rows here")
     return p
+
+
+def data_parser(sub, name: str, help: str) -> Parser:
+    """A subcommand over random-policy data sets: the arguments ``wm-data`` and ``reward-data`` share."""
+    p = sub.add_parser(name, help=help, allow_abbrev=False, usage="%(prog)s --scenario NAME --steps N [N ...] [options]")
+    p.add_argument("--scenario", required=True, help=f"MPE2 scenario: {', '.join(SCENARIOS)}")
+    p.add_argument("--steps", type=int, nargs="+", required=True,
+                   help="training-set sizes in env steps (wm-data rounds them up to whole episodes)")
+    p.add_argument("--test-episodes", type=int, default=40, help="held-out episodes (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the fitted model (default 0)")
+    p.add_argument("--out", metavar="FILE.json", default=None, help="also write the rows here")
+    return p
+
+
+def check_data_args(args) -> None:
+    """Refuse bad values of the shared data-set arguments, naming what is allowed."""
+    if args.scenario not in SCENARIOS:
+        fail(f"unknown scenario {args.scenario!r}; valid: {', '.join(SCENARIOS)}")
+    if min(args.steps) < 1:
+        fail(f"--steps must be ≥ 1, got {min(args.steps)}")
+    if args.test_episodes < 1:
+        fail(f"--test-episodes must be ≥ 1, got {args.test_episodes}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,15 +421,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{ha['regret_actor_pick']:.3f}, of a uniform pick {ha['regret_uniform_pick']:.3f}")
         result = report
     elif args.cmd == "wm-data":
-        if args.scenario not in SCENARIOS:
-            fail(f"unknown scenario {args.scenario!r}; valid: {', '.join(SCENARIOS)}")
+        check_data_args(args)
         if args.preset not in PRESETS:
             fail(f"unknown preset {args.preset!r}; valid: {', '.join(PRESETS)}")
-        for name in ("updates", "test_episodes"):
-            if getattr(args, name) < 1:
-                fail(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
-        if min(args.steps) < 1:
-            fail(f"--steps must be ≥ 1, got {min(args.steps)}")
+        if args.updates < 1:
+            fail(f"--updates must be ≥ 1, got {args.updates}")
         base = preset(args.preset)
         cfg = replace(base, env=replace(base.env, scenario=args.scenario))
         try:
@@ -433,10 +439,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['reward_r2_heldout']:.3f} (corr {r['reward_corr_heldout']:.3f}), on training episodes "
                   f"{r['reward_r2_train']:.3f}; reconstruction R² held-out {r['recon_r2_heldout']:.3f}")
     else:
-        if args.scenario not in SCENARIOS:
-            fail(f"unknown scenario {args.scenario!r}; valid: {', '.join(SCENARIOS)}")
-        if min(args.steps) < 1:
-            fail(f"--steps must be ≥ 1, got {min(args.steps)}")
+        check_data_args(args)
+        if args.updates < 0:
+            fail(f"--updates must be ≥ 0 (0 = one per env step), got {args.updates}")
         env_cfg = replace(EnvConfig(), scenario=args.scenario)
         result = reward_regression(env_cfg, sorted(args.steps), args.test_episodes, args.updates, args.width,
                                    args.lr, args.batch, args.seed)
