@@ -314,14 +314,16 @@ def world_model_data(cfg: Config, steps: list[int], updates: int, test_episodes:
     t_len = cfg.env.max_cycles
     train = random_episodes(cfg.env, -(-max(steps) // t_len), seed)
     test = random_episodes(cfg.env, test_episodes, seed + 1_000_000)
-    e_all, _, n, o = train["obs"].shape
+    _, _, n, o = train["obs"].shape
+    env = MultiAgentEnv(cfg.env, seed=seed)  # only for the spec the world model is sized by
+    spec = env.spec
+    env.close()
     wmc = cfg.wm
     validate(cfg, n)
     rows = []
     for s in steps:
         episodes = -(-s // t_len)
         torch.manual_seed(seed)
-        spec = MultiAgentEnv(cfg.env, seed=seed).spec
         wm = WorldModel(wmc, spec)
         opt = torch.optim.Adam(wm.parameters(), lr=wmc.lr, eps=wmc.adam_eps)
         rb = ReplayBuffer(n, o, episodes * t_len, "cpu", seed=seed)

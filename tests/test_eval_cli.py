@@ -81,6 +81,21 @@ def test_load_policy_rebuilds_trained_networks(run_dir):
     assert all(torch.equal(v, saved[k]) for k, v in ac.state_dict().items())
 
 
+def test_eval_runs_on_one_thread_unless_told(run_dir, tmp_path):
+    """A busy shared CPU makes torch's idle-waiting second thread ~60× slower: eval defaults to one."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert ev.main([str(run_dir), "--episodes", "1", "--device", "cpu", "--out", str(tmp_path / "a.json")]) == 0
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert ev.main([str(run_dir), "--episodes", "1", "--device", "cpu", "--threads", "0",
+                        "--out", str(tmp_path / "b.json")]) == 0
+        assert torch.get_num_threads() == 2  # 0 leaves torch's setting alone
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--device", "tpu"], "unknown device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
     (["--video", "x.avi"], "--video 'x.avi': the file name must end in .gif or .mp4"),
