@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ._triton_compat import jit, next_pow2, tl
-from .dispatch import resolve_impl
+from .dispatch import check_impl
 
 __all__ = ["decode_attention", "decode_attention_ref"]
 
@@ -155,7 +155,7 @@ def decode_attention(
     v_cache: Tensor,
     kv_start: Tensor,
     kv_len: Tensor,
-    impl: str | None = None,
+    impl: str = "ref",
 ) -> Tensor:
     """Attention of one new query per row over the live part of a KV cache.
 
@@ -168,6 +168,6 @@ def decode_attention(
             f"expected q (B,H,D), k_cache = v_cache (B,H,L,D); got {tuple(q.shape)}, "
             f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
         )
-    if resolve_impl(impl, q) == "triton":
+    if check_impl(impl, q) == "triton":
         return _decode_attention_op(q, k_cache, v_cache, kv_start, kv_len)
     return decode_attention_ref(q, k_cache, v_cache, kv_start, kv_len)

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 
 from ._triton_compat import cdiv, jit, next_pow2, tl
-from .dispatch import resolve_impl
+from .dispatch import check_impl
 
-__all__ = ["sample_latent", "sample_latent_ref"]
+__all__ = ["sample_latent", "sample_latent_ref", "straight_through"]
 
 _U_MIN = torch.finfo(torch.float32).tiny  # 1.1754944e-38, smallest normal float32
 _U_MAX = 1.0 - 2.0**-24  # largest float32 strictly below 1 (1 - tiny rounds to 1.0)
@@ -54,7 +54,8 @@ def _gumbel_onehot(probs32: Tensor, u: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.nn.functional.one_hot(idx, probs32.shape[-1]).to(dtype)  # (B, K, C)
 
 
-def _straight_through(onehot: Tensor, probs: Tensor) -> Tensor:
+def straight_through(onehot: Tensor, probs: Tensor) -> Tensor:
+    """Forward value exactly ``onehot``; the gradient flows to ``probs`` (see the module doc)."""
     return onehot + (probs - probs.detach())
 
 
@@ -67,7 +68,7 @@ def sample_latent_ref(logits: Tensor, unimix: float, noise: Tensor | None = None
     u = torch.rand(logits.shape, device=logits.device) if noise is None else noise  # (B, K, C)
     onehot = _gumbel_onehot(probs32.detach(), u, logits.dtype)
     probs = probs32.to(logits.dtype)
-    return _straight_through(onehot, probs), probs
+    return straight_through(onehot, probs), probs
 
 
 # --------------------------------------------------------------------------- #
@@ -198,7 +199,7 @@ def sample_latent(
     noise: Tensor | None = None,
     seed: Tensor | None = None,
     offset: Tensor | None = None,
-    impl: str | None = None,
+    impl: str = "ref",
 ) -> tuple[Tensor, Tensor]:
     """One categorical draw per (b, k) from unimix(softmax(logits)).
 
@@ -215,7 +216,7 @@ def sample_latent(
     """
     if noise is not None and noise.shape != logits.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} != logits shape {tuple(logits.shape)}")
-    if resolve_impl(impl, logits) == "ref":
+    if check_impl(impl, logits) == "ref":
         return sample_latent_ref(logits, unimix, noise)
     if noise is None:
         if seed is None:
@@ -223,4 +224,4 @@ def sample_latent(
         if offset is None:
             offset = torch.zeros((), dtype=torch.int64, device=logits.device)
     onehot, probs = _sample_latent_op(logits, float(unimix), noise, seed, offset)
-    return _straight_through(onehot, probs), probs
+    return straight_through(onehot, probs), probs

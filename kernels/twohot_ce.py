@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ._triton_compat import cdiv, jit, next_pow2, tl
-from .dispatch import resolve_impl
+from .dispatch import check_impl
 
 __all__ = ["twohot_ce", "twohot_ce_ref", "two_hot_ref"]
 
@@ -224,7 +224,7 @@ _twohot_ce_op.register_autograd(_twohot_ce_backward, setup_context=_twohot_ce_se
 # --------------------------------------------------------------------------- #
 # Public entry point                                                           #
 # --------------------------------------------------------------------------- #
-def twohot_ce(logits: Tensor, target: Tensor, bins: Tensor, impl: str | None = None) -> Tensor:
+def twohot_ce(logits: Tensor, target: Tensor, bins: Tensor, impl: str = "ref") -> Tensor:
     """Symlog two-hot cross-entropy.
 
     logits (M, NB) (or (..., NB)), target (M,) (or (...)) already in symlog
@@ -236,7 +236,7 @@ def twohot_ce(logits: Tensor, target: Tensor, bins: Tensor, impl: str | None = N
         raise ValueError(f"bins must be (NB,) with NB = logits.shape[-1] >= 2; got {tuple(bins.shape)} for NB={NB}")
     if target.shape != logits.shape[:-1]:
         raise ValueError(f"target shape {tuple(target.shape)} != logits.shape[:-1] {tuple(logits.shape[:-1])}")
-    if resolve_impl(impl, logits) == "ref":
+    if check_impl(impl, logits) == "ref":
         return twohot_ce_ref(logits, target, bins)
     loss, _lse = _twohot_ce_op(logits.reshape(-1, NB), target.reshape(-1), bins)
     return loss.reshape(target.shape)

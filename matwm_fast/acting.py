@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .actor_critic import ActorCritic
-from .imagination import agent_state
+from .actor_critic import ActorCritic, agent_state
 from .transformer import segment_mask
 from .world_model import WorldModel
 

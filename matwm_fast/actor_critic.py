@@ -15,22 +15,35 @@ import torch.nn as nn
 
 from .config import ActorCriticConfig
 from .env import EnvSpec
-from .losses import fp32, two_hot_decode
+from .losses import fp32
 from .nn import StackedMLP
 
 Tensor = torch.Tensor
 
 
 def state_dim(k: int, c: int, d: int, n_agents: int, n_actions: int) -> int:
-    """|s| = K·C (z) + D (h) + (N−1)·A (teammate prediction)."""
+    """|s| = K·C (z) + D (h) + (N−1)·A (teammate prediction): the layout of :func:`agent_state`."""
     return k * c + d + max(n_agents - 1, 1) * n_actions
 
 
+def agent_state(z: Tensor, h: Tensor, team_logits: Tensor) -> Tensor:
+    """s = [z (K·C), h (D), teammate action probabilities ((N−1)·A)] → (..., S).
+
+    **CHOICE**: the teammate part is the softmax of the predictor's logits rather than raw logits:
+    bounded, and padded actions are exactly 0.
+    """
+    team = torch.softmax(fp32(team_logits), -1).flatten(-2)  # (..., (N-1)·A)
+    return torch.cat([fp32(z), fp32(h), team], dim=-1)  # (..., S)
+
+
 class ActorCritic(nn.Module):
-    def __init__(self, cfg: ActorCriticConfig, spec: EnvSpec, s_dim: int, bins: Tensor):
+    """``kernels`` ('ref' or 'triton') is the implementation its loss's fused two-hot
+    cross-entropy runs with, the same choice as the world model's."""
+
+    def __init__(self, cfg: ActorCriticConfig, spec: EnvSpec, s_dim: int, bins: Tensor, kernels: str = "ref"):
         super().__init__()
         n, a = spec.n_agents, spec.n_actions
-        self.cfg = cfg
+        self.cfg, self.kernels = cfg, kernels
         self.actor = StackedMLP(n, s_dim, cfg.mlp_width, cfg.mlp_layers, a)
         self.critic = StackedMLP(n, s_dim, cfg.mlp_width, cfg.mlp_layers, bins.shape[0])
         # zero-initialised value output: V ≡ 0 at the start instead of a random offset (DreamerV3)
@@ -58,10 +71,6 @@ class ActorCritic(nn.Module):
         tiny = torch.finfo(noise.dtype).tiny
         gumbel = -torch.log(-torch.log(noise.clamp(tiny, 1.0 - 1e-7)))  # (n, B, A)
         return (logits + gumbel).argmax(-1)
-
-    def value(self, s: Tensor, slow: bool = False) -> Tensor:
-        """s (N, B, S) → V(s) (N, B) in real space."""
-        return two_hot_decode((self.slow_critic if slow else self.critic)(s), self.bins)
 
     def actor_params(self) -> list[nn.Parameter]:
         return list(self.actor.parameters())

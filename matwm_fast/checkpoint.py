@@ -1,44 +1,135 @@
-"""Checkpoints that survive crashes and resume exactly.
+"""Checkpoint files and run directories: file I/O only, and nothing a reader opens can run code.
 
-A checkpoint holds everything the next step depends on: world model, actors, critics, slow
-critics, return scales, both optimisers, the replay buffers, the env (world state and its RNG),
-every RNG (Python, numpy, torch, the trainer's and the replay's generators), the context queues,
-episode counters, unflushed metric sums and the config.
+A checkpoint is the trainer's ``state_dict()`` plus the run's bookkeeping (``extra``), a tree of
+plain values: numbers, strings, lists, tuples, dicts and tensors.  File format 2:
 
-File format: ``MAGIC | sha256(payload) | payload`` where payload is a ``torch.save`` blob.  It is
-written to a temporary file in the same directory, fsynced, then renamed over the target (atomic
-on POSIX), and ``latest`` is updated the same way — a crash mid-write leaves the previous
-checkpoint intact, and a truncated or corrupted file fails its hash and is refused.
+    MAGIC (8 bytes) | sha256 of the rest (32) | header length (8, little-endian) | header | data
+
+The header is JSON: the tree, with each tensor replaced by ``{"__tensor__": i}``, and a table of
+the tensors' dtype, shape and byte range inside ``data``.  Reading parses JSON and copies bytes
+into tensors of allowed dtypes — there is no pickle anywhere, so a crafted file can at worst be
+refused.  Format 1 (a pickled ``torch.save``) is refused by name: reading it would mean
+unpickling it.  Files are written to a temporary name, fsynced and renamed (atomic on POSIX);
+a truncated or corrupted file fails its checksum and is refused.
+
+A run directory holds one run: ``config.json``, ``metrics.jsonl``/``.csv``, ``checkpoints/``.
+:class:`RunDir` takes an exclusive lock on it for the life of the process (a second trainer,
+resume or sweep into it is refused, naming the holder's pid), refuses a fresh run where a run
+already is, and on resume removes what a killed run left behind (rows logged after its last
+checkpoint, checkpoints of an abandoned future, temporary files of an interrupted write).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import errno
+import fcntl
 import hashlib
-import io
+import json
 import os
-import random
+import shutil
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
-from .config import SECTION_TYPES, Config
-
-MAGIC = b"MATWMCK1"
-_HASH = 32
-FORMAT = 1  # bump when the payload's layout changes
-
-# settings that may change when a run resumes: they do not alter what has been learned
-RESUMABLE = frozenset({"train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                       "train.eval_every", "train.eval_episodes", "train.device", "train.backend",
-                       "train.kernels", "train.amp", "train.threads"})
+MAGIC = b"MATWMCK2"
+OLD_MAGIC = {b"MATWMCK1": 1}  # format 1: a pickled payload, never read
+FORMAT = 2
+_HASH, _LEN = 32, 8
+_DTYPES = {str(t).removeprefix("torch."): t for t in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool)}
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: missing, corrupt, or from another config."""
+    """A checkpoint or run directory that cannot be used: missing, corrupt, foreign, in use."""
 
 
+# ----------------------------------------------------------------------------- tree <-> bytes
+def _encode(tree: Any, tensors: list[torch.Tensor]) -> Any:
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree
+    if isinstance(tree, torch.Tensor):
+        tensors.append(tree)
+        return {"__tensor__": len(tensors) - 1}
+    if isinstance(tree, list):
+        return [_encode(x, tensors) for x in tree]
+    if isinstance(tree, tuple):
+        return {"__tuple__": [_encode(x, tensors) for x in tree]}
+    if isinstance(tree, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in tree):
+            return {k: _encode(v, tensors) for k, v in tree.items()}
+        if not all(k is None or isinstance(k, (bool, int, float, str)) for k in tree):
+            raise TypeError(f"checkpoint dict keys must be plain values, got {[type(k).__name__ for k in tree]}")
+        return {"__dict__": [[k, _encode(v, tensors)] for k, v in tree.items()]}
+    raise TypeError(f"a checkpoint holds only data; got a {type(tree).__name__}")
+
+
+def _decode(node: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(node, list):
+        return [_decode(x, tensors) for x in node]
+    if not isinstance(node, dict):
+        return node
+    if len(node) == 1:
+        (tag, x), = node.items()
+        if tag == "__tensor__":
+            return tensors[x]
+        if tag == "__tuple__":
+            return tuple(_decode(v, tensors) for v in x)
+        if tag == "__dict__":
+            return {k: _decode(v, tensors) for k, v in x}
+    return {k: _decode(v, tensors) for k, v in node.items()}
+
+
+def dumps(tree: Any) -> bytes:
+    """A tree of plain values and tensors → file bytes (format 2)."""
+    tensors: list[torch.Tensor] = []
+    header = {"format": FORMAT, "tree": _encode(tree, tensors), "tensors": []}
+    chunks, offset = [], 0
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header["tensors"].append({"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                                  "offset": offset, "nbytes": len(raw)})
+        chunks.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    body = len(head).to_bytes(_LEN, "little") + head + b"".join(chunks)
+    return MAGIC + hashlib.sha256(body).digest() + body
+
+
+def loads(data: bytes, name: str = "checkpoint") -> Any:
+    """File bytes → the tree; CheckpointError (saying what is wrong) for anything else."""
+    magic = data[: len(MAGIC)]
+    if magic in OLD_MAGIC:
+        raise CheckpointError(
+            f"{name} is in checkpoint format {OLD_MAGIC[magic]} (a pickled file, written by matwm_fast 0.1); "
+            f"this version reads format {FORMAT} only, which holds data alone: opening a format-1 file would "
+            "mean unpickling it, and unpickling can run code. Retrain, or resume it with matwm_fast 0.1")
+    if len(data) < len(MAGIC) + _HASH + _LEN or magic != MAGIC:
+        raise CheckpointError(f"{name} is not a matwm_fast checkpoint (bad header; truncated or another format)")
+    digest, body = data[len(MAGIC): len(MAGIC) + _HASH], data[len(MAGIC) + _HASH:]
+    if hashlib.sha256(body).digest() != digest:
+        raise CheckpointError(f"{name} is corrupt or truncated (checksum mismatch); refusing to load it")
+    try:
+        n = int.from_bytes(body[:_LEN], "little")
+        header = json.loads(body[_LEN: _LEN + n])
+        blob = memoryview(body)[_LEN + n:]
+        tensors = []
+        for t in header["tensors"]:
+            dtype, shape, off, nb = _DTYPES[t["dtype"]], [int(s) for s in t["shape"]], int(t["offset"]), int(t["nbytes"])
+            if off < 0 or off + nb > len(blob) or nb != torch.Size(shape).numel() * dtype.itemsize:
+                raise ValueError(f"tensor bytes [{off}, {off + nb}) do not fit")
+            raw = bytearray(blob[off: off + nb])
+            tensors.append(torch.frombuffer(raw, dtype=dtype).reshape(shape) if nb else torch.empty(shape, dtype=dtype))
+        if header.get("format") != FORMAT:
+            raise ValueError(f"format {header.get('format')!r}")
+        return _decode(header["tree"], tensors)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{name} passed its checksum but is malformed ({type(e).__name__}: {e})") from e
+
+
+# ----------------------------------------------------------------------------- files
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -56,144 +147,20 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-# ----------------------------------------------------------------------------- trainer state
-def trainer_state(tr) -> dict:
-    """Everything of a :class:`~matwm_fast.trainer.Trainer` the next step depends on."""
-    return {
-        "format": FORMAT,
-        "config": tr.cfg.to_dict(),
-        "agents": list(tr.spec.agents),
-        "step": tr.step,
-        "wm": tr.wm.state_dict(),
-        "ac": tr.ac.state_dict(),
-        "wm_opt": tr.wm_opt.state_dict(),
-        "ac_opt": tr.ac_opt.state_dict(),
-        "replay": tr.replay.state_dict(),
-        "env": tr.env.get_state(),  # world, its RNG and the wrappers' flags (not a plain pickle: EzPickle)
-        "obs": tr.obs,
-        "first": tr.first,
-        "queues": (tr.queues.obs.cpu(), tr.queues.act.cpu(), tr.queues.count),
-        "episodes": (tr.episodes.current.copy(), list(tr.episodes.finished)),
-        "bad": (tr.bad_step.cpu(), tr.bad_which.cpu()),
-        "rng": {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "trainer": tr.rng.bit_generator.state,
-        },
-    }
+def save(path: Path | str, tree: Any) -> None:
+    _atomic_write(Path(path), dumps(tree))
 
 
-def saved_config(st: dict) -> Config:
-    """The checkpoint's config; refused when its fields are not this version's."""
-    d = st.get("config")
-    if not isinstance(d, dict):
-        raise CheckpointError("checkpoint holds no config")
-    problems = []
-    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
-    for sec, cls in SECTION_TYPES.items():
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        have, want = set(d.get(sec, {})), set(fields)
-        problems += [f"unknown field {sec}.{k}" for k in sorted(have - want)]
-        for k in sorted(want - have):
-            # a field added later that only says how to run (not what is learned) takes its default
-            if f"{sec}.{k}" in RESUMABLE:
-                d.setdefault(sec, {})[k] = fields[k].default
-            else:
-                problems.append(f"missing field {sec}.{k}")
-    if problems:
-        raise CheckpointError("checkpoint was written by an incompatible version of matwm_fast: "
-                              + "; ".join(problems))
-    return Config.from_dict(d)
-
-
-def check_compatible(st: dict, cfg: Config, ignore=RESUMABLE) -> None:
-    """Refuse a checkpoint whose config differs from ``cfg`` in anything but ``ignore``."""
-    diff = config_diff(saved_config(st), cfg, ignore=set(ignore))
-    if diff:
-        raise CheckpointError("checkpoint is from a different config: " + "; ".join(diff))
-
-
-# how an optimiser runs, not what it learns: kept from the trainer's own optimiser on load
-_RUNTIME_KEYS = ("capturable", "foreach", "fused", "differentiable", "lr")
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, sd: dict) -> None:
-    """``opt.load_state_dict(sd)``, keeping ``opt``'s runtime settings.
-
-    ``load_state_dict`` replaces every group setting with the saved one, but device and backend
-    may change on resume: the ``cudagraphs`` backend runs Adam ``capturable`` with a float32
-    device-tensor learning rate, eager on the CPU neither.  So those settings stay ``opt``'s —
-    the learning rate included: it comes from the config, which a resume cannot change.  They go
-    in before loading (Adam places its ``step`` counters as ``capturable`` wants) and the very
-    objects are put back after (loading deep-copies groups; a CUDA graph may hold the lr tensor).
-    """
-    runtime = [{k: g[k] for k in _RUNTIME_KEYS if k in g} for g in opt.param_groups]
-    groups = [{**saved, **cur} for saved, cur in zip(sd["param_groups"], runtime)]
-    opt.load_state_dict({"state": sd["state"], "param_groups": groups})
-    for g, cur in zip(opt.param_groups, runtime):
-        g.update(cur)
-
-
-def load_trainer_state(tr, st: dict) -> None:
-    """Restore a trainer built from the checkpoint's config (``check_compatible`` first)."""
-    check_compatible(st, tr.cfg)
-    if st.get("agents", list(tr.spec.agents)) != list(tr.spec.agents):
-        raise CheckpointError(f"checkpoint agents {st['agents']} differ from this env's {list(tr.spec.agents)}")
-    dev = tr.device
-    try:
-        tr.wm.load_state_dict(st["wm"])
-        tr.ac.load_state_dict(st["ac"])
-        _load_optimizer(tr.wm_opt, st["wm_opt"])
-        _load_optimizer(tr.ac_opt, st["ac_opt"])
-        tr.replay.load_state_dict(st["replay"])
-    except (RuntimeError, ValueError, KeyError) as e:  # shapes or keys of another model
-        raise CheckpointError(f"checkpoint does not fit the model built from its config: {e}") from e
-    tr.step = st["step"]
-    tr.env.set_state(st["env"])
-    tr.obs, tr.first = st["obs"], st["first"]
-    qo, qa, qc = st["queues"]
-    tr.queues.obs, tr.queues.act, tr.queues.count = qo.to(dev), qa.to(dev), qc
-    tr.episodes.current, tr.episodes.finished = st["episodes"][0].copy(), list(st["episodes"][1])
-    tr.bad_step.copy_(st["bad"][0])
-    tr.bad_which.copy_(st["bad"][1])
-    rng = st["rng"]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    tr.rng.bit_generator.state = rng["trainer"]
-
-
-# ----------------------------------------------------------------------------- files
-def save(path: Path, payload: dict) -> None:
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    blob = buf.getvalue()
-    _atomic_write(Path(path), MAGIC + hashlib.sha256(blob).digest() + blob)
-
-
-def load(path: Path) -> dict:
+def load(path: Path | str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
-    data = path.read_bytes()
-    if len(data) < len(MAGIC) + _HASH or data[: len(MAGIC)] != MAGIC:
-        raise CheckpointError(f"{path} is not a matwm_fast checkpoint (bad header; truncated or another format)"
-                              + _others(path))
-    digest, blob = data[len(MAGIC): len(MAGIC) + _HASH], data[len(MAGIC) + _HASH:]
-    if hashlib.sha256(blob).digest() != digest:
-        raise CheckpointError(f"{path} is corrupt or truncated (checksum mismatch); refusing to load it"
-                              + _others(path))
     try:
-        st = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
-    except Exception as e:  # intact bytes this torch cannot read (e.g. written by a newer one)
-        raise CheckpointError(f"{path} passed its checksum but cannot be read: {e}") from e
-    if not isinstance(st, dict) or st.get("format", FORMAT) != FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {st.get('format') if isinstance(st, dict) else '?'}; "
-                              f"this version reads format {FORMAT}")
+        st = loads(path.read_bytes(), str(path))
+    except CheckpointError as e:
+        raise CheckpointError(str(e) + _others(path)) from None
+    if not isinstance(st, dict) or "trainer" not in st:
+        raise CheckpointError(f"{path} holds no trainer state")
     return st
 
 
@@ -220,39 +187,37 @@ def run_dir_of(ckpt: Path) -> Path:
     return Path(ckpt).resolve().parent.parent
 
 
+def step_of(path: Path) -> int:
+    return int(path.stem.split("_")[1])
+
+
 class CheckpointDir:
     """``RUN_DIR/checkpoints/step_XXXXXXXXX.pt`` plus ``latest`` naming the newest good one."""
 
-    def __init__(self, run_dir: Path, keep: int = 2):
+    def __init__(self, run_dir: Path | str, keep: int = 2):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep = keep
 
-    def write(self, tr, extra: dict | None = None) -> Path:
+    def write(self, step: int, tree: dict) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"step_{tr.step:09d}.pt"
-        payload = trainer_state(tr)
-        payload["extra"] = extra or {}
-        save(path, payload)
+        path = self.dir / f"step_{step:09d}.pt"
+        save(path, tree)
         # the pointer moves only after the file is complete, and pruning only after the pointer
         self.point_to(path)
-        self._prune(keep_name=path.name)
+        for old in sorted(self.dir.glob("step_*.pt"))[: -max(self.keep, 1)]:
+            if old != path:
+                old.unlink(missing_ok=True)
         return path
 
     def point_to(self, path: Path) -> None:
         """Make ``path`` (a file in this directory) the ``latest`` checkpoint."""
         _atomic_write(self.dir / "latest", Path(path).name.encode())
 
-    def _prune(self, keep_name: str) -> None:
-        ckpts = sorted(self.dir.glob("step_*.pt"))
-        for old in ckpts[: max(0, len(ckpts) - max(self.keep, 1))]:
-            if old.name != keep_name:
-                old.unlink(missing_ok=True)
-
     def latest(self) -> Path:
         ptr = self.dir / "latest"
         if ptr.exists():
             path = self.dir / ptr.read_text().strip()
-            if not path.exists():
+            if not path.is_file():
                 raise CheckpointError(f"{ptr} names {path.name}, which is missing" + _others(path))
             return path
         # no pointer (e.g. copied by hand): the newest step file, if any
@@ -261,19 +226,99 @@ class CheckpointDir:
             raise CheckpointError(f"no checkpoint in {self.dir} (is {self.dir.parent} a matwm_fast run directory?)")
         return ckpts[-1]
 
+    def latest_or_none(self) -> Path | None:
+        try:
+            return self.latest()
+        except CheckpointError:
+            return None
 
-def config_diff(a: Config, b: Config, ignore: set[str]) -> list[str]:
-    """Fields (``section.field``) where two configs differ, leaving out ``ignore``."""
-    da, db = a.to_dict(), b.to_dict()
-    out = []
-    for sec in da:
-        if not isinstance(da[sec], dict):
-            continue
-        for k in da[sec]:
-            key = f"{sec}.{k}"
-            va, vb = da[sec][k], db[sec].get(k)
-            if isinstance(va, (list, tuple)):
-                va, vb = [list(x) for x in va], [list(x) for x in (vb or [])]
-            if key not in ignore and va != vb:
-                out.append(f"{key}: checkpoint {va!r} vs requested {vb!r}")
-    return out
+
+# ----------------------------------------------------------------------------- run directories
+class RunDir:
+    """One run's directory, locked by this process while it trains."""
+
+    RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "checkpoints", "tb")
+
+    def __init__(self, path: Path | str, keep: int = 2):
+        self.path = Path(path)
+        self.checkpoints = CheckpointDir(self.path, keep)
+        self._lock_fd: int | None = None
+
+    def holds_run(self) -> bool:
+        return any((self.path / f).exists() for f in self.RUN_FILES)
+
+    def check_writable(self) -> None:
+        """Refuse now, not at the first checkpoint, a directory this process cannot write."""
+        probe = self.path
+        while not probe.exists():
+            probe = probe.parent
+        targets = [self.path, self.checkpoints.dir] if self.path.exists() else [probe]
+        for t in targets:
+            if t.exists() and not os.access(t, os.W_OK | os.X_OK):
+                raise CheckpointError(f"run directory {self.path}: {t} is not writable")
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the directory until this process exits (or :meth:`unlock`)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise CheckpointError(f"run directory {self.path} is in use by process {holder} "
+                                      "(another training, resume or sweep); wait for it or choose another --run-dir") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def start_fresh(self, overwrite: bool) -> None:
+        """A new run here: refused where a run already is, unless ``overwrite`` (which deletes
+        that run's files: config, metrics, checkpoints, TensorBoard events)."""
+        if self.holds_run() and not overwrite:
+            raise CheckpointError(
+                f"{self.path} already holds a run; continue it with --resume {self.path}, start elsewhere "
+                "with a new --run-dir, or replace it with --overwrite")
+        for name in self.RUN_FILES:
+            p = self.path / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+
+    def clean_temporary(self) -> list[Path]:
+        """Remove the temporary files of writes a killed process never finished."""
+        found = [p for d in (self.path, self.checkpoints.dir) if d.is_dir() for p in d.glob(".*.tmp*")]
+        for p in found:
+            p.unlink(missing_ok=True)
+        return found
+
+    def abandon_after(self, step: int) -> list[Path]:
+        """Resuming from ``step``: checkpoints after it belong to an abandoned future.  They are
+        renamed ``*.abandoned`` (kept, out of the way of pruning and ``latest``)."""
+        later = [p for p in self.checkpoints.dir.glob("step_*.pt") if step_of(p) > step]
+        for p in later:
+            p.rename(p.with_name(p.name + ".abandoned"))
+        here = self.checkpoints.dir / f"step_{step:09d}.pt"
+        if later and here.exists():
+            self.checkpoints.point_to(here)
+        return later
+
+    def write_config(self, config: dict) -> None:
+        _atomic_write(self.path / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+
+    def read_config(self) -> dict | None:
+        f = self.path / "config.json"
+        if not f.exists():
+            return None
+        try:
+            return json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{f} is not valid JSON ({e})") from e

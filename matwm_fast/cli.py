@@ -15,22 +15,24 @@ import sys
 from dataclasses import fields, replace
 from typing import Any, Sequence
 
-from .config import PRESETS, SECTION_TYPES, Config, field_docs, preset
+from .config import PRESETS, SECTION_TYPES, Config, field_docs, is_derived, preset
 
 # short alias → (section, field)
 ALIASES = {
-    "steps": ("train", "steps"),
+    "steps": ("run", "steps"),
     "seed": ("train", "seed"),
-    "device": ("train", "device"),
-    "backend": ("train", "backend"),
-    "kernels": ("train", "kernels"),
+    "device": ("run", "device"),
+    "backend": ("run", "backend"),
+    "kernels": ("run", "kernels"),
+    "amp": ("run", "amp"),
+    "threads": ("run", "threads"),
     "scenario": ("env", "scenario"),
     "env": ("env", "scenario"),
     "max-cycles": ("env", "max_cycles"),
-    "checkpoint-every": ("train", "checkpoint_every"),
-    "eval-every": ("train", "eval_every"),
-    "eval-episodes": ("train", "eval_episodes"),
-    "log-every": ("train", "log_every"),
+    "checkpoint-every": ("run", "checkpoint_every"),
+    "eval-every": ("run", "eval_every"),
+    "eval-episodes": ("run", "eval_episodes"),
+    "log-every": ("run", "log_every"),
 }
 
 
@@ -93,7 +95,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         docs = field_docs(cls)
         g = p.add_argument_group(f"{sec} ({cls.__name__})")
         for f in fields(cls):
-            if f.name == "kwargs":
+            if f.name == "kwargs" or is_derived(f):  # kwargs: --scenario-arg; derived: resolve() fills it
                 continue
             default = getattr(getattr(base, sec), f.name)
             flags = [f"--{sec}.{f.name.replace('_', '-')}"]
@@ -134,7 +136,7 @@ def config_from_args(ns: argparse.Namespace) -> Config:
 
 
 def describe(cfg: Config) -> str:
-    """The resolved config, one ``section.field = value`` per line."""
+    """The config, one ``section.field = value`` per line."""
     lines = [f"preset = {cfg.preset}"]
     for sec in SECTION_TYPES:
         for k, v in dataclasses.asdict(getattr(cfg, sec)).items():

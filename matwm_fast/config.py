@@ -1,7 +1,14 @@
-"""Typed, frozen configuration: one dataclass per concern, named presets, validation.
+"""Typed, frozen configuration: one dataclass per concern, named presets, one ``resolve``.
 
-Every number the algorithm uses lives here (SPEC §7 is the ``paper`` preset); modules receive
-the section they need and hard-code nothing.  A field's docstring is its ``--help`` text.
+What is learned (``env``, ``wm``, ``ac``, ``replay``, ``train``) is kept apart from how it runs
+(``run``: length, device, backend, kernels, precision, threads, logging, evaluation,
+checkpoints).  A resumed run may change exactly the ``run`` section.  Every number the algorithm
+uses lives here (SPEC §7 is the ``paper`` preset); modules receive the section they need.  A
+field's docstring is its ``--help`` text.
+
+:func:`resolve` runs once, before anything is built: it validates every field and fills the
+derived sizes (the paper's imagination rule, the world-model sequences per agent), so the
+``config.json`` of a run records the sizes that ran.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ import inspect
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+DERIVED = {"derived": True}  # field metadata: filled by resolve(), not a flag
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,8 @@ class WorldModelConfig:
     """Free nats: KL terms below this are clipped to it."""
     batch_size: int = 16
     """World-model sequences per update, in total over all agents (split equally)."""
+    batch_per_agent: int = field(default=0, metadata=DERIVED)
+    """Sequences drawn from each agent's buffer per update: batch_size / agents (derived)."""
     seq_len: int = 64
     """Length of each world-model training sequence."""
     lr: float = 3e-5
@@ -124,28 +135,32 @@ class ReplayConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 50_000
-    """Real environment steps in total (warm-up included)."""
     wm_every: int = 1
     """World-model update every this many env steps (after warm-up)."""
     agent_every: int = 1
     """Actor-critic update every this many env steps (after warm-up)."""
     act_context: int = 16
     """Length of each agent's (observation, action) context queue when acting."""
-    log_every: int = 100
-    """Env steps between metric rows."""
     seed: int = 0
-    """Seed of every random generator."""
+    """Seed of every random generator (0 … 2**32 − 1)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    steps: int = 50_000
+    """Real environment steps in total (warm-up included)."""
     device: str = "auto"
     """Torch device: auto (CUDA when available), cpu, cuda, cuda:N."""
     backend: str = "auto"
-    """Step-function backend: eager, compile, cudagraphs, auto."""
+    """Step-function backend: eager, compile, cudagraphs, auto (cudagraphs on CUDA, eager on the CPU)."""
     kernels: str = "auto"
-    """Kernel implementation: ref, triton, auto (Triton on CUDA)."""
-    amp: bool = True
-    """bf16 autocast for the world model and imagination on CUDA (always float32 on the CPU)."""
+    """Kernel implementation: ref, triton, auto (Triton under eager on CUDA, else the reference ops)."""
+    amp: str = "auto"
+    """Precision of the world model and imagination: bf16 autocast, fp32, or auto (bf16 on CUDA)."""
     threads: int = 0
     """Torch CPU threads (0 = torch's default); use 1 when other processes share the cores."""
+    log_every: int = 100
+    """Env steps between metric rows."""
     checkpoint_every: int = 5_000
     """Env steps between checkpoints (0 = only at the end)."""
     keep_checkpoints: int = 2
@@ -163,6 +178,7 @@ class Config:
     ac: ActorCriticConfig = field(default_factory=ActorCriticConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     preset: str = "paper"
     """Name of the preset this config started from."""
 
@@ -171,9 +187,10 @@ class Config:
 
     @staticmethod
     def from_dict(d: dict) -> "Config":
+        """The inverse of :meth:`to_dict`; keys outside the sections (e.g. ``runtime``) are ignored."""
         kw = {}
         for name, cls in SECTION_TYPES.items():
-            sub = dict(d[name])
+            sub = dict(d.get(name, {}))
             if name == "env":
                 sub["kwargs"] = tuple(tuple(kv) for kv in sub.get("kwargs", ()))
             kw[name] = cls(**sub)
@@ -186,7 +203,9 @@ SECTION_TYPES = {
     "ac": ActorCriticConfig,
     "replay": ReplayConfig,
     "train": TrainConfig,
+    "run": RunConfig,
 }
+LEARNED = ("env", "wm", "ac", "replay", "train")  # what a resume may not change; "run" may
 
 
 # ----------------------------------------------------------------------------- presets
@@ -205,7 +224,7 @@ def _cpu() -> Config:
                    batch_size=12, seq_len=32, lr=3e-4),
         ac=replace(c.ac, mlp_width=128, imag_batch=64, horizon=8, context_len=8),
         replay=replace(c.replay, warmup=500, capacity=20_000),
-        train=replace(c.train, steps=3_000, log_every=100, checkpoint_every=1_000),
+        run=replace(c.run, steps=3_000, log_every=100, checkpoint_every=1_000),
     )
 
 
@@ -220,7 +239,8 @@ def _smoke() -> Config:
                    batch_size=4, seq_len=8, lr=1e-3),
         ac=replace(c.ac, mlp_width=32, mlp_layers=1, imag_batch=6, horizon=3, context_len=4),
         replay=replace(c.replay, warmup=40, capacity=500),
-        train=replace(c.train, steps=60, log_every=10, checkpoint_every=0, act_context=6),
+        train=replace(c.train, act_context=6),
+        run=replace(c.run, steps=60, log_every=10, checkpoint_every=0),
     )
 
 
@@ -231,6 +251,123 @@ def preset(name: str) -> Config:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return PRESETS[name]()
+
+
+# ----------------------------------------------------------------------------- validation
+def flag(key: str) -> str:
+    """``section.field`` → the command-line flag that sets it."""
+    return "--" + key.replace("_", "-")
+
+
+def _int(lo: int, hi: int | None = None):
+    return ("int", lo, hi)
+
+
+def _num(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+    return ("float", lo, hi, lo_open, hi_open)
+
+
+def _choice(*names: str):
+    return ("choice",) + names
+
+
+# The allowed values of every field, checked by validate(); cross-field rules follow there.
+RULES: dict[str, tuple] = {
+    "env.max_cycles": _int(1),
+    "wm.latent_vars": _int(1), "wm.latent_classes": _int(2), "wm.unimix": _num(0, 1, hi_open=True),
+    "wm.mlp_width": _int(1), "wm.mlp_layers": _int(0), "wm.width": _int(1), "wm.layers": _int(1),
+    "wm.heads": _int(1), "wm.ffn_mult": _int(1), "wm.max_len": _int(2), "wm.head_width": _int(1),
+    "wm.tp_width": _int(1), "wm.tp_layers": _int(1), "wm.tp_heads": _int(1), "wm.reward_bins": _int(2),
+    "wm.bins_low": _num(-1e6, 1e6), "wm.bins_high": _num(-1e6, 1e6), "wm.dyn_weight": _num(0, 1e6),
+    "wm.rep_weight": _num(0, 1e6), "wm.free_bits": _num(0, 1e6), "wm.batch_size": _int(1),
+    "wm.batch_per_agent": _int(0), "wm.seq_len": _int(2),
+    # the lr cap only keeps Adam's float32 arithmetic representable (it overflows near 1e38); a
+    # merely huge rate may diverge, and the NaN check then stops the run
+    "wm.lr": _num(0, 1e30, lo_open=True), "wm.adam_eps": _num(0, 1, lo_open=True),
+    "wm.grad_clip": _num(0, 1e30, lo_open=True),
+    "ac.mlp_width": _int(1), "ac.mlp_layers": _int(0), "ac.imag_batch": _int(0), "ac.horizon": _int(0),
+    "ac.context_len": _int(1), "ac.gamma": _num(0, 1), "ac.lam": _num(0, 1), "ac.entropy": _num(0, 1e6),
+    "ac.slow_critic_decay": _num(0, 1), "ac.return_scale_decay": _num(0, 1, hi_open=True),
+    "ac.return_pct_low": _num(0, 1, hi_open=True), "ac.return_pct_high": _num(0, 1, lo_open=True),
+    "ac.lr": _num(0, 1e30, lo_open=True), "ac.adam_eps": _num(0, 1, lo_open=True),
+    "ac.grad_clip": _num(0, 1e30, lo_open=True),
+    "replay.capacity": _int(1), "replay.priority_decay": _num(0, 1, lo_open=True), "replay.warmup": _int(1),
+    "train.wm_every": _int(1), "train.agent_every": _int(1), "train.act_context": _int(1),
+    "train.seed": _int(0, 2**32 - 1),  # numpy's seeding range
+    "run.steps": _int(1), "run.device": ("device",), "run.backend": _choice("eager", "compile", "cudagraphs", "auto"),
+    "run.kernels": _choice("ref", "triton", "auto"), "run.amp": _choice("auto", "bf16", "fp32"),
+    "run.threads": _int(0), "run.log_every": _int(1), "run.checkpoint_every": _int(0),
+    "run.keep_checkpoints": _int(1), "run.eval_every": _int(0), "run.eval_episodes": _int(1),
+}
+
+
+def _check_field(key: str, value: Any, rule: tuple) -> None:
+    kind = rule[0]
+    if kind == "int":
+        lo, hi = rule[1], rule[2]
+        allowed = f"an integer ≥ {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
+            raise ValueError(f"{flag(key)} {value!r}: must be {allowed}")
+    elif kind == "float":
+        lo, hi, lo_open, hi_open = rule[1:]
+        allowed = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+        if not ok:
+            raise ValueError(f"{flag(key)} {value!r}: must be {allowed}")
+    elif kind == "choice":
+        if value not in rule[1:]:
+            raise ValueError(f"{flag(key)} {value!r}: valid: {', '.join(rule[1:])}")
+    elif kind == "device":
+        if not isinstance(value, str) or not (value in ("auto", "cpu", "cuda") or
+                                              (value.startswith("cuda:") and value[5:].isdigit())):
+            raise ValueError(f"{flag(key)} {value!r}: unknown device; valid: auto, cpu, cuda, cuda:N")
+
+
+def validate(cfg: Config, n_agents: int) -> None:
+    """Refuse impossible configurations before anything is built; each message names the flag
+    and says what is allowed."""
+    for sec in SECTION_TYPES:
+        for f in dataclasses.fields(SECTION_TYPES[sec]):
+            key = f"{sec}.{f.name}"
+            if key in RULES:
+                _check_field(key, getattr(getattr(cfg, sec), f.name), RULES[key])
+    wm, ac, rp, tr = cfg.wm, cfg.ac, cfg.replay, cfg.train
+    if wm.batch_size % n_agents != 0:
+        lo = max(n_agents, wm.batch_size // n_agents * n_agents)
+        raise ValueError(
+            f"wm.batch_size={wm.batch_size} is not divisible by the {n_agents} agents of "
+            f"{cfg.env.scenario}; use a multiple of {n_agents}, e.g. {lo} or {lo + n_agents}")
+    if wm.batch_per_agent not in (0, wm.batch_size // n_agents):
+        raise ValueError(f"wm.batch_per_agent={wm.batch_per_agent} is derived (wm.batch_size / agents = "
+                         f"{wm.batch_size // n_agents}); set wm.batch_size instead")
+    if wm.seq_len > wm.max_len:
+        raise ValueError(f"wm.seq_len={wm.seq_len} exceeds the transformer's wm.max_len={wm.max_len}")
+    if not wm.bins_low < wm.bins_high:
+        raise ValueError(f"--wm.bins-low {wm.bins_low} must be below --wm.bins-high {wm.bins_high}")
+    if not ac.return_pct_low < ac.return_pct_high:
+        raise ValueError(f"--ac.return-pct-low {ac.return_pct_low} must be below --ac.return-pct-high "
+                         f"{ac.return_pct_high}")
+    _, horizon = imagination_size(n_agents, ac)
+    if ac.context_len + horizon + 1 > wm.max_len:
+        raise ValueError(
+            f"ac.context_len + horizon + 1 = {ac.context_len} + {horizon} + 1 exceeds wm.max_len={wm.max_len}; "
+            f"allowed: ac.context_len ≤ {wm.max_len - horizon - 1} at horizon {horizon}, or a larger wm.max_len")
+    if tr.act_context > wm.max_len:
+        raise ValueError(f"train.act_context={tr.act_context} exceeds wm.max_len={wm.max_len}")
+    if wm.width % wm.heads or wm.tp_width % wm.tp_heads:
+        raise ValueError(f"width {wm.width}/{wm.tp_width} must be divisible by heads {wm.heads}/{wm.tp_heads}")
+    per_agent = wm.batch_size // n_agents
+    # twice the packed size keeps non-overlapping draws easy (random placement leaves gaps)
+    if rp.warmup < 2 * per_agent * wm.seq_len:
+        raise ValueError(
+            f"replay.warmup={rp.warmup} is too small for {per_agent} non-overlapping sequences of "
+            f"{wm.seq_len} per agent; need at least {2 * per_agent * wm.seq_len}")
+    if rp.warmup < ac.context_len:
+        raise ValueError(f"replay.warmup={rp.warmup} is shorter than one imagination context "
+                         f"(ac.context_len={ac.context_len})")
+    if rp.capacity < rp.warmup:
+        raise ValueError(f"replay.capacity={rp.capacity} is below replay.warmup={rp.warmup}")
 
 
 # ----------------------------------------------------------------------------- derived values
@@ -248,48 +385,40 @@ def imagination_size(n_agents: int, ac: ActorCriticConfig) -> tuple[int, int]:
     return (ac.imag_batch or rule[0], ac.horizon or rule[1])
 
 
-def validate(cfg: Config, n_agents: int) -> None:
-    """Refuse impossible configurations before anything is built; each message says what is allowed."""
-    wm, ac, rp, tr = cfg.wm, cfg.ac, cfg.replay, cfg.train
-    if wm.batch_size % n_agents != 0:
-        lo = max(n_agents, wm.batch_size // n_agents * n_agents)
-        raise ValueError(
-            f"wm.batch_size={wm.batch_size} is not divisible by the {n_agents} agents of "
-            f"{cfg.env.scenario}; use a multiple of {n_agents}, e.g. {lo} or {lo + n_agents}")
-    if wm.seq_len > wm.max_len:
-        raise ValueError(f"wm.seq_len={wm.seq_len} exceeds the transformer's wm.max_len={wm.max_len}")
-    _, horizon = imagination_size(n_agents, ac)
-    if ac.context_len + horizon + 1 > wm.max_len:
-        raise ValueError(
-            f"ac.context_len + horizon + 1 = {ac.context_len} + {horizon} + 1 exceeds wm.max_len={wm.max_len}; "
-            f"allowed: ac.context_len ≤ {wm.max_len - horizon - 1} at horizon {horizon}, or a larger wm.max_len")
-    if tr.act_context > wm.max_len:
-        raise ValueError(f"train.act_context={tr.act_context} exceeds wm.max_len={wm.max_len}")
-    if wm.width % wm.heads or wm.tp_width % wm.tp_heads:
-        raise ValueError(f"width {wm.width}/{wm.tp_width} must be divisible by heads {wm.heads}/{wm.tp_heads}")
-    per_agent = wm.batch_size // n_agents
-    # twice the packed size keeps non-overlapping draws easy (random placement leaves gaps)
-    if rp.warmup < 2 * per_agent * wm.seq_len:
-        raise ValueError(
-            f"replay.warmup={rp.warmup} is too small for {per_agent} non-overlapping sequences of "
-            f"{wm.seq_len} per agent; need at least {2 * per_agent * wm.seq_len}")
-    if rp.capacity < rp.warmup:
-        raise ValueError(f"replay.capacity={rp.capacity} is below replay.warmup={rp.warmup}")
-    if not 0.0 < rp.priority_decay <= 1.0:
-        raise ValueError(f"replay.priority_decay={rp.priority_decay} must lie in (0, 1]")
-    if tr.backend not in ("eager", "compile", "cudagraphs", "auto"):
-        raise ValueError(f"train.backend={tr.backend!r}; valid: eager, compile, cudagraphs, auto")
-    if tr.threads < 0:
-        raise ValueError(f"train.threads={tr.threads} must be ≥ 0 (0 = torch's default)")
-    if tr.kernels not in ("ref", "triton", "auto"):
-        raise ValueError(f"train.kernels={tr.kernels!r}; valid: ref, triton, auto")
-    for sec_name, sec in (("wm", wm), ("ac", ac)):
-        # the cap only keeps Adam's float32 arithmetic representable (it overflows near 1e38); a
-        # merely huge rate is allowed to diverge, and the NaN check then stops the run
-        if not 0.0 < sec.lr <= 1e30:
-            raise ValueError(f"{sec_name}.lr={sec.lr} must lie in (0, 1e30]")
-        if not (sec.grad_clip > 0 and math.isfinite(sec.grad_clip)):
-            raise ValueError(f"{sec_name}.grad_clip={sec.grad_clip} must be a positive finite number")
+def resolve(cfg: Config, n_agents: int) -> Config:
+    """Validate ``cfg`` for a scenario of ``n_agents`` and fill every derived size: the Config
+    that runs (idempotent: resolving a resolved config changes nothing)."""
+    validate(cfg, n_agents)
+    batch, horizon = imagination_size(n_agents, cfg.ac)
+    return replace(cfg, wm=replace(cfg.wm, batch_per_agent=cfg.wm.batch_size // n_agents),
+                   ac=replace(cfg.ac, imag_batch=batch, horizon=horizon))
+
+
+def load_config(d: Any) -> Config:
+    """A dict written by :meth:`Config.to_dict` (``config.json``, a checkpoint) → Config.
+
+    Unknown and missing fields are named; a missing ``run`` field (one a later version added:
+    it says how to run, not what is learned) takes its default.
+    """
+    if not isinstance(d, dict):
+        raise ValueError("config is not a mapping")
+    problems, clean = [], {"preset": d.get("preset", "paper")}
+    for sec, cls in SECTION_TYPES.items():
+        have = d.get(sec) if isinstance(d.get(sec), dict) else {}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        problems += [f"unknown field {sec}.{k}" for k in sorted(set(have) - set(fields))]
+        problems += [f"missing field {sec}.{k}" for k in sorted(set(fields) - set(have)) if sec != "run"]
+        clean[sec] = {k: v for k, v in have.items() if k in fields}
+    if problems:
+        raise ValueError("config was written by an incompatible version of matwm_fast: " + "; ".join(problems))
+    try:
+        return Config.from_dict(clean)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config is malformed: {e}") from e
+
+
+def is_derived(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get("derived"))
 
 
 # ----------------------------------------------------------------------------- field docs (--help)

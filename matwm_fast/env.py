@@ -12,12 +12,13 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
-import pickle
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
+from . import env_state
 from .config import EnvConfig
 
 # scenario name -> mpe2 module (versions as shipped by mpe2)
@@ -63,7 +64,38 @@ def parse_kwargs(scenario: str, pairs: list[str] | tuple[str, ...]) -> tuple[tup
         except (ValueError, SyntaxError):
             value = raw
         out.append((key, value))
+    check_kwargs(scenario, tuple(out))
     return tuple(out)
+
+
+# scenario parameters that count agents: at least one of each
+_COUNTS = {"num_good", "num_adversaries", "N"}
+_RATIOS = {"local_ratio"}
+
+
+def check_kwargs(scenario: str, kwargs: tuple[tuple[str, Any], ...]) -> None:
+    """Each parameter against the type of the scenario's own default and a sane range."""
+    valid = scenario_params(scenario)
+    for key, value in kwargs:
+        if key not in valid:
+            raise ValueError(f"--scenario-arg {key}={value!r}: {scenario} has no parameter {key!r}; "
+                             f"valid: {', '.join(valid)} (and --env.max-cycles)")
+        default = valid[key]
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "True or False"
+        elif isinstance(default, int) or default is None:  # None: an optional count (e.g. neighbours)
+            lo = 1 if key in _COUNTS else 0
+            ok = (isinstance(value, int) and not isinstance(value, bool) and value >= lo) or (default is None and value is None)
+            want = f"an integer ≥ {lo}" + (" or None" if default is None else "")
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                0.0 <= value <= 1.0 if key in _RATIOS else np.isfinite(value))
+            want = "a number in [0, 1]" if key in _RATIOS else "a finite number"
+        else:
+            ok, want = True, ""
+        if not ok:
+            raise ValueError(f"--scenario-arg {key}={value!r}: {scenario}'s {key} must be {want} "
+                             f"(default {default!r})")
 
 
 @dataclass(frozen=True)
@@ -111,11 +143,8 @@ class MultiAgentEnv:
 
     def __init__(self, cfg: EnvConfig, seed: int = 0, render_mode: str | None = None):
         mod = _module(cfg.scenario)
+        check_kwargs(cfg.scenario, cfg.kwargs)
         kwargs = dict(cfg.kwargs)
-        bad = set(kwargs) - set(scenario_params(cfg.scenario))
-        if bad:
-            raise ValueError(f"{cfg.scenario} has no parameter(s) {sorted(bad)}; "
-                             f"valid: {', '.join(scenario_params(cfg.scenario))}")
         self.env = mod.parallel_env(max_cycles=cfg.max_cycles, continuous_actions=False,
                                     render_mode=render_mode, **kwargs)
         self._seed = seed
@@ -174,29 +203,34 @@ class MultiAgentEnv:
         self.env.close()
 
     # -- exact resume ------------------------------------------------------------------------------
-    # MPE2's raw env pickles by re-construction (EzPickle), which drops the world state, so the
-    # state is taken attribute by attribute: the raw env's (world, RNG, counters) and each
-    # wrapper's own flags.  Rendering handles (pygame surfaces, fonts) are left out.
-    _NOT_STATE = {"screen", "game_font", "viewer", "renderOn", "_ezpickle_args", "_ezpickle_kwargs", "env", "aec_env"}
+    def get_state(self) -> dict:
+        """Everything needed to continue this env exactly (world, its RNG, the wrappers' flags),
+        as plain data: see :mod:`matwm_fast.env_state`."""
+        return {"world": env_state.snapshot(self.env), "obs": torch.from_numpy(self._obs.copy()),
+                "needs_reset": self._needs_reset}
 
-    def _chain(self) -> list:
-        out, e = [], self.env
-        while e is not None:
-            out.append(e)
-            e = vars(e).get("aec_env") or vars(e).get("env")
-        return out
-
-    def get_state(self) -> bytes:
-        """Everything needed to continue this env exactly (world state and its RNG)."""
-        layers = [{k: v for k, v in vars(e).items() if k not in self._NOT_STATE} for e in self._chain()]
-        return pickle.dumps((layers, self._obs, self._needs_reset))
-
-    def set_state(self, state: bytes) -> None:
-        layers, self._obs, self._needs_reset = pickle.loads(state)
-        for e, attrs in zip(self._chain(), layers):
-            vars(e).update(attrs)
+    def set_state(self, state: dict) -> None:
+        """Continue from :meth:`get_state` of an env of the same config; ValueError if it does not fit."""
+        try:
+            env_state.restore(self.env, state["world"])
+            obs = state["obs"].numpy().astype(np.float32)
+            needs_reset = bool(state["needs_reset"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"env state is malformed: {e!r}") from e
+        if obs.shape != self._obs.shape:
+            raise ValueError(f"env state holds observations {obs.shape}, this env {self._obs.shape}")
+        self._obs, self._needs_reset = obs, needs_reset
 
 
 def random_actions(rng: np.random.Generator, spec: EnvSpec) -> np.ndarray:
     """Uniform actions that respect each agent's action count: (N,)."""
     return (rng.random(spec.n_agents) * np.array(spec.action_counts)).astype(np.int64)
+
+
+def env_spec(cfg: EnvConfig) -> EnvSpec:
+    """The spec of a scenario (a throwaway env is built to read it): what config.resolve needs."""
+    env = MultiAgentEnv(cfg)
+    try:
+        return env.spec
+    finally:
+        env.close()

@@ -12,21 +12,20 @@ prints the mean ± std of episode returns per agent, per team and overall.  The 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import kernels
-
 from . import checkpoint as ck
 from .actor_critic import ActorCritic, state_dim
 from .cli import Parser, fail
-from .config import Config
-from .env import EnvSpec, MultiAgentEnv
-from .evaluate import play, summarise, write_video
-from .trainer import resolve_device
+from .config import Config, load_config
+from .env import EnvSpec, env_spec
+from .play import play, summarise, write_video
+from .steps import resolve_device, resolve_kernels
 from .world_model import WorldModel
 
 VIDEO_EXTS = (".gif", ".mp4")
@@ -57,27 +56,43 @@ def build_parser() -> Parser:
     return p
 
 
-def load_policy(path: Path | str, device: torch.device | str = "cpu") -> tuple[Config, WorldModel, ActorCritic, dict]:
-    """Checkpoint (or run directory) → (config, world model, actor-critic, checkpoint state).
+class Policy:
+    """A trained policy loaded from one checkpoint file: what ``eval``, ``sweep`` and ``diagnose`` play."""
 
-    Only the networks are rebuilt — no replay or optimisers — so a large run evaluates cheaply.
-    """
-    state = ck.load(ck.resolve(path))
-    cfg = ck.saved_config(state)
-    env = MultiAgentEnv(cfg.env, seed=cfg.train.seed)  # only for the spec the networks are sized by
-    spec: EnvSpec = env.spec
-    env.close()
-    wm = WorldModel(cfg.wm, spec).to(device)
-    s_dim = state_dim(cfg.wm.latent_vars, cfg.wm.latent_classes, cfg.wm.width, spec.n_agents, spec.n_actions)
-    ac = ActorCritic(cfg.ac, spec, s_dim, wm.bins).to(device)
-    try:
-        wm.load_state_dict(state["wm"])
-        ac.load_state_dict(state["ac"])
-    except (RuntimeError, KeyError) as e:
-        raise ck.CheckpointError(f"checkpoint does not fit the model built from its config: {e}") from e
-    wm.eval()
-    ac.eval()
-    return cfg, wm, ac, state
+    def __init__(self, path: Path | str, device: torch.device | str = "cpu", kernels: str = "auto"):
+        """``path``: a checkpoint file, or a run directory (its latest checkpoint, resolved once
+        here: ``self.path`` is the file evaluated even if training writes a newer one meanwhile).
+        Only the networks are rebuilt — no replay or optimisers — so a large run evaluates cheaply."""
+        self.path = ck.resolve(path)
+        state = ck.load(self.path)["trainer"]
+        try:
+            self.cfg: Config = load_config(state["config"])
+            self.step = int(state["step"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ck.CheckpointError(f"{self.path}: {e}") from e
+        device = torch.device(device)
+        impl = resolve_kernels(kernels, device, "eager")
+        self.spec: EnvSpec = env_spec(self.cfg.env)
+        c = self.cfg
+        self.wm = WorldModel(c.wm, self.spec, impl).to(device)
+        s_dim = state_dim(c.wm.latent_vars, c.wm.latent_classes, c.wm.width, self.spec.n_agents, self.spec.n_actions)
+        self.ac = ActorCritic(c.ac, self.spec, s_dim, self.wm.bins, impl).to(device)
+        try:
+            self.wm.load_state_dict(state["wm"])
+            self.ac.load_state_dict(state["ac"])
+        except (RuntimeError, KeyError, TypeError) as e:
+            raise ck.CheckpointError(f"{self.path} does not fit the model built from its config: {e}") from e
+
+
+def _check_output(what: str, f: Path) -> None:
+    """Refuse, before any episode is played, an output path that cannot be written."""
+    if f.is_dir():
+        raise ValueError(f"{what} {f}: is a directory; give a file name")
+    parent = f.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {f}: {parent} is not a writable directory")
 
 
 def _has_mp4_writer() -> bool:
@@ -113,16 +128,21 @@ def main(argv: list[str] | None = None) -> int:
             # refuse before playing 50 episodes, not after
             raise ValueError(f"--video {args.video!r}: writing MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); "
                              "or use a .gif file name")
+        if args.fps < 1:
+            raise ValueError(f"--fps {args.fps}: need at least 1 frame per second")
+        if args.video_episodes < 1:
+            raise ValueError(f"--video-episodes {args.video_episodes}: need at least 1")
+        for what, f in (("--out", args.out), ("--video", args.video)):
+            if f is not None:
+                _check_output(what, Path(f))
         device = resolve_device(args.device)
-        kernels.set_impl("auto")
-        cfg, wm, ac, state = load_policy(args.run, device)
+        pol = Policy(args.run, device)
     except (ValueError, RuntimeError) as e:  # bad arguments, missing or corrupt checkpoints
         fail(str(e))
-    path = ck.resolve(args.run)
+    cfg, path, step = pol.cfg, pol.path, pol.step
     run_dir = ck.run_dir_of(path)
-    step = int(state["step"])
     n_video = min(args.video_episodes, args.episodes) if args.video else 0
-    returns, frames, spec = play(wm, ac, cfg.env, cfg.train.act_context, args.episodes, args.seed, device,
+    returns, frames, spec = play(pol.wm, pol.ac, cfg.env, cfg.train.act_context, args.episodes, args.seed, device,
                                  greedy=args.mode == "greedy", random_policy=args.mode == "random",
                                  capture_frames=n_video)  # returns (E, N)
     summary = summarise(returns, spec)

@@ -17,8 +17,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .actor_critic import ActorCritic
-from .losses import fp32, two_hot_decode
+from .actor_critic import ActorCritic, agent_state
+from .losses import two_hot_decode
 from .transformer import KVCache, segment_mask
 from .world_model import WorldModel
 
@@ -71,16 +71,6 @@ class ImagCaches:
         for t in (caches.seq.k, caches.seq.v, caches.team.k, caches.team.v):
             torch._dynamo.mark_static_address(t)
         return caches
-
-
-def agent_state(z: Tensor, h: Tensor, team_logits: Tensor) -> Tensor:
-    """s = [z (K·C), h (D), teammate action probabilities ((N−1)·A)] → (..., S).
-
-    **CHOICE**: the teammate part is the softmax of the predictor's logits rather than raw logits:
-    bounded, and padded actions are exactly 0.
-    """
-    team = torch.softmax(fp32(team_logits), -1).flatten(-2)  # (..., (N-1)·A)
-    return torch.cat([fp32(z), fp32(h), team], dim=-1)
 
 
 def imagine(wm: WorldModel, ac: ActorCritic, obs: Tensor, act: Tensor, first: Tensor, agents: Tensor,

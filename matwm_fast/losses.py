@@ -1,15 +1,18 @@
 """The math of MATWM as pure functions: transforms, distributions and the two losses.
 
 Public, stable API (others test against these names and shapes; time is the last dimension):
-``symlog``, ``symexp``, ``two_hot``, ``lambda_returns``.  Losses are pure functions returning
-``(loss, metrics)`` where metrics is a dict of detached 0-dim tensors (no ``.item()`` here: the
-training loop reads them only at a log interval).
+``symlog``, ``symexp``, ``two_hot_decode``, ``lambda_returns``.  Losses are pure functions
+returning ``(loss, metrics)`` where metrics is a dict of detached tensors (no ``.item()`` here:
+the training loop reads them only at a log interval).  ``kernels`` names the implementation of
+the fused two-hot cross-entropy ('ref' or 'triton'), the caller's model's choice.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .kernels import twohot_ce
 
 Tensor = torch.Tensor
 
@@ -30,39 +33,19 @@ def symexp(x: Tensor) -> Tensor:
     return torch.sign(x) * torch.expm1(torch.abs(x))
 
 
-def two_hot(x: Tensor, bins: Tensor) -> Tensor:
-    """Two-hot weights of ``x`` (already in symlog space) over sorted ``bins``: (...,) → (..., NB).
-
-    The two neighbouring bins share the mass so that ``sum(w·bins) == x`` exactly inside the
-    range; values outside it are clamped to the end bins.
-    """
-    nb = bins.shape[0]
-    x = x.clamp(bins[0], bins[-1])
-    # index of the lower neighbour: the last bin ≤ x, kept ≤ NB−2 so the upper one exists
-    lo = (torch.searchsorted(bins, x.contiguous(), right=True) - 1).clamp(0, nb - 2)  # (...,)
-    b_lo, b_hi = bins[lo], bins[lo + 1]  # (...,)
-    w_hi = (x - b_lo) / (b_hi - b_lo)  # (...,)
-    out = torch.zeros(*x.shape, nb, dtype=x.dtype, device=x.device)  # (..., NB)
-    out.scatter_(-1, lo.unsqueeze(-1), (1.0 - w_hi).unsqueeze(-1))
-    out.scatter_add_(-1, (lo + 1).unsqueeze(-1), w_hi.unsqueeze(-1))
-    return out
-
-
 def two_hot_decode(logits: Tensor, bins: Tensor) -> Tensor:
     """Expected value (in real space) of a symlog two-hot head: (..., NB) → (...,)."""
     return symexp((torch.softmax(fp32(logits), -1) * bins).sum(-1))
 
 
-def two_hot_ce(logits: Tensor, target_symlog: Tensor, bins: Tensor) -> Tensor:
+def two_hot_ce(logits: Tensor, target_symlog: Tensor, bins: Tensor, kernels: str) -> Tensor:
     """Cross-entropy of a two-hot head against targets in symlog space: (..., NB), (...,) → (...,).
 
-    Dispatches to the fused kernel of ``kernels.twohot_ce`` (reference or Triton by its switch).
+    The fused op of ``kernels.twohot_ce`` (two-hot weights never materialised on the Triton path).
     """
-    import kernels
-
     lead = target_symlog.shape
     nb = logits.shape[-1]
-    out = kernels.twohot_ce(logits.reshape(-1, nb), fp32(target_symlog.reshape(-1)), bins)  # (M,)
+    out = twohot_ce(logits.reshape(-1, nb), fp32(target_symlog.reshape(-1)), bins, impl=kernels)  # (M,)
     return out.reshape(lead)
 
 
@@ -91,11 +74,6 @@ def unimix_probs(logits: Tensor, unimix: float) -> Tensor:
     return (1.0 - unimix) * probs + unimix / logits.shape[-1]
 
 
-def straight_through(onehot: Tensor, probs: Tensor) -> Tensor:
-    """Forward value ``onehot``; gradient flows to ``probs`` (Bengio et al. 2013)."""
-    return onehot + probs - probs.detach()
-
-
 def categorical_kl(p: Tensor, q: Tensor) -> Tensor:
     """KL(p‖q) of categorical distributions (..., K, C), summed over the K variables → (...,)."""
     return (p * (torch.log(p) - torch.log(q))).sum(dim=(-1, -2))
@@ -122,7 +100,7 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- world-model loss
 def world_model_loss(out, obs: Tensor, rew: Tensor, cont: Tensor, team_act: Tensor, obs_mask: Tensor,
-                     bins: Tensor, dyn_weight: float, rep_weight: float, free_bits: float):
+                     bins: Tensor, dyn_weight: float, rep_weight: float, free_bits: float, kernels: str = "ref"):
     """Paper Eq. 3, averaged over batch and time: rec + rew + con + team + 0.5·dyn + 0.1·rep.
 
     out: :class:`~matwm_fast.world_model.WMOutputs` for R rows × T steps; obs (R, T, O); rew,
@@ -131,7 +109,7 @@ def world_model_loss(out, obs: Tensor, rew: Tensor, cont: Tensor, team_act: Tens
     episode start the "next latent" is a reset, not a consequence of a_t.
     """
     rec = ((fp32(out.recon) - obs).pow(2) * obs_mask[:, None]).sum(-1).mean()
-    rew_loss = two_hot_ce(out.reward_logits, symlog(rew), bins).mean()
+    rew_loss = two_hot_ce(out.reward_logits, symlog(rew), bins, kernels).mean()
     con_loss = F.binary_cross_entropy_with_logits(fp32(out.cont_logits), cont)
     team_logits = fp32(out.team_logits)  # (R, T, N-1, A)
     team = F.cross_entropy(team_logits.flatten(0, 2), team_act.flatten(), reduction="none")  # (R·T·(N-1),)
@@ -158,7 +136,8 @@ def return_range(returns: Tensor, low: float, high: float) -> Tensor:
 
 def actor_critic_loss(policy_logits: Tensor, actions: Tensor, critic_logits: Tensor, slow_logits: Tensor,
                       rewards: Tensor, continues: Tensor, bins: Tensor, prev_scale: Tensor, gamma: float,
-                      lam: float, entropy_coef: float, scale_decay: float, pct_low: float, pct_high: float):
+                      lam: float, entropy_coef: float, scale_decay: float, pct_low: float, pct_high: float,
+                      kernels: str = "ref"):
     """Paper Eqs. 10–13 (DreamerV3 form) for N agents at once, each on its own imagined batch.
 
     policy_logits (N, B, H, A); actions (N, B, H); critic_logits, slow_logits (N, B, H+1, NB);
@@ -168,7 +147,7 @@ def actor_critic_loss(policy_logits: Tensor, actions: Tensor, critic_logits: Ten
     ``return_scale``, the updated EMA the caller stores (EMA from 0, as DreamerV3; max(1, S) makes
     the first updates unscaled).
     """
-    values = symexp((torch.softmax(fp32(critic_logits), -1) * bins).sum(-1))  # (N, B, H+1)
+    values = two_hot_decode(critic_logits, bins)  # (N, B, H+1)
     returns = lambda_returns(rewards, continues, values.detach(), gamma, lam)  # (N, B, H)
     # actor: REINFORCE with normalised advantage, plus entropy bonus
     logp_all = torch.log_softmax(fp32(policy_logits), -1)  # (N, B, H, A)
@@ -179,10 +158,10 @@ def actor_critic_loss(policy_logits: Tensor, actions: Tensor, critic_logits: Ten
     adv = (returns - values[..., :-1]) / scale.clamp_min(1.0).view(-1, 1, 1)  # (N, B, H)
     actor = (-adv.detach() * logp - entropy_coef * entropy).flatten(1).mean(1)  # (N,)
     # critic: two-hot CE to sg(G_t), plus CE to the slow critic's value as a regulariser
-    slow_v = symexp((torch.softmax(fp32(slow_logits), -1) * bins).sum(-1))  # (N, B, H+1)
+    slow_v = two_hot_decode(slow_logits, bins)  # (N, B, H+1)
     crit_logits = critic_logits[..., :-1, :]  # (N, B, H, NB)
-    critic = (two_hot_ce(crit_logits, symlog(returns.detach()), bins)
-              + two_hot_ce(crit_logits, symlog(slow_v[..., :-1].detach()), bins)).flatten(1).mean(1)  # (N,)
+    critic = (two_hot_ce(crit_logits, symlog(returns.detach()), bins, kernels)
+              + two_hot_ce(crit_logits, symlog(slow_v[..., :-1].detach()), bins, kernels)).flatten(1).mean(1)  # (N,)
     loss = (actor + critic).sum()
     metrics = {
         "actor_loss": actor.detach(), "critic_loss": critic.detach(), "entropy": entropy.detach().flatten(1).mean(1),

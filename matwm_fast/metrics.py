@@ -1,7 +1,11 @@
-"""Metric accumulation and sinks: JSONL always, CSV always, TensorBoard when installed.
+"""Metric rows: accumulated on the device, written as JSONL and CSV (and TensorBoard when installed).
 
-Training steps hand in dicts of 0-dim tensors; they are summed on the device and read back
-(one host sync) only when a row is written, every ``log_every`` env steps.
+Training steps hand in dicts of tensors; :class:`RowLogger` sums them on the device and reads
+them back (one host sync) only when a row is written, every ``run.log_every`` env steps.
+
+A power loss or a full disk can leave a torn last line in ``metrics.jsonl`` or ``metrics.csv``.
+:func:`repair` drops it (with a warning) before anything appends to or reads the files, so a run
+resumes exactly and ``plot``/``sweep`` read what was whole.
 """
 
 from __future__ import annotations
@@ -11,36 +15,82 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
+FILES = ("metrics.jsonl", "metrics.csv")
 
 
-class MetricAccumulator:
-    """Sums metric tensors across steps without host syncs; ``mean()`` reads them once."""
+# ----------------------------------------------------------------------------- files
+def repair(run_dir: Path | str) -> list[str]:
+    """Drop a torn last line of the metric files (one not ended by a newline, or a JSON line that
+    does not parse); returns a note per file repaired, which is also issued as a warning."""
+    notes = []
+    for name in FILES:
+        path = Path(run_dir) / name
+        if not path.exists():
+            continue
+        data = path.read_bytes()
+        keep = data[: data.rfind(b"\n") + 1]  # everything up to the last complete line
+        if name.endswith(".jsonl") and keep:
+            last = keep[:-1].rsplit(b"\n", 1)[-1]
+            try:
+                json.loads(last)
+            except ValueError:  # a newline landed but the line is garbage (e.g. zero-filled blocks)
+                keep = keep[: len(keep) - len(last) - 1]
+        if keep != data:
+            path.write_bytes(keep)
+            notes.append(f"{path}: dropped a torn last line ({len(data) - len(keep)} bytes)")
+    for n in notes:
+        warnings.warn(n, stacklevel=2)
+    return notes
 
-    def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
-        self.counts: dict[str, int] = {}
 
-    def add(self, metrics: dict[str, Tensor]) -> None:
-        for k, v in metrics.items():
-            v = v.detach().float()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-            self.counts[k] = self.counts.get(k, 0) + 1
+def read_metrics(run_dir: Path | str) -> list[dict]:
+    """All whole rows of a run's ``metrics.jsonl`` (a torn last line is skipped with a warning)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a matwm_fast run directory?")
+    lines = path.read_text(errors="replace").split("\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i >= len(lines) - 2:  # the last line (possibly before a final newline): torn
+                warnings.warn(f"{path}: skipped a torn last line", stacklevel=2)
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not JSON (the file is damaged)") from None
+    return rows
 
-    def mean(self) -> dict[str, float]:
-        if not self.sums:
-            return {}
-        keys = list(self.sums)
-        dev = self.sums[keys[0]].device
-        vals = torch.stack([self.sums[k].to(dev) for k in keys]).cpu().tolist()  # one sync for all
-        out = {k: v / self.counts[k] for k, v in zip(keys, vals)}
-        self.sums.clear()
-        self.counts.clear()
-        return out
+
+def truncate_after(run_dir: Path | str, step: int) -> int:
+    """Drop rows logged after env step ``step`` from both files (a run killed without warning
+    logged rows past its last checkpoint; resuming logs them again).  Returns how many."""
+    run_dir = Path(run_dir)
+    jsonl, csv_path = run_dir / "metrics.jsonl", run_dir / "metrics.csv"
+    if not jsonl.exists():
+        return 0
+    lines = [ln for ln in jsonl.read_text().splitlines() if ln.strip()]
+    keep = [ln for ln in lines if json.loads(ln).get("env_step", 0) <= step]
+    if len(keep) == len(lines):
+        return 0
+    jsonl.write_text("".join(ln + "\n" for ln in keep))
+    if csv_path.exists():
+        with open(csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            cols, rows = reader.fieldnames or [], [r for r in reader if int(r.get("env_step") or 0) <= step]
+        with open(csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+    return len(lines) - len(keep)
 
 
 class MetricsWriter:
@@ -49,6 +99,7 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        repair(self.run_dir)  # never append to a torn line
         self.jsonl = self.run_dir / "metrics.jsonl"
         self.csv = self.run_dir / "metrics.csv"
         self._tb = None
@@ -95,39 +146,88 @@ class MetricsWriter:
             self._tb.close()
 
 
-def read_metrics(run_dir: Path | str) -> list[dict]:
-    """All rows of a run's ``metrics.jsonl``."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a matwm_fast run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+# ----------------------------------------------------------------------------- rows
+class MetricAccumulator:
+    """Sums metric tensors across steps without host syncs; ``mean()`` reads them once."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, metrics: dict[str, Tensor]) -> None:
+        for k, v in metrics.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def mean(self) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        dev = self.sums[keys[0]].device
+        vals = torch.stack([self.sums[k].to(dev) for k in keys]).cpu().tolist()  # one sync for all
+        return {k: v / self.counts[k] for k, v in zip(keys, vals)}
+
+    def clear(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
 
 
-def truncate_after(run_dir: Path | str, step: int) -> int:
-    """Drop rows logged after env step ``step`` (from ``metrics.jsonl`` and ``metrics.csv``).
+class RowLogger:
+    """A training run's rows: step metrics averaged over the interval, the episodes finished in
+    it, budget totals and wall-clock throughput (``perf_*``, the only values that vary between
+    identical runs)."""
 
-    A run killed without warning (SIGKILL, power loss) has logged rows past its last checkpoint;
-    resuming from that checkpoint logs those steps again, so the stale rows go first.  Returns
-    how many rows were dropped.
-    """
-    run_dir = Path(run_dir)
-    jsonl, csv_path = run_dir / "metrics.jsonl", run_dir / "metrics.csv"
-    if not jsonl.exists():
-        return 0
-    lines = [ln for ln in jsonl.read_text().splitlines() if ln.strip()]
-    keep = [ln for ln in lines if json.loads(ln).get("env_step", 0) <= step]
-    if len(keep) == len(lines):
-        return 0
-    jsonl.write_text("".join(ln + "\n" for ln in keep))
-    if csv_path.exists():
-        with open(csv_path, newline="") as f:
-            reader = csv.DictReader(f)
-            cols, rows = reader.fieldnames or [], [r for r in reader if int(r.get("env_step") or 0) <= step]
-        with open(csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)
-    return len(lines) - len(keep)
+    def __init__(self, writer: MetricsWriter, agents: tuple[str, ...], teams: dict[str, list[int]]):
+        self.writer, self.agents, self.teams = writer, agents, teams
+        self.acc = MetricAccumulator()
+        self._mark(0, 0)
+
+    def _mark(self, step: int, imagined: int) -> None:
+        self.t0, self.step0, self.imagined0 = time.perf_counter(), step, imagined
+
+    def add(self, metrics: dict[str, Tensor] | None) -> None:
+        if metrics:
+            self.acc.add(metrics)
+
+    def row(self, step: int, imagined_total: int, warm: bool, finished: list[np.ndarray], on_grid: bool) -> dict:
+        """Write the row of env step ``step``.  Off the logging grid (the last step of a run whose
+        budget is not a multiple of ``log_every``) the interval stays open: its sums and episodes
+        are kept, so a resume with a larger budget logs exactly the uninterrupted run's rows."""
+        now = time.perf_counter()
+        row = {"env_step": step, "warm": warm, **self.acc.mean(), **episode_row(finished, self.agents, self.teams),
+               "imagined_steps_total": imagined_total,
+               "perf_env_steps_per_s": (step - self.step0) / max(now - self.t0, 1e-9),
+               "perf_imagined_steps_per_s": (imagined_total - self.imagined0) / max(now - self.t0, 1e-9)}
+        self.writer.write(row)
+        if on_grid:
+            self.acc.clear()
+            finished.clear()
+        self._mark(step, imagined_total)
+        return row
+
+    def start(self, step: int, imagined_total: int) -> None:
+        self._mark(step, imagined_total)
+
+    def state_dict(self) -> dict:
+        return {"sums": {k: v.cpu() for k, v in self.acc.sums.items()}, "counts": dict(self.acc.counts)}
+
+    def load_state_dict(self, sd: dict, device: torch.device) -> None:
+        self.acc.sums = {k: v.to(device) for k, v in sd["sums"].items()}
+        self.acc.counts = {k: int(v) for k, v in sd["counts"].items()}
+
+
+def episode_row(finished: list[np.ndarray], agents: tuple[str, ...], teams: dict[str, list[int]]) -> dict:
+    """Mean returns of the episodes finished in an interval: per agent, per team, all."""
+    if not finished:
+        return {}
+    r = np.stack(finished)  # (E, N)
+    row = {"episodes": int(r.shape[0]), "episode_return": float(r.mean())}
+    for i, name in enumerate(agents):
+        row[f"{name}_episode_return"] = float(r[:, i].mean())
+    for team, idx in teams.items():
+        row[f"team_{team}_episode_return"] = float(r[:, idx].mean())
+    return row
 
 
 class Progress:
@@ -141,9 +241,7 @@ class Progress:
 
     def update(self, step: int, imagined: int, force: bool = False) -> None:
         now = time.perf_counter()
-        if not force and self.tty and now - self.last < 0.5:
-            return
-        if not force and not self.tty:
+        if not force and (not self.tty or now - self.last < 0.5):
             return
         self.last = now
         dt = max(now - self.t0, 1e-9)
@@ -152,6 +250,9 @@ class Progress:
         msg = (f"[{bar}] {step}/{self.total} env steps | {(step - self.s0) / dt:7.2f} env steps/s | "
                f"{imagined / dt:10.0f} imagined steps/s")
         print(("\r" + msg) if self.tty else msg, end="" if self.tty else "\n", file=self.stream, flush=True)
+
+    def restart(self, step: int) -> None:
+        self.t0, self.s0 = time.perf_counter(), step
 
     def close(self) -> None:
         if self.tty:

@@ -1,9 +1,11 @@
 """Algorithm 2 (SPEC §2): collect, then per env step one shared world-model update and one
 actor-critic update per agent (all agents in one batched call).
 
-The trainer owns what modules must not: the optimisers, the replay, the env, the RNGs and the
-device.  Its update methods are the step functions that :mod:`matwm_fast.backends` compiles and
-CUDA-graphs; they take tensors, return metric tensors and never synchronise with the host.
+The trainer owns what modules must not: the env, the replay, the optimisers, the RNGs and the
+device.  Its update methods call the pure step functions of :mod:`matwm_fast.steps` (compiled
+there, once, when the backend asks for it); they never synchronise with the host.  Everything
+the next step depends on comes out of :meth:`Trainer.state_dict` as plain data (tensors,
+numbers, strings), and goes back in through :meth:`Trainer.load_state_dict`.
 """
 
 from __future__ import annotations
@@ -16,35 +18,19 @@ import torch
 
 from .acting import ContextQueues, policy_step
 from .actor_critic import ActorCritic, state_dim
-from .config import Config, imagination_size, validate
+from .config import LEARNED, Config, load_config, resolve
 from .env import MultiAgentEnv, random_actions
-from .imagination import ImagCaches, imagine
-from .losses import actor_critic_loss, world_model_loss
-from .nn import ema_update, per_agent_grad_clip
+from .imagination import ImagCaches, ImagNoise, Rollout
 from .nvtx import phase
-from .backends import StepFunctions, resolve_backend
 from .replay import Batch, ReplayBuffer
+from .steps import Runtime, compile_steps
 from .world_model import WorldModel
 
 Tensor = torch.Tensor
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; anything else must be a device torch accepts."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; valid here: auto, cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}; valid: auto, cpu, cuda, cuda:N")
-    return dev
-
-
 def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's global generators (the entry points call this first)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -54,65 +40,54 @@ def seed_everything(seed: int) -> None:
 class EpisodeStats:
     """Running returns of the current episode and those finished since the last log row."""
 
-    current: np.ndarray
-    finished: list[np.ndarray] = field(default_factory=list)
+    current: np.ndarray  # (N,)
+    finished: list[np.ndarray] = field(default_factory=list)  # each (N,)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, device: torch.device | str = "cpu"):
-        self.cfg, self.device = cfg, torch.device(device)
-        tr = cfg.train
-        seed_everything(tr.seed)
-        self.env = MultiAgentEnv(cfg.env, seed=tr.seed)
+    def __init__(self, cfg: Config, runtime: Runtime):
+        self.env = MultiAgentEnv(cfg.env, seed=cfg.train.seed)
         self.spec = spec = self.env.spec
-        validate(cfg, spec.n_agents)
+        if resolve(cfg, spec.n_agents) != cfg:
+            raise ValueError("Trainer needs the config that runs: pass matwm_fast.config.resolve(cfg, n_agents)")
+        self.cfg, self.rt, self.device = cfg, runtime, runtime.device
         self.n = n = spec.n_agents
-        self.rng = np.random.default_rng(tr.seed)
-        self.wm = WorldModel(cfg.wm, spec).to(self.device)
+        self.rng = np.random.default_rng(cfg.train.seed)
+        self.wm = WorldModel(cfg.wm, spec, runtime.kernels).to(self.device)
         s_dim = state_dim(cfg.wm.latent_vars, cfg.wm.latent_classes, cfg.wm.width, n, spec.n_actions)
-        self.ac = ActorCritic(cfg.ac, spec, s_dim, self.wm.bins).to(self.device)
-        self.backend = resolve_backend(tr.backend, self.device)
+        self.ac = ActorCritic(cfg.ac, spec, s_dim, self.wm.bins, runtime.kernels).to(self.device)
         # CUDA graphs replay the optimiser step: its state must live on the device (capturable)
         # and the learning rate be a tensor, so nothing is read from the host inside the graph
-        graphs = self.backend == "cudagraphs"
+        graphs = runtime.backend == "cudagraphs"
 
         def lr(x: float):
             return torch.tensor(x, device=self.device) if graphs else x
 
         self.wm_opt = torch.optim.Adam(self.wm.parameters(), lr=lr(cfg.wm.lr), eps=cfg.wm.adam_eps, capturable=graphs)
-        self.ac_opt = torch.optim.Adam(
-            [{"params": self.ac.actor_params()}, {"params": self.ac.critic_params()}],
-            lr=lr(cfg.ac.lr), eps=cfg.ac.adam_eps, capturable=graphs)
-        self.replay = ReplayBuffer(n, spec.obs_dim, cfg.replay.capacity, self.device, seed=tr.seed + 1)
-        self.queues = ContextQueues(n, spec.obs_dim, tr.act_context, self.device)
-        self.imag_batch, self.horizon = imagination_size(n, cfg.ac)
-        # the caches hold what autocast computes: bf16 keys/values on CUDA with amp, else float32
-        cache_dtype = torch.bfloat16 if (self.device.type == "cuda" and tr.amp) else torch.float32
-        self.caches = ImagCaches.allocate(self.wm, n * self.imag_batch, cfg.ac.context_len, self.horizon,
-                                          self.device, cache_dtype)
+        self.ac_opt = torch.optim.Adam([{"params": self.ac.actor_params()}, {"params": self.ac.critic_params()}],
+                                       lr=lr(cfg.ac.lr), eps=cfg.ac.adam_eps, capturable=graphs)
+        self.replay = ReplayBuffer(n, spec.obs_dim, cfg.replay.capacity, self.device, seed=cfg.train.seed + 1)
+        self.queues = ContextQueues(n, spec.obs_dim, cfg.train.act_context, self.device)
+        self.caches = ImagCaches.allocate(self.wm, n * cfg.ac.imag_batch, cfg.ac.context_len, cfg.ac.horizon,
+                                          self.device, runtime.cache_dtype)
+        self.steps = compile_steps(runtime.backend)
         self.agents = torch.arange(n, device=self.device)  # (N,)
-        self.obs_mask = self.wm.obs_mask  # (N, O)
         self.step = 0  # env steps taken
-        self.obs = self.env.reset(seed=tr.seed)
+        self.imagined_total = 0  # imagined steps so far: the one place they are counted
+        self.obs = self.env.reset(seed=cfg.train.seed)  # (N, O)
         self.first = True
         self.episodes = EpisodeStats(np.zeros(n))
-        self.fn = StepFunctions.build(self, self.backend)
         # the per-step budget counters live on the device with the other metrics, made once
         self.counters = {k: torch.zeros((), device=self.device)
                          for k in ("wm_sequences", "wm_sequences_per_agent", "imagined_steps")}
-        # device-side record of the first non-finite loss: (step, which) — checked at log intervals
+        # device-side record of the first non-finite loss: (step, which: 0 = world model, 1 + i = agent i)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.bad_which = torch.zeros((), dtype=torch.long, device=self.device)
-
-    # ------------------------------------------------------------------------------------ budget
-    @property
-    def wm_per_agent(self) -> int:
-        return self.cfg.wm.batch_size // self.n
 
     @property
     def imagined_per_update(self) -> int:
         """Imagined steps per agent update, all agents: N × B × H (36,864 for the paper preset)."""
-        return self.n * self.imag_batch * self.horizon
+        return self.n * self.cfg.ac.imag_batch * self.cfg.ac.horizon
 
     @property
     def warm(self) -> bool:
@@ -124,9 +99,7 @@ class Trainer:
             return random_actions(self.rng, self.spec)
         past_obs, past_act = self.queues.view()
         obs = torch.as_tensor(self.obs, device=self.device)  # (N, O)
-        self.wm.eval()
-        a = policy_step(self.wm, self.ac, past_obs, past_act, obs, greedy=greedy)  # (N,)
-        return a.cpu().numpy()
+        return policy_step(self.wm, self.ac, past_obs, past_act, obs, greedy=greedy).cpu().numpy()  # (N,)
 
     def env_step(self) -> None:
         """Act, step the env, store the transition; on episode end reset env and queues."""
@@ -148,125 +121,182 @@ class Trainer:
             self.first = True
 
     # ------------------------------------------------------------------------------------ updates
-    # Each update is split into pure pieces — a loss function (forward only) and an optimiser step
-    # (clip + Adam + EMA) — that :mod:`matwm_fast.backends` wraps with torch.compile / CUDA graphs;
-    # the backward pass between them is autograd's (compiled by AOTAutograd under a backend).
-    def wm_loss(self, obs: Tensor, act: Tensor, rew: Tensor, cont: Tensor, first: Tensor, team_act: Tensor,
-                agent: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Paper Eq. 3 on the combined batch of all agents: R = N·(B/N) rows of T steps."""
-        c = self.cfg.wm
-        with self.autocast():
-            out = self.wm.observe(obs, act, first, agent)
-        return world_model_loss(out, obs, rew, cont, team_act, self.obs_mask[agent], self.wm.bins,
-                                c.dyn_weight, c.rep_weight, c.free_bits)
-
-    def wm_opt_step(self) -> Tensor:
-        norm = torch.nn.utils.clip_grad_norm_(self.wm.parameters(), self.cfg.wm.grad_clip)
-        self.wm_opt.step()
-        return norm
-
-    def imagine_rollout(self, obs: Tensor, act: Tensor, first: Tensor, noise=None):
-        with torch.no_grad(), self.autocast():
-            return imagine(self.wm, self.ac, obs, act, first, self.agents, self.horizon, self.caches, noise)
-
-    def ac_loss(self, states: Tensor, actions: Tensor, rewards: Tensor, continues: Tensor):
-        """Eqs. 10–13 for every agent at once, each on its own imagined batch (N, B, H+1, S)."""
-        ac, c = self.ac, self.cfg.ac
-        n, b, h1, s = states.shape
-        flat = states.reshape(n, b * h1, s)  # (N, B·(H+1), S)
-        logits = ac.policy_logits(flat).view(n, b, h1, -1)[:, :, :-1]  # (N, B, H, A)
-        critic_logits = ac.critic(flat).view(n, b, h1, -1)  # (N, B, H+1, NB)
-        with torch.no_grad():
-            slow_logits = ac.slow_critic(flat).view(n, b, h1, -1)  # (N, B, H+1, NB)
-        return actor_critic_loss(logits, actions, critic_logits, slow_logits, rewards, continues, ac.bins,
-                                 ac.return_scale, c.gamma, c.lam, c.entropy, c.return_scale_decay,
-                                 c.return_pct_low, c.return_pct_high)
-
-    def ac_opt_step(self, new_scale: Tensor) -> tuple[Tensor, Tensor]:
-        ac, c = self.ac, self.cfg.ac
-        actor_norm = per_agent_grad_clip(ac.actor_params(), c.grad_clip)
-        critic_norm = per_agent_grad_clip(ac.critic_params(), c.grad_clip)
-        self.ac_opt.step()
-        ema_update(ac.slow_critic, ac.critic, c.slow_critic_decay)
-        ac.return_scale.copy_(new_scale)
-        return actor_norm, critic_norm
-
-    def autocast(self):
-        """bf16 autocast for the world model on CUDA when ``train.amp``; a no-op on the CPU."""
-        on = self.device.type == "cuda" and self.cfg.train.amp
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
-
-    # the step functions the loop calls; a backend replaces the pure pieces they use
     def wm_update(self, batch: Batch) -> dict[str, Tensor]:
         """One step of the shared world model on the combined batch of all agents."""
-        self.wm.train()
-        loss, m = self.fn.wm_loss(batch.obs, batch.act, batch.rew, batch.cont, batch.first, batch.team_act,
-                                  batch.agent)
+        s = self.steps
+        loss, m = s.wm_loss(self.wm, batch.obs, batch.act, batch.rew, batch.cont, batch.first, batch.team_act,
+                            batch.agent, self.rt.amp)
         self.wm_opt.zero_grad(set_to_none=False)
         loss.backward()
-        m["grad_norm"] = self.fn.wm_opt_step()
+        m["grad_norm"] = s.wm_opt_step(self.wm, self.wm_opt, self.cfg.wm.grad_clip)
         return m
 
-    def imagine(self, ctx: Batch, noise=None):
-        self.wm.eval()
-        return self.fn.imagine(ctx.obs, ctx.act, ctx.first, noise)
+    def imagine(self, ctx: Batch, noise: ImagNoise | None = None) -> Rollout:
+        return self.steps.imagine(self.wm, self.ac, ctx.obs, ctx.act, ctx.first, self.agents, self.cfg.ac.horizon,
+                                  self.caches, noise, self.rt.amp)
 
-    def ac_update(self, roll) -> dict[str, Tensor]:
+    def ac_update(self, roll: Rollout) -> dict[str, Tensor]:
         """One actor-critic step for every agent (per-agent clipping inside)."""
-        loss, m = self.fn.ac_loss(roll.states, roll.actions, roll.rewards, roll.continues)
+        s = self.steps
+        loss, m = s.ac_loss(self.ac, roll.states, roll.actions, roll.rewards, roll.continues, self.cfg.ac)
         self.ac_opt.zero_grad(set_to_none=False)
         loss.backward()
-        m["actor_grad_norm"], m["critic_grad_norm"] = self.fn.ac_opt_step(m["return_scale"])
+        m["actor_grad_norm"], m["critic_grad_norm"] = s.ac_opt_step(self.ac, self.ac_opt, m["return_scale"],
+                                                                     self.cfg.ac)
         return m
-
-    def _flag_nonfinite(self, which: int, *losses: Tensor) -> None:
-        """Remember the first step whose loss was NaN/Inf, on the device (no sync here)."""
-        bad = ~torch.isfinite(torch.stack([x.float().sum() for x in losses])).all()
-        new = bad & (self.bad_step < 0)
-        self.bad_step.copy_(torch.where(new, self.step, self.bad_step))
-        self.bad_which.copy_(torch.where(new, which, self.bad_which))
 
     def train_step(self) -> dict[str, Tensor] | None:
         """One env step of Algorithm 2; returns the step's metric tensors once updates run."""
-        if self.backend == "cudagraphs":
+        if self.rt.backend == "cudagraphs":
             # a new iteration: outputs of the previous step's graphs may be overwritten now
             torch.compiler.cudagraph_mark_step_begin()
         self.env_step()
         if not self.warm:
             return None
         metrics: dict[str, Tensor] = {}
-        tr = self.cfg.train
-        if self.step % tr.wm_every == 0:
+        cfg = self.cfg
+        if self.step % cfg.train.wm_every == 0:
             with phase("replay_sample"):
-                batch = self.replay.sample_sequences(self.wm_per_agent, self.cfg.wm.seq_len,
-                                                     self.cfg.replay.priority_decay)
+                batch = self.replay.sample_sequences(cfg.wm.batch_per_agent, cfg.wm.seq_len, cfg.replay.priority_decay)
             with phase("wm_update"):
                 wm_m = self.wm_update(batch)
-            self._flag_nonfinite(0, wm_m["total"])
+            self._flag_nonfinite(wm_m["total"].reshape(1), 0)
             metrics.update({f"shared_wm_{k}_loss" if k != "grad_norm" else "shared_wm_grad_norm": v
                             for k, v in wm_m.items()})
-            # counted from the batch itself (host-known shapes: no sync), into tensors made once
-            rows = batch.agent.shape[0]
+            rows = batch.agent.shape[0]  # host-known shapes: counted without a sync
             metrics["wm_sequences"] = self.counters["wm_sequences"].fill_(rows)
             metrics["wm_sequences_per_agent"] = self.counters["wm_sequences_per_agent"].fill_(rows // self.n)
-        if self.step % tr.agent_every == 0:
+        if self.step % cfg.train.agent_every == 0:
             with phase("replay_sample"):
-                ctx = self.replay.sample_contexts(self.imag_batch, self.cfg.ac.context_len)
+                ctx = self.replay.sample_contexts(cfg.ac.imag_batch, cfg.ac.context_len)
             with phase("imagine"):
                 roll = self.imagine(ctx)
             with phase("ac_update"):
                 ac_m = self.ac_update(roll)
-            self._flag_nonfinite(1, ac_m["actor_loss"], ac_m["critic_loss"])
+            self._flag_nonfinite(ac_m["actor_loss"] + ac_m["critic_loss"], 1)  # (N,)
             for i, name in enumerate(self.spec.agents):
                 for k, v in ac_m.items():
                     metrics[f"{name}_{k}"] = v[i]
-            metrics["imagined_steps"] = self.counters["imagined_steps"].fill_(roll.actions.numel())
+            imagined = roll.actions.numel()
+            self.imagined_total += imagined
+            metrics["imagined_steps"] = self.counters["imagined_steps"].fill_(imagined)
         return metrics
+
+    def _flag_nonfinite(self, losses: Tensor, offset: int) -> None:
+        """Remember the first step and loss that was NaN/Inf, on the device (no sync here)."""
+        bad = ~torch.isfinite(losses.detach().float())  # (K,)
+        new = bad.any() & (self.bad_step < 0)
+        self.bad_step.copy_(torch.where(new, self.step, self.bad_step))
+        self.bad_which.copy_(torch.where(new, offset + bad.int().argmax(), self.bad_which))
 
     def check_finite(self) -> None:
         """Raise if any loss so far was NaN/Inf, naming the loss and the step (one host sync)."""
         step = int(self.bad_step)
         if step >= 0:
-            which = ("shared world-model loss (shared_wm_total_loss)",
-                     "actor-critic loss (<agent>_actor_loss / <agent>_critic_loss)")[int(self.bad_which)]
-            raise FloatingPointError(f"non-finite {which} at env step {step}")
+            which = int(self.bad_which)
+            if which == 0:
+                what = "shared world-model loss (shared_wm_total_loss)"
+            else:
+                name = self.spec.agents[which - 1]
+                what = f"actor-critic loss of {name} ({name}_actor_loss / {name}_critic_loss)"
+            raise FloatingPointError(f"non-finite {what} at env step {step}")
+
+    # ------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Everything the next step depends on, as plain data (no object needs pickling)."""
+        np_state = np.random.get_state()
+        return {
+            "config": self.cfg.to_dict(), "agents": list(self.spec.agents), "step": self.step,
+            "imagined_total": self.imagined_total,
+            "wm": self.wm.state_dict(), "ac": self.ac.state_dict(),
+            "wm_opt": self.wm_opt.state_dict(), "ac_opt": self.ac_opt.state_dict(),
+            "replay": self.replay.state_dict(), "env": self.env.get_state(),
+            "obs": torch.from_numpy(self.obs.copy()), "first": self.first,
+            "queues": {"obs": self.queues.obs.cpu(), "act": self.queues.act.cpu(), "count": self.queues.count},
+            "episodes": {"current": torch.from_numpy(self.episodes.current.copy()),
+                         "finished": [torch.from_numpy(r.copy()) for r in self.episodes.finished]},
+            "bad": {"step": self.bad_step.cpu(), "which": self.bad_which.cpu()},
+            "rng": {"python": random.getstate(),
+                    "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "trainer": self.rng.bit_generator.state},
+        }
+
+    def load_state_dict(self, sd: dict, same_config: bool = True) -> None:
+        """Continue from :meth:`state_dict`.  ``same_config``: refuse a state whose learned config
+        differs from this trainer's (``False``: ``--init-from``, a new run with changed settings;
+        the weights must still fit).  Raises ValueError saying what does not fit."""
+        saved = load_config(sd["config"])
+        if same_config:
+            diff = config_diff(saved, self.cfg, LEARNED)
+            if diff:
+                raise ValueError("checkpoint is from a different config: " + "; ".join(diff))
+        if list(sd["agents"]) != list(self.spec.agents):
+            raise ValueError(f"checkpoint agents {sd['agents']} differ from this env's {list(self.spec.agents)}")
+        try:
+            self.wm.load_state_dict(sd["wm"])
+            self.ac.load_state_dict(sd["ac"])
+            _load_optimizer(self.wm_opt, sd["wm_opt"])
+            _load_optimizer(self.ac_opt, sd["ac_opt"])
+            self.replay.load_state_dict(sd["replay"])
+            self.env.set_state(sd["env"])
+            self.obs, self.first = sd["obs"].numpy().copy(), bool(sd["first"])
+            self.step, self.imagined_total = int(sd["step"]), int(sd["imagined_total"])
+            q = sd["queues"]
+            self.queues.obs, self.queues.act, self.queues.count = q["obs"].to(self.device), q["act"].to(self.device), int(q["count"])
+            self.episodes = EpisodeStats(sd["episodes"]["current"].numpy().copy(),
+                                         [r.numpy().copy() for r in sd["episodes"]["finished"]])
+            self.bad_step.copy_(sd["bad"]["step"])
+            self.bad_which.copy_(sd["bad"]["which"])
+            rng = sd["rng"]
+            random.setstate(rng["python"])
+            name, keys, *rest = rng["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            self.rng.bit_generator.state = rng["trainer"]
+        except (RuntimeError, KeyError, TypeError, AttributeError, IndexError) as e:  # another model or a damaged state
+            raise ValueError(f"checkpoint does not fit the model built from its config: {type(e).__name__}: {e}") from e
+
+
+def config_diff(a: Config, b: Config, sections=LEARNED) -> list[str]:
+    """``section.field: checkpoint A vs this run B`` for every difference within ``sections``."""
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{sec}.{k}: checkpoint {da[sec][k]!r} vs this run {db[sec][k]!r}"
+            for sec in sections for k in da[sec] if da[sec][k] != db[sec][k]]
+
+
+# how an optimiser runs, not what it learns: kept from the trainer's own optimiser on load
+_RUNTIME_KEYS = ("capturable", "foreach", "fused", "differentiable", "lr")
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, sd: dict) -> None:
+    """``opt.load_state_dict(sd)``, keeping ``opt``'s runtime settings.
+
+    ``load_state_dict`` replaces every group setting with the saved one, but device and backend
+    may change on resume: ``cudagraphs`` runs Adam ``capturable`` with a float32 device-tensor
+    learning rate, eager on the CPU neither.  So those settings stay ``opt``'s — the learning rate
+    included: it comes from the config.  They go in before loading (Adam places its ``step``
+    counters as ``capturable`` wants) and the very objects are put back after (loading deep-copies
+    groups; a CUDA graph may hold the lr tensor).
+    """
+    runtime = [{k: g[k] for k in _RUNTIME_KEYS if k in g} for g in opt.param_groups]
+    groups = [{**saved, **cur} for saved, cur in zip(sd["param_groups"], runtime)]
+    opt.load_state_dict({"state": sd["state"], "param_groups": groups})
+    for g, cur in zip(opt.param_groups, runtime):
+        g.update(cur)
+
+
+def build(cfg: Config, **run) -> Trainer:
+    """An entry point's sequence in one call, for tools and tests: ``run`` overrides (e.g.
+    ``device="cpu", backend="compile"``), resolve the config, resolve the runtime, seed, build."""
+    from dataclasses import replace
+
+    from .env import env_spec
+    from .steps import resolve_runtime
+
+    cfg = resolve(replace(cfg, run=replace(cfg.run, **run)), env_spec(cfg.env).n_agents)
+    seed_everything(cfg.train.seed)
+    return Trainer(cfg, resolve_runtime(cfg.run))

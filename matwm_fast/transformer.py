@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from .kernels import decode_attention
 
 Tensor = torch.Tensor
 
@@ -61,9 +61,9 @@ def segment_mask(first: Tensor) -> tuple[Tensor, Tensor]:
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + MHA(LN(x)), then x + FFN(LN(x))."""
 
-    def __init__(self, width: int, heads: int, ffn_mult: int):
+    def __init__(self, width: int, heads: int, ffn_mult: int, kernels: str = "ref"):
         super().__init__()
-        self.heads, self.hd = heads, width // heads
+        self.heads, self.hd, self.kernels = heads, width // heads, kernels
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -92,7 +92,7 @@ class Block(nn.Module):
         # write the new token's k/v at `index` without a host sync (index_copy_ takes a tensor)
         cache_k.index_copy_(2, index.view(1), k.unsqueeze(2).to(cache_k.dtype))
         cache_v.index_copy_(2, index.view(1), v.unsqueeze(2).to(cache_v.dtype))
-        a = kernels.decode_attention(q, cache_k, cache_v, kv_start, index + 1)  # (B, H, hd)
+        a = decode_attention(q, cache_k, cache_v, kv_start, index + 1, impl=self.kernels)  # (B, H, hd)
         x = x + self.proj(a.reshape(b, d).to(x.dtype))  # (B, D)
         return x + self.ffn(self.ln2(x))
 
@@ -100,11 +100,11 @@ class Block(nn.Module):
 class CausalTransformer(nn.Module):
     """Learned positional embedding + ``layers`` pre-LN blocks + final LayerNorm."""
 
-    def __init__(self, width: int, layers: int, heads: int, ffn_mult: int, max_len: int):
+    def __init__(self, width: int, layers: int, heads: int, ffn_mult: int, max_len: int, kernels: str = "ref"):
         super().__init__()
         self.width, self.n_layers, self.heads, self.max_len = width, layers, heads, max_len
         self.pos = nn.Embedding(max_len, width)
-        self.blocks = nn.ModuleList(Block(width, heads, ffn_mult) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, heads, ffn_mult, kernels) for _ in range(layers))
         self.ln_f = nn.LayerNorm(width)
 
     def allocate_cache(self, batch: int, length: int, device, dtype=torch.float32) -> KVCache:

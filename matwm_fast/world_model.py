@@ -10,7 +10,8 @@ Data flow for a row of agent k (paper §4, STORM §3):
     ô_t = decoder(z_t)
 
 The module only computes; the loss lives in :mod:`matwm_fast.losses` and the optimiser in the
-trainer.  Sampling goes through ``kernels.sample_latent`` (reference or Triton by one switch).
+trainer.  ``kernels`` ('ref' or 'triton'), fixed at construction, says which implementation of
+the fused ops (latent sampling, decode attention) every call runs.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-
 from .config import WorldModelConfig
+from .kernels import sample_latent
 from .env import EnvSpec
 from .losses import fp32, symlog, unimix_probs
 from .nn import mlp
@@ -54,13 +54,13 @@ class TeammatePredictor(nn.Module):
     teammates it predicts (the dynamics learn this from the scaled action).
     """
 
-    def __init__(self, cfg: WorldModelConfig, spec: EnvSpec):
+    def __init__(self, cfg: WorldModelConfig, spec: EnvSpec, kernels: str = "ref"):
         super().__init__()
         n, a = spec.n_agents, spec.n_actions
         self.n_team, self.n_act = max(n - 1, 1), a
         self.inp = nn.Linear(cfg.latent_vars * cfg.latent_classes, cfg.tp_width)
         self.agent_emb = nn.Embedding(n, cfg.tp_width)
-        self.tf = CausalTransformer(cfg.tp_width, cfg.tp_layers, cfg.tp_heads, 2, cfg.max_len)
+        self.tf = CausalTransformer(cfg.tp_width, cfg.tp_layers, cfg.tp_heads, 2, cfg.max_len, kernels)
         self.out = nn.Linear(cfg.tp_width, self.n_team * a)
         counts = torch.tensor(spec.action_counts)
         others = [[j for j in range(n) if j != i] or [i] for i in range(n)]
@@ -86,9 +86,9 @@ class TeammatePredictor(nn.Module):
 
 
 class WorldModel(nn.Module):
-    def __init__(self, cfg: WorldModelConfig, spec: EnvSpec):
+    def __init__(self, cfg: WorldModelConfig, spec: EnvSpec, kernels: str = "ref"):
         super().__init__()
-        self.cfg, self.spec = cfg, spec
+        self.cfg, self.spec, self.kernels = cfg, spec, kernels
         k, c, d = cfg.latent_vars, cfg.latent_classes, cfg.width
         n, a, o = spec.n_agents, spec.n_actions, spec.obs_dim
         self.K, self.C, self.N, self.A, self.O = k, c, n, a, o
@@ -97,11 +97,11 @@ class WorldModel(nn.Module):
         # action mixer, STORM's form (Linear→LN→SiLU→Linear→LN) rather than the paper's single Linear
         self.mixer = nn.Sequential(nn.Linear(k * c + n * a, d), nn.LayerNorm(d), nn.SiLU(), nn.Linear(d, d),
                                    nn.LayerNorm(d))
-        self.seq = CausalTransformer(d, cfg.layers, cfg.heads, cfg.ffn_mult, cfg.max_len)
+        self.seq = CausalTransformer(d, cfg.layers, cfg.heads, cfg.ffn_mult, cfg.max_len, kernels)
         self.dyn_head = mlp(d, cfg.head_width, 1, k * c)
         self.rew_head = mlp(d, cfg.head_width, 1, cfg.reward_bins)
         self.con_head = mlp(d, cfg.head_width, 1, 1)
-        self.teammates = TeammatePredictor(cfg, spec)
+        self.teammates = TeammatePredictor(cfg, spec, kernels)
         # No action-mask head g_M: MPE2 hands out no per-step action masks (padded actions are
         # static and masked in the policy), so the 0.5·mask term of Eq. 3 is identically absent.
         self.register_buffer("bins", torch.linspace(cfg.bins_low, cfg.bins_high, cfg.reward_bins), persistent=False)
@@ -126,7 +126,7 @@ class WorldModel(nn.Module):
         lead = logits.shape[:-2]
         flat = fp32(logits.reshape(-1, self.K, self.C))  # (M, K, C)
         nz = None if noise is None else noise.reshape(-1, self.K, self.C)
-        z, probs = kernels.sample_latent(flat, self.cfg.unimix, noise=nz)  # (M, K, C) each
+        z, probs = sample_latent(flat, self.cfg.unimix, noise=nz, impl=self.kernels)  # (M, K, C) each
         return z.reshape(*lead, self.K * self.C), probs.reshape(*lead, self.K, self.C)
 
     def scaled_action(self, agent: Tensor, act: Tensor) -> Tensor:

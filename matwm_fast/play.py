@@ -1,10 +1,13 @@
-"""Evaluation with the paper's protocol: mean episode return over N episodes, per agent and team.
+"""Playing episodes with a trained policy, and the paper's evaluation protocol on top of it:
+mean episode return over N episodes, per agent and per team.
 
 A fresh env (its own seed) is played with the trained policy — greedy (argmax) by default, or
 sampled — while training's env and replay stay untouched.  Frames can be captured for a video.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,12 +35,15 @@ def summarise(returns: np.ndarray, spec: EnvSpec) -> dict:
 @torch.no_grad()
 def play(wm, ac, env_cfg: EnvConfig, act_context: int, episodes: int, seed: int, device,
          greedy: bool = True, random_policy: bool = False, capture_frames: int = 0,
-         policies: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray], EnvSpec]:
+         policies: np.ndarray | None = None,
+         should_stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, list[np.ndarray], EnvSpec]:
     """Play ``episodes`` episodes → (returns (E, N), frames of the first ``capture_frames``, spec).
 
     Reproducible from ``seed`` alone and invisible to the caller's random streams: torch's global
     generator (which the latent sampling and a sampled policy draw from) is forked and seeded
     here, so evaluating during training leaves the training run exactly as without evaluation.
+    ``should_stop`` is asked between episodes; when it says so, play ends early with the
+    episodes finished so far (E < ``episodes``).
     """
     device = torch.device(device)
     forked = [device] if device.type == "cuda" else []
@@ -48,10 +54,9 @@ def play(wm, ac, env_cfg: EnvConfig, act_context: int, episodes: int, seed: int,
         rng = np.random.default_rng(seed)
         queues = ContextQueues(spec.n_agents, spec.obs_dim, act_context, device)
         returns, frames = [], []
-        was_training = wm.training if wm is not None else False
-        if wm is not None:
-            wm.eval()
         for ep in range(episodes):
+            if should_stop is not None and should_stop():
+                break
             obs = env.reset(seed=seed + ep)
             queues.reset()
             total = np.zeros(spec.n_agents)  # (N,)
@@ -71,23 +76,23 @@ def play(wm, ac, env_cfg: EnvConfig, act_context: int, episodes: int, seed: int,
                 frames.append(env.render())  # the final state too
             returns.append(total)
         env.close()
-        if wm is not None:
-            wm.train(was_training)
-    return np.stack(returns), frames, spec  # (E, N)
+    return np.array(returns).reshape(-1, spec.n_agents), frames, spec  # (E, N)
 
 
 def evaluate(wm, ac, env_cfg: EnvConfig, act_context: int, episodes: int, seed: int, device,
              greedy: bool = True, random_policy: bool = False, capture_frames: int = 0,
-             policies: np.ndarray | None = None) -> tuple[dict, list[np.ndarray]]:
+             policies: np.ndarray | None = None,
+             should_stop: Callable[[], bool] | None = None) -> tuple[dict | None, list[np.ndarray]]:
     """Play ``episodes`` episodes; returns (summary, frames of the first ``capture_frames`` episodes).
 
     ``random_policy`` plays uniformly random actions (the baseline).  ``policies`` (N,) bool, when
     given, says which agents use the learned policy; the others act randomly (e.g. prey vs a random
-    predator).
+    predator).  The summary is None when ``should_stop`` cut the evaluation short.
     """
     returns, frames, spec = play(wm, ac, env_cfg, act_context, episodes, seed, device, greedy=greedy,
-                                 random_policy=random_policy, capture_frames=capture_frames, policies=policies)
-    return summarise(returns, spec), frames
+                                 random_policy=random_policy, capture_frames=capture_frames, policies=policies,
+                                 should_stop=should_stop)
+    return (summarise(returns, spec) if len(returns) == episodes else None), frames
 
 
 def write_video(frames: list[np.ndarray], path: str, fps: int = 10) -> None:

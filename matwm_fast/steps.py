@@ -1,0 +1,193 @@
+"""The five pure step functions of a training step, and the one place that compiles them.
+
+One env step of Algorithm 2 after warm-up is, in order (the trainer calls them; nothing here
+holds state):
+
+1. :func:`wm_loss` — the shared world model on real sequences and paper Eq. 3;
+2. :func:`wm_opt_step` — its global-norm clip and Adam step (after autograd's backward);
+3. :func:`imagine` — Algorithm 1 for every agent at once (prefill, then H decode steps);
+4. :func:`ac_loss` — every agent's actor and critic on its own imagined batch, Eqs. 10–13;
+5. :func:`ac_opt_step` — per-agent clip, Adam, slow-critic EMA, return-scale EMA.
+
+Each is a function of explicit arguments (modules, optimisers, tensors, config sections), so
+:func:`compile_steps` can hand them to ``torch.compile`` as they are, the way gpt-fast rebinds
+its ``decode_one_token``; the backward between a loss and its optimiser step is autograd's
+(AOTAutograd's compiled backward under a compiled backend).
+
+How they run — device, backend, kernels, precision — is resolved once per entry point by
+:func:`resolve_runtime` from the config's ``run`` section and the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+
+from . import kernels
+from .actor_critic import ActorCritic
+from .config import ActorCriticConfig, RunConfig
+from .imagination import ImagCaches, ImagNoise, Rollout
+from .imagination import imagine as _imagine
+from .losses import actor_critic_loss, world_model_loss
+from .nn import ema_update, per_agent_grad_clip
+from .world_model import WorldModel
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------- runtime
+@dataclass(frozen=True)
+class Runtime:
+    """How the step functions run: resolved once from ``RunConfig`` and the machine."""
+
+    device: torch.device
+    backend: str  # eager | compile | cudagraphs
+    kernels: str  # ref | triton: what every kernel call of the model runs
+    amp: torch.dtype | None  # autocast dtype of the world model and imagination; None = float32
+
+    def describe(self) -> dict:
+        """What ran, for config.json and logs."""
+        return {"device": str(self.device), "backend": self.backend, "kernels": self.kernels,
+                "amp": "fp32" if self.amp is None else str(self.amp).removeprefix("torch.").replace("float", "fp")}
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """Imagination's key/value caches hold what autocast computes."""
+        return self.amp or torch.float32
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; anything else must be a device torch accepts."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: unknown device; valid: auto, cpu, cuda, cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: device '{name}' requested but CUDA is not available; valid here: auto, cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: unsupported device; valid: auto, cpu, cuda, cuda:N")
+    return dev
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """``auto``: CUDA graphs on CUDA; eager on the CPU, where compiling costs more than it saves
+    at our sizes (README, Performance)."""
+    if name == "auto":
+        return "cudagraphs" if device.type == "cuda" else "eager"
+    if name == "cudagraphs" and device.type != "cuda":
+        raise ValueError("--backend 'cudagraphs': needs a CUDA device; on the CPU use eager or compile")
+    if name not in ("eager", "compile", "cudagraphs"):
+        raise ValueError(f"--backend {name!r}: valid: eager, compile, cudagraphs, auto")
+    return name
+
+
+def resolve_kernels(name: str, device: torch.device, backend: str) -> str:
+    """``auto``: the Triton kernels under ``eager`` on CUDA, where each replaces a chain of
+    separately launched ops; the reference ops under ``compile``/``cudagraphs``, which Inductor
+    fuses itself, until a GPU measurement shows a kernel beating Inductor's code for its op."""
+    if name == "auto":
+        return "triton" if backend == "eager" and kernels.triton_runs_on(device) else "ref"
+    if name == "triton" and not kernels.triton_runs_on(device):
+        raise ValueError(f"--kernels 'triton': {kernels.why_triton_cannot_run(device)}; valid here: ref, auto")
+    if name not in kernels.IMPLS:
+        raise ValueError(f"--kernels {name!r}: valid: ref, triton, auto")
+    return name
+
+
+def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 on CUDA; float32 on the CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if name not in ("bf16", "fp32"):
+        raise ValueError(f"--run.amp {name!r}: valid: auto, bf16, fp32")
+    return torch.bfloat16 if name == "bf16" else None
+
+
+def resolve_runtime(run: RunConfig) -> Runtime:
+    device = resolve_device(run.device)
+    backend = resolve_backend(run.backend, device)
+    return Runtime(device, backend, resolve_kernels(run.kernels, device, backend), resolve_amp(run.amp, device))
+
+
+def autocast(device: torch.device, amp: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- the five pieces
+def wm_loss(wm: WorldModel, obs: Tensor, act: Tensor, rew: Tensor, cont: Tensor, first: Tensor, team_act: Tensor,
+            agent: Tensor, amp: torch.dtype | None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Paper Eq. 3 on the combined batch of all agents: R = N·(B/N) rows of T steps."""
+    with autocast(obs.device, amp):
+        out = wm.observe(obs, act, first, agent)
+    c = wm.cfg
+    return world_model_loss(out, obs, rew, cont, team_act, wm.obs_mask[agent], wm.bins, c.dyn_weight, c.rep_weight,
+                            c.free_bits, wm.kernels)
+
+
+def wm_opt_step(wm: WorldModel, opt: torch.optim.Optimizer, grad_clip: float) -> Tensor:
+    norm = torch.nn.utils.clip_grad_norm_(wm.parameters(), grad_clip)
+    opt.step()
+    return norm
+
+
+def imagine(wm: WorldModel, ac: ActorCritic, obs: Tensor, act: Tensor, first: Tensor, agents: Tensor, horizon: int,
+            caches: ImagCaches, noise: ImagNoise | None, amp: torch.dtype | None) -> Rollout:
+    with torch.no_grad(), autocast(obs.device, amp):
+        return _imagine(wm, ac, obs, act, first, agents, horizon, caches, noise)
+
+
+def ac_loss(ac: ActorCritic, states: Tensor, actions: Tensor, rewards: Tensor, continues: Tensor,
+            cfg: ActorCriticConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Eqs. 10–13 for every agent at once, each on its own imagined batch: states (N, B, H+1, S)."""
+    n, b, h1, s = states.shape
+    flat = states.reshape(n, b * h1, s)  # (N, B·(H+1), S): each agent's actor sees only its rows
+    logits = ac.policy_logits(flat).view(n, b, h1, -1)[:, :, :-1]  # (N, B, H, A)
+    critic_logits = ac.critic(flat).view(n, b, h1, -1)  # (N, B, H+1, NB)
+    with torch.no_grad():
+        slow_logits = ac.slow_critic(flat).view(n, b, h1, -1)  # (N, B, H+1, NB)
+    return actor_critic_loss(logits, actions, critic_logits, slow_logits, rewards, continues, ac.bins,
+                             ac.return_scale, cfg.gamma, cfg.lam, cfg.entropy, cfg.return_scale_decay,
+                             cfg.return_pct_low, cfg.return_pct_high, ac.kernels)
+
+
+def ac_opt_step(ac: ActorCritic, opt: torch.optim.Optimizer, new_scale: Tensor,
+                cfg: ActorCriticConfig) -> tuple[Tensor, Tensor]:
+    actor_norm = per_agent_grad_clip(ac.actor_params(), cfg.grad_clip)  # (N,)
+    critic_norm = per_agent_grad_clip(ac.critic_params(), cfg.grad_clip)  # (N,)
+    opt.step()
+    ema_update(ac.slow_critic, ac.critic, cfg.slow_critic_decay)
+    ac.return_scale.copy_(new_scale)
+    return actor_norm, critic_norm
+
+
+# ----------------------------------------------------------------------------- compiling
+@dataclass(frozen=True)
+class Steps:
+    """The five pieces as one backend runs them."""
+
+    wm_loss: Callable
+    wm_opt_step: Callable
+    imagine: Callable
+    ac_loss: Callable
+    ac_opt_step: Callable
+
+
+def compile_steps(backend: str) -> Steps:
+    """``eager``: the functions above.  ``compile``: each loss and the rollout as one graph
+    (``fullgraph``: a graph break is an error), static shapes (positions and cache slots are
+    device tensors), so nothing recompiles between env steps.  ``cudagraphs``: the same through
+    Inductor's CUDA-graph trees (captured once, replayed; Adam ``capturable`` with tensor learning
+    rates; random numbers from Inductor's graph-safe Philox, fresh on every replay).  torch.optim's
+    ``step`` carries deliberate graph breaks (pytorch#104053), so the optimiser pieces compile
+    with ``fullgraph=False``: clip, Adam and EMA still become one graph between them."""
+    if backend == "eager":
+        return Steps(wm_loss, wm_opt_step, imagine, ac_loss, ac_opt_step)
+    c = partial(torch.compile, dynamic=False, mode="reduce-overhead" if backend == "cudagraphs" else None)
+    return Steps(wm_loss=c(wm_loss, fullgraph=True), wm_opt_step=c(wm_opt_step),
+                 imagine=c(imagine, fullgraph=True), ac_loss=c(ac_loss, fullgraph=True), ac_opt_step=c(ac_opt_step))

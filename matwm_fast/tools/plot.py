@@ -1,0 +1,216 @@
+"""``python -m matwm_fast.plot RUN_DIR [RUN_DIR ...]`` — learning curves to a PNG.
+
+    python -m matwm_fast.plot runs/simple_tag-cpu-s* --out tag.png
+
+Plots return against env steps: the periodic evaluations (``eval_return_mean``) when every run
+has them, else the training episodes' ``episode_return``; ``--metric NAME`` picks any other
+column.  Runs whose configs differ only in the seed (and in settings that do not change learning,
+such as ``train.steps``) form one curve: the median across seeds with the min–max (``--band
+minmax``, default) or interquartile (``--band iqr``) spread shaded.  In scenarios with several
+teams (simple_tag, simple_adversary, ...) each team's return gets its own panel too.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+
+from ..config import RunConfig
+from ..cli import Parser, fail
+from ..metrics import read_metrics
+
+DEFAULTS = ("eval_return_mean", "episode_return")
+# how a run ran, not what it learned: never a reason to draw two curves (the names also match
+# the configs written before these settings moved from ``train`` to their own ``run`` section)
+RUN_FIELDS = {f.name for f in fields(RunConfig)}
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="python -m matwm_fast.plot", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run directories (several seeds are aggregated)")
+    p.add_argument("--out", metavar="FILE.png", default=None,
+                   help="output image (default RUN_DIR/learning_curve.png for one run, ./learning_curves.png for several)")
+    p.add_argument("--metric", default=None, help="column of metrics.jsonl to plot (default eval_return_mean, else episode_return)")
+    p.add_argument("--band", choices=("minmax", "iqr"), default="minmax", help="spread across seeds to shade (default minmax)")
+    p.add_argument("--no-teams", action="store_true", help="do not add per-team panels")
+    p.add_argument("--title", default=None, help="figure title")
+    return p
+
+
+class Run:
+    """One run directory: its metric rows and the config that groups it with other seeds."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ValueError(f"{self.path} is not a directory")
+        self.rows = read_metrics(self.path)
+        cfg_file = self.path / "config.json"
+        self.config = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+
+    def has(self, metric: str) -> bool:
+        return any(r.get(metric) is not None for r in self.rows)
+
+    def series(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps (T,), values (T,)) of the rows holding ``metric`` (non-finite ones left out)."""
+        pts = sorted((r["env_step"], float(r[metric])) for r in self.rows if r.get(metric) is not None)
+        return np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
+
+    def group_key(self) -> dict:
+        """The config minus the seed and minus settings that do not change what is learned."""
+        out = {}
+        for sec, values in self.config.items():
+            if not isinstance(values, dict) or sec in ("run", "runtime"):
+                continue
+            for k, v in values.items():
+                if f"{sec}.{k}" != "train.seed" and k not in RUN_FIELDS:
+                    out[f"{sec}.{k}"] = json.dumps(v)
+        return out
+
+
+def metrics_of(runs: list[Run]) -> list[str]:
+    return sorted({k for r in runs for row in r.rows for k, v in row.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "env_step"})
+
+
+def choose_metric(runs: list[Run], metric: str | None) -> str:
+    if metric is not None:
+        missing = [str(r.path) for r in runs if not r.has(metric)]
+        if missing:
+            raise ValueError(f"no metric {metric!r} in {', '.join(missing)}; valid metrics: {', '.join(metrics_of(runs))}")
+        return metric
+    for m in DEFAULTS:
+        if all(r.has(m) for r in runs):
+            return m
+    raise ValueError("no run has finished an episode yet (no episode_return rows); "
+                     f"pick a metric with --metric, one of: {', '.join(metrics_of(runs))}")
+
+
+def team_metric(metric: str, team: str) -> str | None:
+    """The per-team column of a default return metric; None for other metrics."""
+    return {"eval_return_mean": f"eval_team_{team}_return_mean",
+            "episode_return": f"team_{team}_episode_return"}.get(metric)
+
+
+def teams_of(runs: list[Run]) -> list[str]:
+    """Team names found in the runs' columns (``team_<name>_episode_return``), in first-seen order."""
+    seen: dict[str, None] = {}
+    for r in runs:
+        for row in r.rows:
+            for k in row:
+                if k.startswith("team_") and k.endswith("_episode_return"):
+                    seen[k[len("team_"): -len("_episode_return")]] = None
+    return list(seen)
+
+
+def group(runs: list[Run]) -> list[tuple[str, list[Run]]]:
+    """Runs with equal configs (seed aside) → one labelled group each, in the order given."""
+    groups: dict[str, list[Run]] = {}
+    keys = {}
+    for r in runs:
+        k = json.dumps(r.group_key(), sort_keys=True)
+        groups.setdefault(k, []).append(r)
+        keys[k] = r.group_key()
+    # a label names the scenario and preset, plus what distinguishes the group from the others
+    varying = {f for f in set().union(*keys.values()) if len({keys[k].get(f) for k in keys}) > 1}
+    out = []
+    for k, members in groups.items():
+        cfg = members[0].config
+        label = f"{cfg.get('env', {}).get('scenario', members[0].path.name)} ({cfg.get('preset', '?')})"
+        extra = [f"{f}={json.loads(keys[k][f])}" for f in sorted(varying - {"env.scenario"}) if f in keys[k]]
+        if extra:
+            label += " " + " ".join(extra)
+        if not cfg:
+            label = members[0].path.name  # no config.json: each run stands alone
+        out.append((label, members))
+    return out
+
+
+def aggregate(series: list[tuple[np.ndarray, np.ndarray]], band: str):
+    """Per-run (steps, values) → (grid (G,), median (G,), low (G,), high (G,)) across runs.
+
+    Runs logged at different steps are interpolated onto the union of their steps, each only
+    inside its own range (NaN outside), so a shorter run does not drag the median.
+    """
+    grid = np.unique(np.concatenate([s for s, _ in series]))  # (G,)
+    vals = np.full((len(series), grid.size), np.nan)  # (R, G)
+    for i, (s, v) in enumerate(series):
+        inside = (grid >= s[0]) & (grid <= s[-1])
+        vals[i, inside] = np.interp(grid[inside], s, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column is fine: nothing is drawn there
+        med = np.nanmedian(vals, 0)  # (G,)
+        if band == "iqr":
+            lo, hi = np.nanpercentile(vals, 25, 0), np.nanpercentile(vals, 75, 0)  # (G,), (G,)
+        else:
+            lo, hi = np.nanmin(vals, 0), np.nanmax(vals, 0)  # (G,), (G,)
+    return grid, med, lo, hi
+
+
+def draw(runs: list[Run], metric: str, out: Path, band: str = "minmax", teams: bool = True,
+         title: str | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works without a display
+    import matplotlib.pyplot as plt
+
+    panels = [("all agents" if metric in DEFAULTS else metric, metric)]
+    if teams and metric in DEFAULTS:
+        tms = teams_of(runs)
+        if len(tms) > 1:  # competitive: one panel per team
+            panels += [(f"team {t}", team_metric(metric, t)) for t in tms]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (name, col) in zip(axes[0], panels):
+        for label, members in group(runs):
+            series = [m.series(col) for m in members if m.has(col)]
+            if not series:
+                continue
+            grid, med, lo, hi = aggregate(series, band)
+            n = len(series)
+            line, = ax.plot(grid, med, label=f"{label} (n={n})" if n > 1 else label)
+            if n > 1:
+                ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.25, linewidth=0)
+        ax.set_title(name)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel(col)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    spread = "min–max" if band == "minmax" else "interquartile range"
+    several = any(len(m) > 1 for _, m in group(runs))
+    fig.suptitle(title or (f"{metric}: median across seeds, shaded {spread}" if several else f"{metric} vs env steps"),
+                 fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        runs = [Run(Path(p)) for p in args.runs]
+        metric = choose_metric(runs, args.metric)
+        if args.out is not None and not args.out.lower().endswith(".png"):
+            raise ValueError(f"--out {args.out!r}: the image is a PNG, so the name must end in .png")
+        out = Path(args.out) if args.out else (runs[0].path / "learning_curve.png" if len(runs) == 1
+                                               else Path("learning_curves.png"))
+        path = draw(runs, metric, out, band=args.band, teams=not args.no_teams, title=args.title)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    except ImportError as e:
+        fail(f"plotting needs matplotlib ({e}): pip install 'matwm_fast[viz]'")
+    groups = group(runs)
+    print(f"{metric}: {len(runs)} run(s) in {len(groups)} group(s): "
+          + "; ".join(f"{label} × {len(m)}" for label, m in groups))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

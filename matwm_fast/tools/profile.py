@@ -1,0 +1,387 @@
+"""Where the time of one training env step goes, per backend: ``python -m matwm_fast.profile``.
+
+    python -m matwm_fast.profile --preset cpu --backend eager compile --steps 20 --json out.json
+
+For each backend: build a Trainer, fill the replay past warm-up (random actions, as the trainer
+does before ``warm``), run ``--warmup-steps`` training steps (torch.compile / CUDA-graph capture
+happen here and are reported separately, never in the steady-state figures), then time ``--steps``
+steady-state env steps.  Each phase of the step (the names of :mod:`matwm_fast.nvtx`: act, env,
+replay_sample, wm_update, imagine, ac_update) is timed between two device synchronisations; the
+syncs cost a little overlap on CUDA, which is acceptable for a profiler and what makes the phase
+shares mean something.  ``other`` is the rest of the step (replay writes, bookkeeping).
+
+The phases are timed through the listener hook of :mod:`matwm_fast.nvtx` (the same ``phase``
+marks that emit NVTX ranges), so the steps measured are exactly ``Trainer.train_step`` — no
+copy of the training loop lives here to drift from the real one.
+
+Backends run one after the other (one trainer alive at a time, so each peak memory is its own);
+``--interleave`` builds them all first and alternates their timed steps, so that on a machine shared
+with other work a burst of load slows every backend alike and the speed-ups stay fair.
+
+``--torch-profiler DIR`` writes a chrome trace of a few extra steady steps per backend;
+``--nsys`` brackets the steady steps with cudaProfilerStart/Stop and switches the NVTX ranges on,
+for ``nsys profile --capture-range=cudaProfilerApi``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .. import kernels, nvtx
+from ..cli import Parser, add_config_flags, apply_overrides, describe, fail, overrides
+from ..config import PRESETS, preset
+from ..steps import resolve_backend, resolve_device
+from .warm import WarmTrainer, sync
+
+BACKENDS = ("eager", "compile", "cudagraphs")
+
+PHASES = nvtx.PHASES + ("other",)
+
+
+# ----------------------------------------------------------------------------------- phase timer
+class PhaseTimer:
+    """Times the trainer's phases while installed; each phase still emits its NVTX range."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)  # phase → summed seconds
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        sync(self.device)  # work queued by the previous phase is not this one's
+        t0 = time.perf_counter()
+        try:
+            with nvtx.nvtx_range(name):
+                yield
+        finally:
+            sync(self.device)
+            self.seconds[name] += time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def installed(self):
+        nvtx.set_listener(self._phase)
+        try:
+            yield self
+        finally:
+            nvtx.set_listener(None)
+
+
+# ----------------------------------------------------------------------------------- environment
+def git_commit() -> tuple[str | None, bool | None]:
+    """(HEAD, whether tracked files differ from it), or (None, None) outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return head, bool(dirty)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):  # Linux names the model; platform gives only "x86_64"
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return f"cpu ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def environment(device: torch.device) -> dict:
+    head, dirty = git_commit()
+    return {
+        "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
+        "triton": kernels.TRITON_VERSION, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "host": platform.node(), "torch_threads": torch.get_num_threads(),
+        # the load before we start tells a reader whether the machine was shared
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "git_commit": head, "git_dirty": dirty,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """(MiB, what it is): the CUDA allocator's peak, or on the CPU the process' peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    mib = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    # ru_maxrss never decreases: later backends in one run include the earlier ones' peak
+    return mib, "process peak RSS"
+
+
+# ----------------------------------------------------------------------------------- one backend
+class BackendRun:
+    """One backend's trainer: built, replay filled, warmed up; then timed step by step."""
+
+    def __init__(self, cfg, backend: str, device: torch.device, warmup_steps: int, log=print):
+        self.backend, self.device, self.warmup_steps = backend, device, warmup_steps
+        w = WarmTrainer.build(cfg, warmup_steps, backend=backend, device=str(device))
+        self.tr, self.fill_s, self.warmup_s, self.cfg = w.tr, w.fill_s, w.warmup_s, w.tr.cfg
+        log(f"[{backend}] replay filled in {self.fill_s:.1f} s; {warmup_steps} warm-up steps in "
+            f"{self.warmup_s:.1f} s (compilation included)")
+        self.timer = PhaseTimer(device)
+        self.step_s: list[float] = []
+
+    def timed_step(self, capture: bool) -> None:
+        with self.timer.installed():
+            sync(self.device)
+            t0 = time.perf_counter()
+            # no "/" in the name: Nsight Compute's --nvtx-include uses it to nest push/pop ranges
+            with (torch.cuda.nvtx.range(f"train_step_{self.backend}") if capture else contextlib.nullcontext()):
+                self.tr.train_step()
+            sync(self.device)
+            self.step_s.append(time.perf_counter() - t0)
+
+    def trace(self, trace_dir: Path, steps: int, log=print) -> None:
+        """A torch.profiler chrome trace of a few more steps (after the timed ones: it slows them)."""
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(steps):
+                self.tr.train_step()
+            sync(self.device)
+        path = trace_dir / f"trace-{self.backend}.json"
+        prof.export_chrome_trace(str(path))
+        sort = "cuda_time_total" if self.device.type == "cuda" else "cpu_time_total"
+        (trace_dir / f"ops-{self.backend}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
+        log(f"[{self.backend}] torch.profiler chrome trace: {path} (chrome://tracing or ui.perfetto.dev)")
+
+    def summary(self, mem: tuple[float, str], log=print) -> dict:
+        tr, steps, step_s = self.tr, len(self.step_s), self.step_s
+        tr.check_finite()
+        mean = statistics.fmean(step_s)
+        phase_ms = {p: 1e3 * self.timer.seconds.get(p, 0.0) / steps for p in nvtx.PHASES}
+        phase_ms["other"] = max(0.0, 1e3 * mean - sum(phase_ms.values()))
+        missing = [p for p in nvtx.PHASES if p not in self.timer.seconds]
+        if missing:  # e.g. the trainer stopped marking a phase: say so rather than report 0 silently
+            log(f"[{self.backend}] warning: phases never entered: {', '.join(missing)}")
+        imag_ms = phase_ms["imagine"]
+        budget = {"agents": tr.n, "wm_batch": self.cfg.wm.batch_size, "wm_seq_len": self.cfg.wm.seq_len,
+                  "imag_batch_per_agent": self.cfg.ac.imag_batch, "horizon": self.cfg.ac.horizon,
+                  "imagined_per_update": tr.imagined_per_update}  # SPEC §1 as this config sets it
+        return {
+            "backend": self.backend, "budget": budget,
+            "steps": steps, "warmup_steps": self.warmup_steps,
+            "fill_s": round(self.fill_s, 3), "warmup_s": round(self.warmup_s, 3),
+            "step_ms": 1e3 * mean, "step_ms_median": 1e3 * statistics.median(step_s),
+            "step_ms_min": 1e3 * min(step_s), "step_ms_std": 1e3 * (statistics.stdev(step_s) if steps > 1 else 0.0),
+            "step_ms_each": [round(1e3 * t, 3) for t in step_s],  # stalls of a shared machine show here
+            "phases_ms": phase_ms,
+            "share": {p: (v / (1e3 * mean) if mean > 0 else 0.0) for p, v in phase_ms.items()},
+            "env_steps_per_s": 1.0 / mean,
+            # imagined steps per second of whole training, and of the imagination phase alone
+            "imagined_steps_per_s": tr.imagined_per_update / mean,
+            "imagine_phase_steps_per_s": tr.imagined_per_update / (imag_ms / 1e3) if imag_ms > 0 else None,
+            "peak_memory_mib": round(mem[0], 1), "peak_memory_kind": mem[1],
+        }
+
+
+def time_steps(runs: list[BackendRun], steps: int, use_nsys: bool) -> None:
+    """``steps`` timed steps of each run, round-robin (one run: just its steps), inside the nsys range."""
+    device = runs[0].device
+    capture = use_nsys and device.type == "cuda"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if capture:
+        torch.cuda.cudart().cudaProfilerStart()
+    try:
+        for _ in range(steps):
+            for r in runs:
+                r.timed_step(capture)
+    finally:
+        if capture:
+            torch.cuda.cudart().cudaProfilerStop()
+
+
+def profile_backends(cfg, backends: list[str], device: torch.device, steps: int, warmup_steps: int,
+                     trace_dir: Path | None = None, use_nsys: bool = False, interleave: bool = False,
+                     log=print) -> dict[str, dict]:
+    """Per-backend figures.  Sequential by default: one trainer alive at a time, so each backend's
+    peak memory is its own.  ``interleave``: all trainers built first, then their steps alternate,
+    so a time-varying load (a shared machine) hits every backend alike and the ratios stay fair."""
+    out = {}
+    if interleave:
+        runs = [BackendRun(cfg, b, device, warmup_steps, log) for b in backends]
+        time_steps(runs, steps, use_nsys)
+        mem, kind = peak_memory(device)
+        for r in runs:
+            out[r.backend] = r.summary((mem, kind + ", all backends together (--interleave)"), log)
+            if trace_dir is not None:
+                r.trace(trace_dir, min(3, steps), log)
+        return out
+    for b in backends:
+        r = BackendRun(cfg, b, device, warmup_steps, log)
+        time_steps([r], steps, use_nsys)
+        out[b] = r.summary(peak_memory(device), log)
+        if trace_dir is not None:
+            r.trace(trace_dir, min(3, steps), log)
+        del r  # free this backend's trainer before the next one is measured
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+# ----------------------------------------------------------------------------------- reporting
+def _row(cells, widths) -> str:
+    return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def format_tables(report: dict, markdown: bool = False) -> str:
+    """One table per backend, then the side-by-side comparison (plain text or markdown)."""
+    def table(header, rows):
+        if markdown:
+            lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+            return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+        return "\n".join([_row(header, widths), _row(["-" * w for w in widths], widths)]
+                         + [_row(r, widths) for r in rows])
+
+    out = []
+    res = report["backends"]
+    for name, r in res.items():
+        rows = [[p, f"{r['phases_ms'][p]:.2f}", f"{100 * r['share'][p]:.1f}%"] for p in PHASES]
+        rows.append(["step (total)", f"{r['step_ms']:.2f}", "100.0%"])
+        ips = r["imagine_phase_steps_per_s"]
+        ips = f"{ips:,.0f}" if ips else "-"
+        title = (f"backend {name}: {report['preset']} preset on {report['device_name']}, {r['steps']} steady steps"
+                 + (", interleaved with the other backends" if report.get("interleaved") else ""))
+        out += [f"### {title}" if markdown else f"== {title} ==", "",
+                table(["phase", "ms/step", "share"], rows), "",
+                f"env steps/s {r['env_steps_per_s']:.2f} | imagined steps/s {r['imagined_steps_per_s']:,.0f} "
+                f"({report['budget']['imagined_per_update']:,} per env step) | imagination phase alone "
+                f"{ips} steps/s | step median {r['step_ms_median']:.2f} ms, std {r['step_ms_std']:.2f} ms | "
+                f"peak memory {r['peak_memory_mib']:,.0f} MiB ({r['peak_memory_kind']}) | warm-up "
+                f"{r['warmup_s']:.1f} s for {r['warmup_steps']} steps (compilation included)", ""]
+    names = list(res)
+    if len(names) > 1:
+        base = names[0]
+        header = ["phase"] + [f"{n} ms" for n in names] + [f"{n} speed-up vs {base}" for n in names[1:]]
+        rows = []
+        for p in PHASES + ("step",):
+            ms = [res[n]["step_ms"] if p == "step" else res[n]["phases_ms"][p] for n in names]
+            ratios = [f"{ms[0] / m:.2f}x" if m > 0 else "-" for m in ms[1:]]
+            rows.append([p] + [f"{m:.2f}" for m in ms] + ratios)
+        # the median resists the stalls of a shared machine better than the mean
+        med = [res[n]["step_ms_median"] for n in names]
+        rows.append(["step (median)"] + [f"{m:.2f}" for m in med] + [f"{med[0] / m:.2f}x" for m in med[1:]])
+        rows.append(["imagined steps/s"] + [f"{res[n]['imagined_steps_per_s']:,.0f}" for n in names]
+                    + [f"{res[n]['imagined_steps_per_s'] / res[base]['imagined_steps_per_s']:.2f}x" for n in names[1:]])
+        title = f"comparison (speed-up = {base} time / backend time; >1 is faster)"
+        out += [f"### {title}" if markdown else f"== {title} ==", "", table(header, rows), ""]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    # every config field stays a flag (--scenario, --seed, --wm.batch-size, ...); the profiler's own
+    # --backend (several), --steps (steady steps) and --device replace the trainer's aliases
+    p = Parser(prog="python -m matwm_fast.profile", description=__doc__.split("\n\n")[0],
+               conflict_handler="resolve")
+    add_config_flags(p)
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="sizes to profile (default: paper on CUDA, cpu otherwise)")
+    p.add_argument("--backend", nargs="+", choices=BACKENDS, default=None,
+                   help="backends to compare, first is the baseline (default: eager compile, + cudagraphs on CUDA)")
+    p.add_argument("--steps", type=int, default=20, help="steady-state env steps timed per backend")
+    p.add_argument("--warmup-steps", type=int, default=3,
+                   help="training steps before timing (compilation, CUDA-graph capture; >= 3 for cudagraphs)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 suffers least when other "
+                        "processes compete for the cores (no OpenMP barrier waits on a descheduled thread)")
+    p.add_argument("--torch-profiler", type=Path, default=None, metavar="DIR",
+                   help="write a torch.profiler chrome trace of 3 extra steady steps per backend to DIR")
+    p.add_argument("--nsys", action="store_true",
+                   help="cudaProfilerStart/Stop around the steady steps and NVTX ranges on (for nsys)")
+    p.add_argument("--interleave", action="store_true",
+                   help="build every backend's trainer first, then alternate their timed steps: fair ratios "
+                        "on a machine shared with other work (peak memory is then of all backends together)")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the figures as JSON")
+    p.add_argument("--markdown", type=Path, default=None, metavar="OUT", help="write the tables as markdown")
+    return p
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Profile every requested backend; the report that --json writes."""
+    try:
+        device = resolve_device(args.device)
+        name = args.preset or ("paper" if device.type == "cuda" else "cpu")
+        cfg = apply_overrides(preset(name), overrides(args), args.scenario_args)
+        backends = args.backend or (["eager", "compile"] + (["cudagraphs"] if device.type == "cuda" else []))
+        backends = list(dict.fromkeys(backends))  # a repeated name would overwrite its own figures
+        for b in backends:
+            resolve_backend(b, device)  # cudagraphs on the CPU: refuse before any work
+    except ValueError as e:
+        fail(str(e))
+    if args.nsys and device.type != "cuda":
+        print("--nsys: no CUDA device, so no cudaProfilerStart/Stop capture range is opened; NVTX ranges "
+              "are still emitted (through the nvtx package), but nsys's CUDA capture needs a GPU")
+    report = environment(device) | {"command": "python -m matwm_fast.profile " + " ".join(argv)}
+    report |= {"preset": cfg.preset, "scenario": cfg.env.scenario, "config": describe(cfg).splitlines(),
+               "backends": {}}
+    # restore the global switch afterwards: main() also runs in-process (tests)
+    was_nvtx = nvtx.enabled()
+    try:
+        nvtx.enable(args.nsys or was_nvtx)
+        res = profile_backends(cfg, backends, device, args.steps, args.warmup_steps, args.torch_profiler,
+                               args.nsys, args.interleave)
+    except ValueError as e:  # the config is refused when the trainer is built (validate)
+        fail(str(e))
+    finally:
+        nvtx.enable(was_nvtx)
+    for b, r in res.items():
+        report["budget"] = r.pop("budget")  # the same for every backend
+        report["backends"][b] = r
+    report["interleaved"] = args.interleave
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    if args.steps < 1 or args.warmup_steps < 0:
+        fail("--steps must be >= 1 and --warmup-steps >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            fail("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    report = run(args, argv)
+    print(format_tables(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        head = (f"Measured {report['date']} on {report['device_name']} (host {report['host']}; 1-min load "
+                f"average at start {report['load_avg_1m']}, a sign of other processes sharing the cores), "
+                f"torch {report['torch']}, triton {report['triton']}, commit "
+                f"{report['git_commit']}{' (dirty)' if report['git_dirty'] else ''}.\n\n"
+                f"Command: `{report['command']}`\n")
+        args.markdown.write_text(head + "\n" + format_tables(report, markdown=True))
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

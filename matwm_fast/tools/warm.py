@@ -1,0 +1,60 @@
+"""A trainer past replay warm-up and compilation: the one harness that ``profile``, ``gpucheck``
+and the benchmarks (``bench/``) time.
+
+Building it fills the replay with random actions (what the trainer does before it is ``warm``),
+then runs a few training steps, where torch.compile traces and CUDA graphs are captured; both
+are timed separately and never inside a measurement.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..config import Config
+from ..imagination import Rollout
+from ..replay import Batch
+from ..trainer import Trainer, build
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class WarmTrainer:
+    tr: Trainer
+    fill_s: float  # seconds to fill the replay past warm-up
+    warmup_s: float  # seconds of the warm-up training steps (compilation included)
+
+    @staticmethod
+    def build(cfg: Config, warmup_steps: int = 3, **run) -> "WarmTrainer":
+        """``run``: settings of the ``run`` section (backend, device, kernels, amp, ...)."""
+        t0 = time.perf_counter()
+        tr = build(cfg, **run)
+        while not tr.warm:  # random actions until every buffer holds replay.warmup transitions
+            tr.env_step()
+        fill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(warmup_steps):  # compilation, CUDA-graph capture, allocator warm-up
+            tr.train_step()
+        sync(tr.device)
+        return WarmTrainer(tr, fill_s, time.perf_counter() - t0)
+
+    def fixed_inputs(self) -> tuple[Batch, Batch, Rollout]:
+        """A world-model batch, imagination contexts and a private copy of one rollout, sampled
+        as ``train_step`` samples them: inputs a benchmark reuses round after round."""
+        tr, c = self.tr, self.tr.cfg
+        batch = tr.replay.sample_sequences(c.wm.batch_per_agent, c.wm.seq_len, c.replay.priority_decay)
+        ctx = tr.replay.sample_contexts(c.ac.imag_batch, c.ac.context_len)
+        roll = tr.imagine(ctx)  # CUDA-graph outputs are overwritten by the next replay: clone
+        roll = Rollout(*(t.clone() for t in (roll.states, roll.actions, roll.rewards, roll.continues)))
+        sync(tr.device)
+        return batch, ctx, roll
+
+
+def with_run(cfg: Config, **run) -> Config:
+    return replace(cfg, run=replace(cfg.run, **run))
