@@ -21,22 +21,22 @@ from __future__ import annotations
 import os
 import platform
 import sys
-import time
 import types
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `kernels` and `matwm_fast` without an installed package
+if str(ROOT) not in sys.path:  # `matwm_fast` (and its kernels) without an installed package
     sys.path.insert(0, str(ROOT))
 
-import kernels  # noqa: E402
+from matwm_fast import kernels  # noqa: E402
 from matwm_fast.config import preset  # noqa: E402
 from matwm_fast.imagination import Rollout  # noqa: E402
-from matwm_fast.trainer import Trainer  # noqa: E402
+from matwm_fast.replay import Batch  # noqa: E402
+from matwm_fast.tools.warm import WarmTrainer  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 _THREADS = int(os.environ.get("MATWM_BENCH_THREADS", "0" if CUDA else "1"))
@@ -66,13 +66,16 @@ def device_name() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def bench_info(backend: str | None, cfg) -> dict:
-    """What every benchmark records in ``extra_info`` (the JSON report keeps it)."""
-    return {
+def bench_info(backend: str | None, cfg, tr=None) -> dict:
+    """What every benchmark records in ``extra_info`` (the JSON report keeps it).  ``tr``: the
+    trainer timed, whose resolved runtime (device, backend, kernels, amp) says what really ran."""
+    info = {
         "device": device_name(), "torch": torch.__version__, "triton": kernels.TRITON_VERSION,
         "backend": backend, "preset": cfg.preset, "scenario": cfg.env.scenario,
-        "kernels": kernels.resolve_impl(None, torch.empty(0, device=DEVICE)),
     }
+    if tr is not None:
+        info["runtime"] = tr.rt.describe()  # {device, backend, kernels, amp}
+    return info
 
 
 def measure(benchmark, fn, info: dict, rates: dict[str, float] | None = None, rounds: int = ROUNDS):
@@ -95,29 +98,23 @@ def measure(benchmark, fn, info: dict, rates: dict[str, float] | None = None, ro
     return out
 
 
-def clone_rollout(roll: Rollout) -> Rollout:
-    """A private copy: CUDA-graph outputs are overwritten by the graph's next replay."""
-    return Rollout(*(t.clone() for t in (roll.states, roll.actions, roll.rewards, roll.continues)))
+@dataclass
+class Warm:
+    """A session's warm trainer of one backend (:class:`matwm_fast.tools.warm.WarmTrainer`, the
+    harness ``profile`` times too) and the fixed inputs every round reuses."""
 
+    harness: WarmTrainer
+    batch: Batch  # a world-model batch
+    ctx: Batch  # imagination contexts
+    roll: Rollout  # a private copy of one rollout
 
-class WarmTrainer:
-    """A trainer past replay warm-up and compilation, with a fixed batch and rollout to reuse."""
+    @property
+    def tr(self):
+        return self.harness.tr
 
-    def __init__(self, cfg, backend: str):
-        cfg = replace(cfg, train=replace(cfg.train, backend=backend, device=str(DEVICE)))
-        t0 = time.perf_counter()
-        self.tr = tr = Trainer(cfg, DEVICE)
-        while not tr.warm:  # random actions until replay.warmup transitions
-            tr.env_step()
-        for _ in range(TRAINER_WARMUP_STEPS):
-            tr.train_step()
-        sync()
-        self.setup_s = time.perf_counter() - t0  # compilation included: reported, never timed
-        # fixed inputs, sampled as train_step samples them; cloned out of any static buffer
-        self.batch = tr.replay.sample_sequences(tr.wm_per_agent, cfg.wm.seq_len, cfg.replay.priority_decay)
-        self.ctx = tr.replay.sample_contexts(tr.imag_batch, cfg.ac.context_len)
-        self.roll = clone_rollout(tr.imagine(self.ctx))
-        sync()
+    def info(self) -> dict:
+        """Setup times: reported, never timed."""
+        return {"trainer_fill_s": round(self.harness.fill_s, 2), "trainer_warmup_s": round(self.harness.warmup_s, 2)}
 
 
 def pytest_generate_tests(metafunc):
@@ -141,12 +138,14 @@ def bench_cfg():
 
 @pytest.fixture(scope="session")
 def warm_trainer(bench_cfg):
-    """``warm_trainer(backend)`` → the session's :class:`WarmTrainer` of that backend (built once)."""
-    cache: dict[str, WarmTrainer] = {}
+    """``warm_trainer(backend)`` → the session's :class:`Warm` of that backend, built once on
+    ``DEVICE`` (kernels and precision as the run section's ``auto`` resolves them there)."""
+    cache: dict[str, Warm] = {}
 
-    def get(backend: str) -> WarmTrainer:
+    def get(backend: str) -> Warm:
         if backend not in cache:
-            cache[backend] = WarmTrainer(bench_cfg, backend)
+            w = WarmTrainer.build(bench_cfg, TRAINER_WARMUP_STEPS, backend=backend, device=str(DEVICE))
+            cache[backend] = Warm(w, *w.fixed_inputs())
         return cache[backend]
 
     yield get

@@ -1,4 +1,4 @@
-"""Benchmarks of the `kernels` ops: eager reference vs torch.compile(reference) vs Triton.
+"""Benchmarks of the `matwm_fast.kernels` ops: eager reference vs torch.compile(reference) vs Triton.
 
     python -m pytest bench/test_bench_kernels.py --benchmark-only -q
 
@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-import kernels
+from matwm_fast import kernels
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

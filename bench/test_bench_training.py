@@ -8,8 +8,10 @@
 * ``ac_update`` one actor-critic update of every agent on a fixed rollout;
 * ``train_step`` one whole env step of Algorithm 2 after warm-up (act, env, replay, all updates).
 
-Inputs are sampled once per trainer (see ``WarmTrainer``) so rounds differ only by the state the
-updates themselves change.  ``backend`` is parametrised by bench/conftest.py.  ``extra_info`` carries the throughput computed from the mean.
+Inputs are sampled once per trainer (``matwm_fast.tools.warm.WarmTrainer.fixed_inputs``, the
+harness ``profile`` uses too) so rounds differ only by the state the updates themselves change.
+``backend`` is parametrised by bench/conftest.py.  ``extra_info`` carries the throughput computed
+from the mean and the trainer's resolved runtime (device, backend, kernels, amp).
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ def test_bench_imagine(benchmark, bench, warm_trainer, bench_cfg, backend):
         bench.sync()
         return roll
 
-    info = bench.info(backend, bench_cfg) | {
-        "rows": tr.n * tr.imag_batch, "horizon": tr.horizon, "imagined_per_call": tr.imagined_per_update,
-        "trainer_setup_s": round(w.setup_s, 2)}
+    info = bench.info(backend, bench_cfg, tr) | w.info() | {
+        "rows": tr.n * tr.cfg.ac.imag_batch, "horizon": tr.cfg.ac.horizon, "imagined_per_call": tr.imagined_per_update}
     bench.measure(benchmark, fn, info, {"imagined_steps_per_s": tr.imagined_per_update})
 
 
@@ -40,7 +41,7 @@ def test_bench_wm_update(benchmark, bench, warm_trainer, bench_cfg, backend):
         bench.sync()
         return m
 
-    info = bench.info(backend, bench_cfg) | {"sequences": w.batch.act.shape[0], "seq_len": w.batch.act.shape[1]}
+    info = bench.info(backend, bench_cfg, tr) | {"sequences": w.batch.act.shape[0], "seq_len": w.batch.act.shape[1]}
     bench.measure(benchmark, fn, info, {"wm_updates_per_s": 1, "wm_samples_per_s": samples})
 
 
@@ -53,7 +54,8 @@ def test_bench_ac_update(benchmark, bench, warm_trainer, bench_cfg, backend):
         bench.sync()
         return m
 
-    info = bench.info(backend, bench_cfg) | {"agents": tr.n, "imag_batch": tr.imag_batch, "horizon": tr.horizon}
+    info = bench.info(backend, bench_cfg, tr) | {"agents": tr.n, "imag_batch": tr.cfg.ac.imag_batch,
+                                                 "horizon": tr.cfg.ac.horizon}
     bench.measure(benchmark, fn, info, {"ac_updates_per_s": 1, "imagined_steps_per_s": tr.imagined_per_update})
 
 
@@ -66,7 +68,7 @@ def test_bench_train_step(benchmark, bench, warm_trainer, bench_cfg, backend):
         bench.sync()
         return m
 
-    info = bench.info(backend, bench_cfg) | {"imagined_per_step": tr.imagined_per_update,
+    info = bench.info(backend, bench_cfg, tr) | {"imagined_per_step": tr.imagined_per_update,
                                              "wm_batch": bench_cfg.wm.batch_size, "wm_seq_len": bench_cfg.wm.seq_len}
     bench.measure(benchmark, fn, info, {"env_steps_per_s": 1, "imagined_steps_per_s": tr.imagined_per_update})
     tr.check_finite()  # a benchmark of a diverged model would time NaN arithmetic

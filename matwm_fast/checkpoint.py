@@ -247,19 +247,37 @@ class RunDir:
     def holds_run(self) -> bool:
         return any((self.path / f).exists() for f in self.RUN_FILES)
 
-    def check_writable(self) -> None:
-        """Refuse now, not at the first checkpoint, a directory this process cannot write."""
-        probe = self.path
-        while not probe.exists():
-            probe = probe.parent
-        targets = [self.path, self.checkpoints.dir] if self.path.exists() else [probe]
-        for t in targets:
-            if t.exists() and not os.access(t, os.W_OK | os.X_OK):
-                raise CheckpointError(f"run directory {self.path}: {t} is not writable")
+    def open(self, fresh: bool, overwrite: bool = False) -> None:
+        """Claim the directory for this process, before the first step: a fresh run is refused
+        where a run already is (unless ``overwrite``, which deletes that run's files: config,
+        metrics, checkpoints, TensorBoard events), the directory is locked, and a probe write
+        checks now, not at the first checkpoint, that it and ``checkpoints/`` can be written."""
+        if fresh and self.holds_run() and not overwrite:
+            raise CheckpointError(
+                f"{self.path} already holds a run; continue it with --resume {self.path}, start elsewhere "
+                "with a new --run-dir, or replace it with --overwrite")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"run directory {self.path} cannot be created ({e.strerror or e})") from None
+        self.lock()
+        try:
+            if fresh:
+                for name in self.RUN_FILES:
+                    p = self.path / name
+                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            for d in (self.path, self.checkpoints.dir):
+                d.mkdir(exist_ok=True)
+                probe = d / f".probe{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+        except OSError as e:
+            self.unlock()
+            raise CheckpointError(f"run directory {self.path} is not writable: {e.filename}: "
+                                  f"{e.strerror or e}") from None
 
     def lock(self) -> None:
         """Hold an exclusive lock on the directory until this process exits (or :meth:`unlock`)."""
-        self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -278,20 +296,6 @@ class RunDir:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
-
-    def start_fresh(self, overwrite: bool) -> None:
-        """A new run here: refused where a run already is, unless ``overwrite`` (which deletes
-        that run's files: config, metrics, checkpoints, TensorBoard events)."""
-        if self.holds_run() and not overwrite:
-            raise CheckpointError(
-                f"{self.path} already holds a run; continue it with --resume {self.path}, start elsewhere "
-                "with a new --run-dir, or replace it with --overwrite")
-        for name in self.RUN_FILES:
-            p = self.path / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            else:
-                p.unlink(missing_ok=True)
 
     def clean_temporary(self) -> list[Path]:
         """Remove the temporary files of writes a killed process never finished."""

@@ -324,14 +324,19 @@ def _check_field(key: str, value: Any, rule: tuple) -> None:
             raise ValueError(f"{flag(key)} {value!r}: unknown device; valid: auto, cpu, cuda, cuda:N")
 
 
-def validate(cfg: Config, n_agents: int) -> None:
-    """Refuse impossible configurations before anything is built; each message names the flag
-    and says what is allowed."""
+def check_fields(cfg: Config) -> None:
+    """Every field against its rule in :data:`RULES` (needs no env: runs before one is built)."""
     for sec in SECTION_TYPES:
         for f in dataclasses.fields(SECTION_TYPES[sec]):
             key = f"{sec}.{f.name}"
             if key in RULES:
                 _check_field(key, getattr(getattr(cfg, sec), f.name), RULES[key])
+
+
+def validate(cfg: Config, n_agents: int) -> None:
+    """Refuse impossible configurations before anything is built; each message names the flag
+    and says what is allowed."""
+    check_fields(cfg)
     wm, ac, rp, tr = cfg.wm, cfg.ac, cfg.replay, cfg.train
     if wm.batch_size % n_agents != 0:
         lo = max(n_agents, wm.batch_size // n_agents * n_agents)

@@ -38,7 +38,7 @@ _RESERVED = {"continuous_actions", "render_mode", "max_cycles", "benchmark_data"
 
 def _module(scenario: str):
     if scenario not in SCENARIOS:
-        raise ValueError(f"unknown scenario {scenario!r}; valid scenarios: {', '.join(SCENARIOS)}")
+        raise ValueError(f"--env.scenario {scenario!r}: unknown scenario; valid scenarios: {', '.join(SCENARIOS)}")
     return importlib.import_module(f"mpe2.{SCENARIOS[scenario]}")
 
 
@@ -211,6 +211,9 @@ class MultiAgentEnv:
 
     def set_state(self, state: dict) -> None:
         """Continue from :meth:`get_state` of an env of the same config; ValueError if it does not fit."""
+        if not isinstance(state, dict) or not isinstance(state.get("obs"), torch.Tensor):
+            raise ValueError(f"env state is malformed: expected a mapping of world, obs and needs_reset, "
+                             f"got a {type(state).__name__}")
         try:
             env_state.restore(self.env, state["world"])
             obs = state["obs"].numpy().astype(np.float32)

@@ -28,7 +28,7 @@ FILES = ("metrics.jsonl", "metrics.csv")
 # ----------------------------------------------------------------------------- files
 def repair(run_dir: Path | str) -> list[str]:
     """Drop a torn last line of the metric files (one not ended by a newline, or a JSON line that
-    does not parse); returns a note per file repaired, which is also issued as a warning."""
+    does not parse); returns a note per file repaired."""
     notes = []
     for name in FILES:
         path = Path(run_dir) / name
@@ -45,8 +45,6 @@ def repair(run_dir: Path | str) -> list[str]:
         if keep != data:
             path.write_bytes(keep)
             notes.append(f"{path}: dropped a torn last line ({len(data) - len(keep)} bytes)")
-    for n in notes:
-        warnings.warn(n, stacklevel=2)
     return notes
 
 

@@ -52,7 +52,7 @@ class Runtime:
     def describe(self) -> dict:
         """What ran, for config.json and logs."""
         return {"device": str(self.device), "backend": self.backend, "kernels": self.kernels,
-                "amp": "fp32" if self.amp is None else str(self.amp).removeprefix("torch.").replace("float", "fp")}
+                "amp": {None: "fp32", torch.bfloat16: "bf16"}[self.amp]}
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -91,8 +91,8 @@ def resolve_kernels(name: str, device: torch.device, backend: str) -> str:
     """``auto``: the Triton kernels under ``eager`` on CUDA, where each replaces a chain of
     separately launched ops; the reference ops under ``compile``/``cudagraphs``, which Inductor
     fuses itself, until a GPU measurement shows a kernel beating Inductor's code for its op."""
-    if name == "auto":
-        return "triton" if backend == "eager" and kernels.triton_runs_on(device) else "ref"
+    if name == "auto":  # never Triton's CPU interpreter (a test tool): CUDA only
+        return "triton" if backend == "eager" and device.type == "cuda" and kernels.triton_runs_on(device) else "ref"
     if name == "triton" and not kernels.triton_runs_on(device):
         raise ValueError(f"--kernels 'triton': {kernels.why_triton_cannot_run(device)}; valid here: ref, auto")
     if name not in kernels.IMPLS:

@@ -24,9 +24,9 @@ import torch
 
 from . import checkpoint as ck
 from .cli import Parser, add_config_flags, apply_overrides, config_from_args, describe, fail, overrides
-from .config import Config, load_config, resolve
+from .config import Config, check_fields, load_config, resolve
 from .env import env_spec
-from .metrics import MetricsWriter, Progress, RowLogger, truncate_after
+from .metrics import MetricsWriter, Progress, RowLogger, repair, truncate_after
 from .play import evaluate
 from .steps import Runtime, resolve_runtime
 from .trainer import Trainer, seed_everything
@@ -72,8 +72,9 @@ def _config_for_resume(args, saved: Config) -> Config:
                for k, v in sorted(over.items()) if not k.startswith("run.") and v != get(saved, k)]
     if args.preset is not None and args.preset != saved.preset:
         refused.append(f"--preset (checkpoint {saved.preset!r}, requested {args.preset!r})")
-    if args.scenario_args and apply_overrides(saved, {}, args.scenario_args).env.kwargs != saved.env.kwargs:
-        refused.append(f"--scenario-arg (checkpoint {dict(saved.env.kwargs)}, requested {args.scenario_args})")
+    wanted = apply_overrides(saved, {}, args.scenario_args).env.kwargs if args.scenario_args else saved.env.kwargs
+    if wanted != saved.env.kwargs:
+        refused.append(f"--scenario-arg (checkpoint {dict(saved.env.kwargs)}, requested {dict(wanted)})")
     if refused:
         raise ValueError(f"cannot change {'; '.join(refused)} when resuming: the checkpoint was trained with its "
                          "values. Only run.* settings may change on resume; to continue with other settings start a "
@@ -103,6 +104,7 @@ def prepare(args) -> Session:
             raise ValueError("--preset with --init-from: the settings start from the checkpoint's; change them with flags")
     else:
         cfg = config_from_args(args)
+    check_fields(cfg)  # each value on its own, before an env is built from them
     cfg = resolve(cfg, env_spec(cfg.env).n_agents)
     runtime = resolve_runtime(cfg.run)
     rd = ck.RunDir(run_dir if resume else (args.run_dir or default_run_dir(cfg)), keep=cfg.run.keep_checkpoints)
@@ -115,10 +117,7 @@ def prepare(args) -> Session:
             if diff:
                 raise ValueError(f"the checkpoint does not belong to {rd.path} (its config.json differs: "
                                  + "; ".join(diff) + ")")
-    rd.check_writable()
-    rd.lock()  # from here on this process owns the directory
-    if not resume:
-        rd.start_fresh(args.overwrite)
+    rd.open(fresh=not resume, overwrite=args.overwrite)  # from here on this process owns the directory
     return Session(cfg, runtime, rd, state, resume)
 
 
@@ -211,42 +210,58 @@ def _newest(rd: ck.RunDir, resume: bool = False) -> str:
     return f"{last} (resume with: python -m matwm_fast.train --resume {rd.path})" if resume else str(last)
 
 
+def start(s: Session) -> Trainer:
+    """Threads, seeds, the trainer (restored from the checkpoint when there is one), the run
+    directory made ready for it (what an interrupted run left behind removed) and its config.json."""
+    if s.cfg.run.threads > 0:  # on a shared CPU, idle-waiting OpenMP threads cost ~60× (README)
+        torch.set_num_threads(s.cfg.run.threads)
+    seed_everything(s.cfg.train.seed)
+    tr = Trainer(s.cfg, s.runtime)
+    if s.state is not None:  # refuses a state that does not fit, saying what differs
+        tr.load_state_dict(s.state["trainer"], same_config=s.resume)
+    rd = s.run_dir
+    if s.resume:
+        for note in repair(rd.path):  # a power cut or full disk can leave half a line
+            print(f"warning: {note}", file=sys.stderr)
+        for p in rd.clean_temporary():
+            print(f"resume: removed {p.name}, left by an interrupted write")
+        dropped = truncate_after(rd.path, tr.step)  # rows a killed run logged past its checkpoint
+        if dropped:
+            print(f"resume: dropped {dropped} metric rows logged after env step {tr.step}")
+        for p in rd.abandon_after(tr.step):
+            print(f"resume: set aside {p.name} (after env step {tr.step}) as {p.name}.abandoned")
+    rd.write_config({**s.cfg.to_dict(), "runtime": s.runtime.describe()})
+    return tr
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         s = prepare(args)
-        if s.cfg.run.threads > 0:  # on a shared CPU, idle-waiting OpenMP threads cost ~60× (README)
-            torch.set_num_threads(s.cfg.run.threads)
-        seed_everything(s.cfg.train.seed)
-        tr = Trainer(s.cfg, s.runtime)
-        if s.state is not None:  # refuses a state that does not fit, saying what differs
-            tr.load_state_dict(s.state["trainer"], same_config=s.resume)
-        rd = s.run_dir
-        if s.resume:
-            for p in rd.clean_temporary():
-                print(f"resume: removed {p.name}, left by an interrupted write")
-            dropped = truncate_after(rd.path, tr.step)  # rows a killed run logged past its checkpoint
-            if dropped:
-                print(f"resume: dropped {dropped} metric rows logged after env step {tr.step}")
-            for p in rd.abandon_after(tr.step):
-                print(f"resume: set aside {p.name} (after env step {tr.step}) as {p.name}.abandoned")
-        rd.write_config({**s.cfg.to_dict(), "runtime": s.runtime.describe()})
     except (ValueError, ck.CheckpointError) as e:
         fail(str(e))
-    print(describe(s.cfg))
-    rt = s.runtime.describe()
-    print(f"device = {rt['device']} | torch {torch.__version__} | backend {rt['backend']} | kernels {rt['kernels']} | "
-          f"amp {rt['amp']} | agents {list(tr.spec.agents)} | WM batch {s.cfg.wm.batch_size} × {s.cfg.wm.seq_len} "
-          f"({s.cfg.wm.batch_per_agent} per agent) | imagination {s.cfg.ac.imag_batch} × {s.cfg.ac.horizon} per agent "
-          f"= {tr.imagined_per_update} imagined steps per env step")
-    print(f"run dir = {rd.path}")
-    if s.resume:
-        if tr.step >= s.cfg.run.steps:
-            print(f"run already at env step {tr.step} (run.steps = {s.cfg.run.steps}); "
-                  f"pass --steps N with N > {tr.step} to train further")
-            return 0
-        print(f"resumed from step {tr.step}")
-    return run(tr, rd, s.state["extra"] if s.resume else None)
+    rd = s.run_dir
+    try:
+        try:
+            tr = start(s)
+        except (ValueError, ck.CheckpointError) as e:
+            fail(str(e))
+        print(describe(s.cfg))
+        rt = s.runtime.describe()
+        print(f"device = {rt['device']} | torch {torch.__version__} | backend {rt['backend']} | kernels {rt['kernels']} | "
+              f"amp {rt['amp']} | agents {list(tr.spec.agents)} | WM batch {s.cfg.wm.batch_size} × {s.cfg.wm.seq_len} "
+              f"({s.cfg.wm.batch_per_agent} per agent) | imagination {s.cfg.ac.imag_batch} × {s.cfg.ac.horizon} per "
+              f"agent = {tr.imagined_per_update} imagined steps per env step")
+        print(f"run dir = {rd.path}")
+        if s.resume:
+            if tr.step >= s.cfg.run.steps:
+                print(f"run already at env step {tr.step} (run.steps = {s.cfg.run.steps}); "
+                      f"pass --steps N with N > {tr.step} to train further")
+                return 0
+            print(f"resumed from step {tr.step}")
+        return run(tr, rd, s.state["extra"] if s.resume else None)
+    finally:
+        rd.unlock()  # the process may go on (tests, a notebook): the directory is free again
 
 
 if __name__ == "__main__":

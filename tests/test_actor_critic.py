@@ -6,6 +6,7 @@ from matwm_fast.actor_critic import ActorCritic
 from matwm_fast.config import preset
 from matwm_fast.env import EnvSpec
 from matwm_fast.losses import actor_critic_loss
+from matwm_fast.steps import ac_loss
 from matwm_fast.nn import StackedMLP, ema_update, mlp, per_agent_grad_clip
 
 SPEC = EnvSpec(agents=("a_0", "a_1", "b_0"), obs_sizes=(4, 4, 4), action_counts=(5, 3, 5))
@@ -55,12 +56,8 @@ def make_ac():
 
 
 def loss_of(ac, states, actions, rewards, conts, cfg):
-    n, b, h1, s = states.shape
-    logits = ac.policy_logits(states.reshape(n, -1, s)).view(n, b, h1, -1)[:, :, :-1]
-    crit = ac.critic(states.reshape(n, -1, s)).view(n, b, h1, -1)
-    slow = ac.slow_critic(states.reshape(n, -1, s)).view(n, b, h1, -1)
-    return actor_critic_loss(logits, actions, crit, slow, rewards, conts, ac.bins, ac.return_scale, cfg.gamma,
-                             cfg.lam, cfg.entropy, cfg.return_scale_decay, cfg.return_pct_low, cfg.return_pct_high)
+    """The trainer's own actor-critic step function (its reshape of N × B × (H+1) states included)."""
+    return ac_loss(ac, states, actions, rewards, conts, cfg)
 
 
 def test_agent_loss_touches_only_its_own_weights():
@@ -108,3 +105,25 @@ def test_policy_masks_padded_actions():
     assert a[1].max() < 3 and a[0].max() == 4  # agent 1 has 3 actions; the others use all 5
     g = ac.act(s, greedy=True)
     assert torch.equal(g, ac.policy_logits(s).argmax(-1))
+
+
+def test_batched_loss_equals_each_agents_own_loss():
+    """Agent i's row of the stacked loss is the loss of agent i's networks on agent i's batch alone."""
+    cfg, ac = make_ac()
+    torch.nn.init.normal_(ac.critic.net[-1].weight, std=0.1)  # a non-constant value head
+    n, b, h = 3, 6, 4
+    states = torch.randn(n, b, h + 1, 10)
+    actions = torch.randint(0, 3, (n, b, h))
+    rewards, conts = torch.randn(n, b, h), (torch.rand(n, b, h) > 0.2).float()
+    _, m = loss_of(ac, states, actions, rewards, conts, cfg)
+    for i in range(n):
+        idx = torch.tensor([i])
+        flat = states[i].reshape(1, -1, 10)  # (1, B·(H+1), S)
+        logits = ac.policy_logits(flat, idx).view(1, b, h + 1, -1)[:, :, :-1]
+        crit = ac.critic(flat, idx).view(1, b, h + 1, -1)
+        slow = ac.slow_critic(flat, idx).view(1, b, h + 1, -1)
+        _, mi = actor_critic_loss(logits, actions[i:i + 1], crit, slow, rewards[i:i + 1], conts[i:i + 1], ac.bins,
+                                  ac.return_scale[idx], cfg.gamma, cfg.lam, cfg.entropy, cfg.return_scale_decay,
+                                  cfg.return_pct_low, cfg.return_pct_high)
+        for k in ("actor_loss", "critic_loss", "return_scale", "entropy"):
+            torch.testing.assert_close(m[k][i], mi[k][0])

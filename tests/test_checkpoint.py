@@ -1,11 +1,13 @@
-"""Checkpoint files: exact env state, round trip, pruning, atomicity, and refusal of truncated,
-corrupt, foreign or incompatible checkpoints with a message that says what is wrong."""
+"""Checkpoint files: exact env state, round trip, pruning, atomicity; refusal of truncated,
+corrupt, foreign, incompatible and crafted checkpoints with a message that says what is wrong —
+and no checkpoint, however crafted, runs code when opened."""
 
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
+import hashlib
+import io
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,37 +17,34 @@ import torch
 
 from matwm_fast import checkpoint as ck
 from matwm_fast.config import EnvConfig, preset
-from matwm_fast.env import MultiAgentEnv, random_actions
-from matwm_fast.trainer import Trainer
-
-from support import ROOT, subprocess_env  # noqa: E402
-ENV = subprocess_env()
+from matwm_fast.env import SCENARIOS, MultiAgentEnv, random_actions
+from matwm_fast.trainer import build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A smoke trainer past warm-up (40 steps) with a few updates, and its run dir with 3 checkpoints."""
     run_dir = tmp_path_factory.mktemp("ckpt")
-    cfg = preset("smoke")
-    tr = Trainer(cfg, "cpu")
+    tr = build(preset("smoke"), device="cpu")
     cdir = ck.CheckpointDir(run_dir, keep=2)
     paths = []
     for stop in (42, 44, 46):
         while tr.step < stop:
             tr.train_step()
-        paths.append(cdir.write(tr, {"imagined_total": tr.step}))
+        paths.append(cdir.write(tr.step, {"trainer": tr.state_dict(), "extra": {"mark": tr.step}}))
     return tr, run_dir, paths
 
 
-@pytest.mark.parametrize("scenario", ["simple_tag", "simple_world_comm"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_env_state_continues_exactly(scenario):
     """A resume restores into a *fresh* env (another seed): the world and its RNG must carry over."""
     a = MultiAgentEnv(EnvConfig(scenario=scenario, max_cycles=10), seed=0)
     rng = np.random.default_rng(0)
     for _ in range(7):
         a.step(random_actions(rng, a.spec))
-    blob = a.get_state()
+    blob = ck.loads(ck.dumps(a.get_state()))  # through the file format: plain data only
     b = MultiAgentEnv(EnvConfig(scenario=scenario, max_cycles=10), seed=123)  # another world
     b.set_state(blob)
     for _ in range(25):  # crosses episode ends: the env's own RNG must match too
@@ -57,23 +56,58 @@ def test_env_state_continues_exactly(scenario):
             assert np.array_equal(a.reset(), b.reset())
 
 
+def test_env_state_keeps_references_between_entities():
+    """simple_reference's agents point at a goal agent and landmark: restored, they point at the
+    restored env's own entities (not at copies)."""
+    a = MultiAgentEnv(EnvConfig(scenario="simple_reference"), seed=0)
+    b = MultiAgentEnv(EnvConfig(scenario="simple_reference"), seed=5)
+    b.set_state(ck.loads(ck.dumps(a.get_state())))
+    world_a, world_b = a.env.unwrapped.world, b.env.unwrapped.world
+    for ag_a, ag_b in zip(world_a.agents, world_b.agents):
+        assert any(ag_b.goal_b is lm for lm in world_b.landmarks)
+        assert world_b.landmarks.index(ag_b.goal_b) == world_a.landmarks.index(ag_a.goal_b)
+        assert world_b.agents.index(ag_b.goal_a) == world_a.agents.index(ag_a.goal_a)
+
+
 def test_round_trip_restores_everything(trained):
     tr, run_dir, paths = trained
     st = ck.load(ck.resolve(run_dir))
-    assert st["step"] == 46 and st["extra"] == {"imagined_total": 46}
-    fresh = Trainer(preset("smoke"), "cpu")
-    ck.load_trainer_state(fresh, st)
+    assert st["trainer"]["step"] == 46 and st["extra"] == {"mark": 46}
+    fresh = build(preset("smoke"), device="cpu", steps=999)  # run settings may differ
+    fresh.load_state_dict(st["trainer"])
     assert fresh.step == tr.step and fresh.first == tr.first and np.array_equal(fresh.obs, tr.obs)
+    assert fresh.imagined_total == tr.imagined_total > 0
     for x, y in [(fresh.wm, tr.wm), (fresh.ac, tr.ac)]:  # incl. slow critics and return scales
         sx, sy = x.state_dict(), y.state_dict()
         assert sx.keys() == sy.keys() and all(torch.equal(sx[k], sy[k]) for k in sx)
     assert any("slow_critic" in k for k in fresh.ac.state_dict()) and "return_scale" in fresh.ac.state_dict()
-    opt_x, opt_y = fresh.wm_opt.state_dict()["state"], tr.wm_opt.state_dict()["state"]
-    assert all(torch.equal(opt_x[i]["exp_avg_sq"], opt_y[i]["exp_avg_sq"]) for i in opt_y)
+    opt_x, opt_y = fresh.wm_opt.state_dict(), tr.wm_opt.state_dict()
+    assert all(torch.equal(opt_x["state"][i]["exp_avg_sq"], opt_y["state"][i]["exp_avg_sq"]) for i in opt_y["state"])
+    assert opt_x["param_groups"][0]["betas"] == opt_y["param_groups"][0]["betas"]  # tuples stay tuples
     assert len(fresh.replay) == len(tr.replay) == 46
     assert torch.equal(fresh.replay.obs[:, :46], tr.replay.obs[:, :46])
     assert fresh.rng.bit_generator.state == tr.rng.bit_generator.state
     assert fresh.queues.count == tr.queues.count and torch.equal(fresh.queues.obs, tr.queues.obs)
+    # the next step is the same step
+    torch.manual_seed(7), np.random.seed(7)
+    torch.set_rng_state(torch.get_rng_state())
+    a = copy.deepcopy(tr.state_dict()["rng"])
+    assert json.dumps(str(a["trainer"])) == json.dumps(str(fresh.state_dict()["rng"]["trainer"]))
+
+
+def test_file_format_holds_only_data():
+    tree = {"a": [1, 2.5, None, True, "x"], "t": (torch.arange(3), torch.ones(2, 2, dtype=torch.bfloat16)),
+            "__odd": {3: torch.zeros(0), None: "none"}, "big": 2**80}
+    back = ck.loads(ck.dumps(tree))
+    assert back["a"] == tree["a"] and back["big"] == 2**80 and isinstance(back["t"], tuple)
+    assert torch.equal(back["t"][0], tree["t"][0]) and back["t"][1].dtype is torch.bfloat16
+    assert back["__odd"][3].shape == (0,) and back["__odd"][None] == "none"
+
+    class Thing:
+        pass
+
+    with pytest.raises(TypeError, match="holds only data; got a Thing"):
+        ck.dumps({"x": Thing()})
 
 
 def test_keeps_last_k_and_writes_atomically(trained):
@@ -121,18 +155,6 @@ def test_damaged_checkpoint_is_refused(tmp_path, trained, how, message):
         ck.load(ck.resolve(path.parent.parent))
 
 
-def test_cli_refuses_truncated_checkpoint(tmp_path, trained):
-    path = _damaged(tmp_path, trained[2][-1], "truncated")
-    older = path.parent / "step_000000040.pt"
-    older.write_bytes(trained[2][1].read_bytes())  # an intact older one: the message points at it
-    proc = subprocess.run([sys.executable, "-m", "matwm_fast.train", "--resume", str(path.parent.parent)],
-                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
-    assert proc.returncode == 2
-    assert f"error: {path} is corrupt or truncated (checksum mismatch); refusing to load it" in proc.stderr
-    assert "step_000000040.pt (pass one as --resume PATH)" in proc.stderr
-    assert not (path.parent.parent / "metrics.jsonl").exists()  # refused before training started
-
-
 def test_missing_checkpoint_is_refused(tmp_path):
     with pytest.raises(ck.CheckpointError, match="neither a run directory nor a checkpoint file"):
         ck.resolve(tmp_path / "nope")
@@ -141,39 +163,133 @@ def test_missing_checkpoint_is_refused(tmp_path):
 
 
 def test_incompatible_checkpoint_is_refused(trained):
-    st = ck.load(trained[2][-1])
+    st = ck.load(trained[2][-1])["trainer"]
     cfg = preset("smoke")
-    other = Trainer(replace(cfg, wm=replace(cfg.wm, width=64)), "cpu")
-    with pytest.raises(ck.CheckpointError, match=r"different config: wm\.width: checkpoint 32 vs requested 64"):
-        ck.load_trainer_state(other, st)
-    # only settings that do not change learning may differ
-    ck.check_compatible(st, replace(cfg, train=replace(cfg.train, steps=999, eval_every=5)))
+    other = build(replace(cfg, wm=replace(cfg.wm, width=64)), device="cpu")
+    with pytest.raises(ValueError, match=r"different config: wm\.width: checkpoint 32 vs this run 64"):
+        other.load_state_dict(st)
     # a config from another version of the code: unknown and missing fields are named
     bad = {**st, "config": copy.deepcopy(st["config"])}
     bad["config"]["wm"]["warp"] = 9
     del bad["config"]["ac"]["gamma"]
-    with pytest.raises(ck.CheckpointError, match="unknown field wm.warp; missing field ac.gamma"):
-        ck.saved_config(bad)
+    with pytest.raises(ValueError, match="unknown field wm.warp; missing field ac.gamma"):
+        build(cfg, device="cpu").load_state_dict(bad)
     # a missing run-time setting (added to the config later) takes its default instead
-    older = {**st, "config": copy.deepcopy(st["config"])}
-    del older["config"]["train"]["threads"]
-    assert ck.saved_config(older).train.threads == 0
+    from matwm_fast.config import load_config
+
+    older = copy.deepcopy(st["config"])
+    del older["run"]["threads"]
+    assert load_config(older).run.threads == 0
     # weights that do not fit the model its config builds
     shapes = {**st, "wm": {k: v[..., :1] if v.ndim else v for k, v in st["wm"].items()}}
-    with pytest.raises(ck.CheckpointError, match="does not fit the model"):
-        ck.load_trainer_state(Trainer(cfg, "cpu"), shapes)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        build(cfg, device="cpu").load_state_dict(shapes)
 
 
 def test_gpu_checkpoint_resumes_on_cpu(trained):
     """A ``cudagraphs`` run saves Adam ``capturable`` with tensor learning rates; resumed on the
     CPU (eager) those runtime settings must be the CPU trainer's, or Adam refuses to step."""
-    st = ck.load(trained[2][-1])
+    st = copy.deepcopy(ck.load(trained[2][-1])["trainer"])
     for key in ("wm_opt", "ac_opt"):
-        st[key] = copy.deepcopy(st[key])
         for g in st[key]["param_groups"]:
             g["capturable"], g["lr"] = True, torch.tensor(float(g["lr"]))
-    tr = Trainer(preset("smoke"), "cpu")
-    ck.load_trainer_state(tr, st)
+    st = ck.loads(ck.dumps(st))  # and through the file
+    tr = build(preset("smoke"), device="cpu")
+    tr.load_state_dict(st)
     for opt, lr in ((tr.wm_opt, 1e-3), (tr.ac_opt, 3e-4)):
         assert all(g["capturable"] is False and g["lr"] == lr and isinstance(g["lr"], float) for g in opt.param_groups)
     assert tr.train_step() is not None  # steps, from the restored Adam moments
+
+
+# ----------------------------------------------------------------------------- crafted files
+class Evil:
+    """Unpickling this creates MARKER: the proof that opening a file ran code."""
+
+    marker = "MARKER"
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def format1_file(path: Path, payload: dict) -> Path:
+    """A checkpoint in the old format 1: magic, sha256, a torch.save pickle."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    blob = buf.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"MATWMCK1" + hashlib.sha256(blob).digest() + blob)
+    (path.parent / "latest").write_text(path.name)
+    return path
+
+
+def crafted_runs(root: Path, marker: Path, trained) -> dict[str, Path]:
+    """Run directories whose checkpoint would run ``touch marker`` if unpickled."""
+    import pickle
+
+    Evil.marker = str(marker)
+    good = ck.load(trained[2][-1])
+    out = {}
+    out["payload"] = format1_file(root / "payload/checkpoints/step_000000046.pt", {"format": 1, "x": Evil()})
+    out["env_state"] = format1_file(root / "env_state/checkpoints/step_000000046.pt",
+                                    {"format": 1, "env": pickle.dumps(Evil()), "config": good["trainer"]["config"]})
+    out["nested"] = format1_file(root / "nested/checkpoints/step_000000046.pt",
+                                 {"format": 1, "wm_opt": {"state": {0: {"exp_avg": Evil()}}}})
+    # format 2 cannot hold an object at all; a pickle smuggled in as bytes (a uint8 tensor) or as a
+    # string where the env state belongs is only data, and is refused when it does not fit
+    st = copy.deepcopy(good)
+    st["trainer"]["env"] = torch.frombuffer(bytearray(pickle.dumps(Evil())), dtype=torch.uint8)
+    p = root / "v2_env/checkpoints/step_000000046.pt"
+    p.parent.mkdir(parents=True)
+    ck.save(p, st)
+    out["v2_env"] = p
+    return {k: v.parent.parent for k, v in out.items()}
+
+
+def test_crafted_checkpoints_are_refused_and_never_run(tmp_path, trained):
+    marker = tmp_path / "ran"
+    runs = crafted_runs(tmp_path / "runs", marker, trained)
+    for kind in ("payload", "env_state", "nested"):
+        with pytest.raises(ck.CheckpointError, match="checkpoint format 1 .*unpickling can run code"):
+            ck.load(ck.resolve(runs[kind]))
+    st = ck.load(ck.resolve(runs["v2_env"]))
+    with pytest.raises(ValueError, match="env state is malformed"):
+        build(preset("smoke"), device="cpu").load_state_dict(st["trainer"])
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "resume", "init-from", "diagnose", "sweep"])
+def test_every_command_refuses_crafted_checkpoints(tmp_path, trained, command):
+    """Every command that opens checkpoints, as a user runs it: a format-1 file is refused by name
+    (exit 2, no traceback); the format-2 file with a pickle where the env state belongs is refused
+    by whatever reads the env state (resume, init-from) and is plain data to the rest.  Nothing
+    ever creates the marker."""
+    import shutil
+    import subprocess
+    import sys
+
+    from support import subprocess_env
+
+    marker = tmp_path / "ran"
+    runs = crafted_runs(tmp_path / "runs", marker, trained)
+    for kind, run in runs.items():
+        if command == "sweep":  # the sweep reads OUT/<env>/seed<k>
+            out = tmp_path / f"sweep_{kind}"
+            shutil.copytree(run, out / "simple_tag" / "seed0")
+            (out / "simple_tag" / "seed0" / "metrics.jsonl").write_text(
+                json.dumps({"env_step": 46, "eval_return_mean": 0.0}) + "\n")
+        argv = {"eval": ["-m", "matwm_fast.eval", str(run), "--episodes", "1"],
+                "resume": ["-m", "matwm_fast.train", "--resume", str(run)],
+                "init-from": ["-m", "matwm_fast.train", "--init-from", str(run), "--run-dir", str(tmp_path / f"new_{kind}")],
+                "diagnose": ["-m", "matwm_fast.diagnose", "model", str(run), "--episodes", "1", "--contexts", "1"],
+                "sweep": ["-m", "matwm_fast.sweep", "--env", "simple_tag", "--seeds", "0", "--aggregate-only",
+                          "--baseline-episodes", "1", "--out", str(tmp_path / f"sweep_{kind}")]}[command]
+        proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=subprocess_env(),
+                              cwd=tmp_path, timeout=300)
+        assert "Traceback" not in proc.stderr, (command, kind, proc.stderr[-2000:])
+        if kind != "v2_env":
+            assert proc.returncode == 2 and "checkpoint format 1" in proc.stderr, (command, kind, proc.stderr[-1000:])
+        elif command in ("resume", "init-from"):
+            assert proc.returncode == 2 and "env state is malformed" in proc.stderr, (command, proc.stderr[-1000:])
+    assert not marker.exists()

@@ -46,7 +46,7 @@ def test_scenario_parameters_and_errors():
     assert env.spec.teams == {"adversary": [0, 1], "agent": [2, 3]}
     with pytest.raises(ValueError, match="valid: .*num_good"):
         parse_kwargs("simple_tag", ["num_goood=2"])
-    with pytest.raises(ValueError, match="unknown scenario 'simple_tig'; valid scenarios: simple_tag"):
+    with pytest.raises(ValueError, match="--env.scenario 'simple_tig': unknown scenario; valid scenarios: simple_tag"):
         MultiAgentEnv(EnvConfig(scenario="simple_tig"))
 
 

@@ -72,13 +72,35 @@ def test_eval_modes_and_reproducibility(run_dir, tmp_path, capsys):
     assert "sample policy of" in capsys.readouterr().out
 
 
-def test_load_policy_rebuilds_trained_networks(run_dir):
+def test_policy_rebuilds_trained_networks(run_dir):
     from matwm_fast import checkpoint as ck
 
-    cfg, wm, ac, state = ev.load_policy(run_dir)
-    assert cfg.preset == "smoke" and state["step"] == 50
-    saved = ck.load(ck.resolve(run_dir))["ac"]
-    assert all(torch.equal(v, saved[k]) for k, v in ac.state_dict().items())
+    pol = ev.Policy(run_dir)
+    assert pol.cfg.preset == "smoke" and pol.step == 50 and pol.path == run_dir / "checkpoints" / "step_000000050.pt"
+    saved = ck.load(ck.resolve(run_dir))["trainer"]["ac"]
+    assert all(torch.equal(v, saved[k]) for k, v in pol.ac.state_dict().items())
+
+
+def test_eval_records_the_checkpoint_it_evaluated(run_dir, tmp_path, monkeypatch):
+    """Training may write a newer checkpoint while eval plays: the result names the one played."""
+    import shutil
+
+    ckpts = run_dir / "checkpoints"
+    real_play = ev.play
+
+    def play_while_training_writes(*a, **k):
+        shutil.copy(ckpts / "step_000000050.pt", ckpts / "step_000000060.pt")
+        (ckpts / "latest").write_text("step_000000060.pt")
+        return real_play(*a, **k)
+
+    monkeypatch.setattr(ev, "play", play_while_training_writes)
+    try:
+        assert ev.main([str(run_dir), "--episodes", "1", "--out", str(tmp_path / "r.json")]) == 0
+    finally:
+        (ckpts / "latest").write_text("step_000000050.pt")
+        (ckpts / "step_000000060.pt").unlink()
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["checkpoint"] == str(ckpts / "step_000000050.pt") and res["env_step"] == 50
 
 
 def test_eval_runs_on_one_thread_unless_told(run_dir, tmp_path):
@@ -97,7 +119,9 @@ def test_eval_runs_on_one_thread_unless_told(run_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--device", "tpu"], "unknown device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
+    (["--device", "tpu"], "--device 'tpu': unknown device; valid: auto, cpu, cuda, cuda:N"),
+    (["--fps", "0"], "--fps 0: need at least 1 frame per second"),
+    (["--video-episodes", "0"], "--video-episodes 0: need at least 1"),
     (["--video", "x.avi"], "--video 'x.avi': the file name must end in .gif or .mp4"),
     (["--episodes", "0"], "--episodes 0: need at least 1"),
     (["--threads", "-1"], "--threads -1: need 0 (torch's default) or more"),
@@ -107,6 +131,19 @@ def test_eval_bad_arguments(run_dir, capsys, args, message):
         ev.main([str(run_dir), *args])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_eval_bad_output_is_refused_before_playing(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ev, "play", lambda *a, **k: pytest.fail("episodes were played"))
+    (tmp_path / "afile").write_text("x")
+    for args, message in [(["--out", str(tmp_path)], f"--out {tmp_path}: is a directory; give a file name"),
+                          (["--out", str(tmp_path / "afile" / "r.json")], f"--out {tmp_path / 'afile' / 'r.json'}: "
+                           f"{tmp_path / 'afile'} is not a writable directory"),
+                          (["--video", str(tmp_path / "afile" / "v.gif")], "is not a writable directory")]:
+        with pytest.raises(SystemExit) as e:
+            ev.main([str(run_dir), *args])
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 def test_eval_bad_run_dir(tmp_path):

@@ -1,31 +1,25 @@
 """GPU-only checks (skipped without CUDA): CUDA graphs, bf16 autocast, Triton on the device."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 
+from matwm_fast import steps
 from matwm_fast.config import preset
 from matwm_fast.imagination import ImagNoise
-from matwm_fast.trainer import Trainer
+from matwm_fast.trainer import build
 
 pytestmark = pytest.mark.gpu
 
 
-def warm_trainer(backend: str, amp: bool, kernels_impl: str = "auto") -> Trainer:
-    import kernels
-
-    kernels.set_impl(kernels_impl)
-    cfg = preset("smoke")
-    cfg = replace(cfg, train=replace(cfg.train, backend=backend, amp=amp, seed=0))
-    tr = Trainer(cfg, "cuda")
+def warm_trainer(backend: str, amp: str, kernels: str = "auto"):
+    tr = build(preset("smoke"), device="cuda", backend=backend, amp=amp, kernels=kernels)
     while not tr.warm:
         tr.env_step()
     return tr
 
 
 def test_cudagraphs_steps_run_without_recompiling_and_with_fresh_noise():
-    tr = warm_trainer("cudagraphs", amp=True)
+    tr = warm_trainer("cudagraphs", amp="bf16")
     for _ in range(3):  # warm-up + capture
         tr.train_step()
     torch._dynamo.config.error_on_recompile = True
@@ -37,7 +31,7 @@ def test_cudagraphs_steps_run_without_recompiling_and_with_fresh_noise():
     tr.check_finite()
     assert torch.isfinite(m["shared_wm_total_loss"])
     # two replays of the captured rollout on the same contexts draw different random numbers
-    ctx = tr.replay.sample_contexts(tr.imag_batch, tr.cfg.ac.context_len)
+    ctx = tr.replay.sample_contexts(tr.cfg.ac.imag_batch, tr.cfg.ac.context_len)
     torch.compiler.cudagraph_mark_step_begin()
     a = tr.imagine(ctx).states.clone()
     torch.compiler.cudagraph_mark_step_begin()
@@ -46,28 +40,25 @@ def test_cudagraphs_steps_run_without_recompiling_and_with_fresh_noise():
 
 
 def test_bf16_world_model_loss_close_to_fp32():
-    fp32, bf16 = warm_trainer("eager", amp=False), warm_trainer("eager", amp=True)
+    fp32, bf16 = warm_trainer("eager", amp="fp32"), warm_trainer("eager", amp="bf16")
     bf16.wm.load_state_dict(fp32.wm.state_dict())
-    batch = fp32.replay.sample_sequences(fp32.wm_per_agent, fp32.cfg.wm.seq_len, 0.9998)
+    batch = fp32.replay.sample_sequences(fp32.cfg.wm.batch_per_agent, fp32.cfg.wm.seq_len, 0.9998)
     args = (batch.obs, batch.act, batch.rew, batch.cont, batch.first, batch.team_act, batch.agent)
     torch.manual_seed(0)
-    l32, _ = fp32.wm_loss(*args)
+    l32, _ = steps.wm_loss(fp32.wm, *args, fp32.rt.amp)
     torch.manual_seed(0)
-    l16, _ = bf16.wm_loss(*args)
+    l16, _ = steps.wm_loss(bf16.wm, *args, bf16.rt.amp)
     assert abs(l16.item() - l32.item()) / abs(l32.item()) < 5e-2  # bf16: ~3 significant digits
 
 
 def test_triton_imagination_equals_reference_on_cuda():
-    tr = warm_trainer("eager", amp=False)
-    ctx = tr.replay.sample_contexts(tr.imag_batch, tr.cfg.ac.context_len)
-    wm = tr.wm
-    noise = ImagNoise.draw(tr.n * tr.imag_batch, tr.cfg.ac.context_len, tr.horizon, wm.K, wm.C, wm.A, "cuda")
-    import kernels
-
-    with kernels.use_impl("ref"):
-        a = tr.imagine(ctx, noise)
-    with kernels.use_impl("triton"):
-        b = tr.imagine(ctx, noise)
+    ref, tri = warm_trainer("eager", amp="fp32", kernels="ref"), warm_trainer("eager", amp="fp32", kernels="triton")
+    tri.wm.load_state_dict(ref.wm.state_dict())
+    tri.ac.load_state_dict(ref.ac.state_dict())
+    c = ref.cfg
+    ctx = ref.replay.sample_contexts(c.ac.imag_batch, c.ac.context_len)
+    noise = ImagNoise.draw(ref.n * c.ac.imag_batch, c.ac.context_len, c.ac.horizon, ref.wm.K, ref.wm.C, ref.wm.A, "cuda")
+    a, b = ref.imagine(ctx, noise), tri.imagine(ctx, noise)
     assert (a.actions != b.actions).float().mean() < 0.01  # near-ties may flip a rare Gumbel argmax
     if torch.equal(a.actions, b.actions):
         torch.testing.assert_close(a.states, b.states, rtol=1e-4, atol=1e-4)

@@ -16,7 +16,6 @@ import pytest
 
 from matwm_fast import train
 from matwm_fast.metrics import read_metrics
-from matwm_fast.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # one thread per process: the smoke model is tiny and the CPU is shared
@@ -38,8 +37,8 @@ def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def train_inprocess(run_dir: Path, *flags: str, stop_at: int | None = None,
                     signals: tuple = (signal.SIGTERM,)) -> int:
     """Train in this process; ``stop_at`` sends this process ``signals`` right after that env step."""
-    cfg, rd, _ = train.prepare(train.build_parser().parse_args([*SMOKE, "--run-dir", str(run_dir), *flags]))
-    tr = Trainer(cfg, "cpu")
+    s = train.prepare(train.build_parser().parse_args([*SMOKE, "--run-dir", str(run_dir), *flags]))
+    tr = train.start(s)
     if stop_at is not None:
         step = tr.train_step
 
@@ -51,7 +50,10 @@ def train_inprocess(run_dir: Path, *flags: str, stop_at: int | None = None,
             return m
 
         tr.train_step = step_then_signal
-    return train.run(tr, rd)
+    try:
+        return train.run(tr, s.run_dir)
+    finally:
+        s.run_dir.unlock()
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,7 @@ def test_resume_after_a_budget_off_the_logging_grid(tmp_path, baseline, capsys):
 
 
 def test_resume_from_an_older_checkpoint_file(tmp_path, baseline, capsys):
-    assert train_inprocess(tmp_path, "--steps", "60", "--checkpoint-every", "10", "--train.keep-checkpoints", "3") == 0
+    assert train_inprocess(tmp_path, "--steps", "60", "--checkpoint-every", "10", "--run.keep-checkpoints", "3") == 0
     ckpts = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step_*.pt")) == [f"step_0000000{s}.pt" for s in (40, 50, 60)]
     assert train.main(["--resume", str(ckpts / "step_000000050.pt"), "--steps", "70"]) == 0
@@ -116,7 +118,7 @@ def test_sigterm_after_ctrl_c_still_checkpoints(tmp_path, capsys):
 
 
 def test_evaluation_during_training_does_not_change_training(tmp_path, baseline):
-    assert train_inprocess(tmp_path, "--steps", "70", "--eval-every", "10", "--train.eval-episodes", "1") == 0
+    assert train_inprocess(tmp_path, "--steps", "70", "--eval-every", "10", "--eval-episodes", "1") == 0
     rows = read_metrics(tmp_path)
     evals = [r for r in rows if "eval_return_mean" in r]
     # from warm-up's end (40) on, every 10 steps, into the same metrics stream
@@ -171,7 +173,7 @@ def test_resume_overrides_applied_or_refused(tmp_path, capsys):
     proc = cli("--resume", str(run_dir), "--wm.width", "64")
     assert proc.returncode == 2, proc.stdout[-500:]
     assert "cannot change wm.width (checkpoint 32, requested 64)" in proc.stderr, proc.stderr
-    assert "Changeable on resume:" in proc.stderr and "train.steps" in proc.stderr
+    assert "Only run.* settings may change on resume" in proc.stderr and "--init-from" in proc.stderr
     for flags, named in [(["--scenario", "simple_spread"], "env.scenario (checkpoint 'simple_tag', requested 'simple_spread')"),
                          (["--preset", "cpu"], "--preset (checkpoint 'smoke', requested 'cpu')"),
                          (["--scenario-arg", "num_good=2"], "--scenario-arg (checkpoint {}, requested {'num_good': 2})"),
@@ -185,9 +187,9 @@ def test_resume_overrides_applied_or_refused(tmp_path, capsys):
     # a resumable override is applied and said so; one equal to the saved value is a no-op
     proc = cli("--resume", str(run_dir), "--steps", "50", "--log-every", "5", "--seed", "0")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "resume: train.steps = 50 (was 45)" in proc.stdout
-    assert "train.log_every" not in proc.stdout.split("preset =")[0] and "train.seed" not in proc.stdout.split("preset =")[0]
+    assert "resume: run.steps = 50 (was 45)" in proc.stdout
+    assert "run.log_every" not in proc.stdout.split("preset =")[0] and "train.seed" not in proc.stdout.split("preset =")[0]
     assert read_metrics(run_dir)[-1]["env_step"] == 50
-    assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 50
+    assert json.loads((run_dir / "config.json").read_text())["run"]["steps"] == 50
     assert train.main(["--resume", str(run_dir)]) == 0
     assert "run already at env step 50" in capsys.readouterr().out

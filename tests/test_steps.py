@@ -1,20 +1,17 @@
-"""The compiled step functions equal the eager reference, and never recompile or graph-break."""
-
-from dataclasses import replace
+"""The step functions: compiled equals eager, nothing recompiles or graph-breaks in steady state,
+and how they run (device, backend, kernels, precision) is resolved once, by rule."""
 
 import pytest
 import torch
 
-from matwm_fast.backends import StepFunctions, kernel_impl, resolve_backend
-from matwm_fast.config import preset
+from matwm_fast import kernels, steps
+from matwm_fast.config import RunConfig, preset
 from matwm_fast.imagination import ImagNoise
-from matwm_fast.trainer import Trainer
+from matwm_fast.trainer import build
 
 
-def trainer(backend: str) -> Trainer:
-    cfg = preset("smoke")
-    cfg = replace(cfg, train=replace(cfg.train, backend=backend, seed=0))
-    tr = Trainer(cfg, "cpu")
+def trainer(backend: str):
+    tr = build(preset("smoke"), device="cpu", backend=backend)
     while not tr.warm:
         tr.env_step()
     return tr
@@ -38,24 +35,29 @@ def close(a, b, tol=1e-4):
     torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
+def noise_for(tr):
+    c = tr.cfg
+    return ImagNoise.draw(tr.n * c.ac.imag_batch, c.ac.context_len, c.ac.horizon, tr.wm.K, tr.wm.C, tr.wm.A, "cpu")
+
+
 def test_world_model_update_matches(pair):
     eager, comp = pair
-    batch = eager.replay.sample_sequences(eager.wm_per_agent, eager.cfg.wm.seq_len, 0.9998)
-    for tr in (eager, comp):
+    batch = eager.replay.sample_sequences(eager.cfg.wm.batch_per_agent, eager.cfg.wm.seq_len, 0.9998)
+    metrics = {}
+    for name, tr in (("eager", eager), ("compile", comp)):
         torch.manual_seed(123)  # same posterior-sampling draws in both
-        tr.metrics = tr.wm_update(batch)
-    for k in eager.metrics:
-        close(eager.metrics[k], comp.metrics[k])
-    for (n, p), q in zip(eager.wm.named_parameters(), comp.wm.parameters()):
+        metrics[name] = tr.wm_update(batch)
+    for k in metrics["eager"]:
+        close(metrics["eager"][k], metrics["compile"][k])
+    for p, q in zip(eager.wm.parameters(), comp.wm.parameters()):
         close(p.grad, q.grad, 1e-3)
         close(p, q)
 
 
 def test_imagination_matches_under_same_draws(pair):
     eager, comp = pair
-    ctx = eager.replay.sample_contexts(eager.imag_batch, eager.cfg.ac.context_len)
-    wm = eager.wm
-    noise = ImagNoise.draw(eager.n * eager.imag_batch, eager.cfg.ac.context_len, eager.horizon, wm.K, wm.C, wm.A, "cpu")
+    ctx = eager.replay.sample_contexts(eager.cfg.ac.imag_batch, eager.cfg.ac.context_len)
+    noise = noise_for(eager)
     a, b = eager.imagine(ctx, noise), comp.imagine(ctx, noise)
     assert torch.equal(a.actions, b.actions)
     assert torch.equal(a.continues, b.continues)
@@ -65,10 +67,8 @@ def test_imagination_matches_under_same_draws(pair):
 
 def test_actor_critic_update_matches(pair):
     eager, comp = pair
-    ctx = eager.replay.sample_contexts(eager.imag_batch, eager.cfg.ac.context_len)
-    wm = eager.wm
-    noise = ImagNoise.draw(eager.n * eager.imag_batch, eager.cfg.ac.context_len, eager.horizon, wm.K, wm.C, wm.A, "cpu")
-    roll = eager.imagine(ctx, noise)
+    ctx = eager.replay.sample_contexts(eager.cfg.ac.imag_batch, eager.cfg.ac.context_len)
+    roll = eager.imagine(ctx, noise_for(eager))
     ma, mb = eager.ac_update(roll), comp.ac_update(roll)
     for k in ma:
         close(ma[k], mb[k])
@@ -98,35 +98,52 @@ def test_no_recompile_across_env_steps(pair):
     assert sum(counters["graph_break"].values()) == breaks
 
 
+def test_compile_steps_wraps_every_piece_only_when_asked():
+    eager = steps.compile_steps("eager")
+    assert (eager.wm_loss, eager.imagine, eager.ac_loss) == (steps.wm_loss, steps.imagine, steps.ac_loss)
+    comp = steps.compile_steps("compile")
+    assert all(getattr(comp, f) is not getattr(steps, f) for f in ("wm_loss", "wm_opt_step", "imagine", "ac_loss",
+                                                                  "ac_opt_step"))
+
+
 def test_backend_resolution():
-    assert resolve_backend("auto", torch.device("cpu")) == "eager"
-    assert resolve_backend("auto", torch.device("cuda")) == "cudagraphs"
-    with pytest.raises(ValueError, match="valid: eager, compile, cudagraphs, auto"):
-        resolve_backend("jit", torch.device("cpu"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert steps.resolve_backend("auto", cpu) == "eager"
+    assert steps.resolve_backend("auto", cuda) == "cudagraphs"
+    with pytest.raises(ValueError, match="--backend 'jit': valid: eager, compile, cudagraphs, auto"):
+        steps.resolve_backend("jit", cpu)
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        resolve_backend("cudagraphs", torch.device("cpu"))
+        steps.resolve_backend("cudagraphs", cpu)
 
 
-def test_kernel_choice_per_backend():
-    assert kernel_impl("auto", "eager") == "auto"  # Triton on CUDA, reference on the CPU
-    assert kernel_impl("auto", "compile") == "ref" and kernel_impl("auto", "cudagraphs") == "ref"
-    assert kernel_impl("triton", "compile") == "triton" and kernel_impl("ref", "eager") == "ref"
+def test_kernel_choice_rule(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(kernels, "triton_runs_on", lambda d: True)  # as with TRITON_INTERPRET=1 on a GPU box
+    assert steps.resolve_kernels("auto", cuda, "eager") == "triton"  # replaces chains of launches
+    assert steps.resolve_kernels("auto", cuda, "compile") == "ref"  # Inductor fuses the reference
+    assert steps.resolve_kernels("auto", cuda, "cudagraphs") == "ref"
+    assert steps.resolve_kernels("auto", cpu, "eager") == "ref"  # never the CPU interpreter
+    assert steps.resolve_kernels("triton", cuda, "compile") == "triton"  # an explicit choice is obeyed
+    monkeypatch.setattr(kernels, "triton_runs_on", lambda d: False)
+    with pytest.raises(ValueError, match="--kernels 'triton': .*valid here: ref, auto"):
+        steps.resolve_kernels("triton", cpu, "eager")
 
 
-def test_step_functions_run_under_their_kernel_switch():
-    import kernels
+def test_amp_rule():
+    assert steps.resolve_amp("auto", torch.device("cuda")) is torch.bfloat16
+    assert steps.resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
+    assert steps.resolve_amp("fp32", torch.device("cuda")) is None
+    rt = steps.resolve_runtime(RunConfig(device="cpu", amp="bf16"))
+    assert rt.describe() == {"device": "cpu", "backend": "eager", "kernels": "ref", "amp": "bf16"}
+    assert rt.cache_dtype is torch.bfloat16
 
-    seen = []
 
-    class Fake:
-        cfg = replace(preset("smoke"), train=replace(preset("smoke").train, kernels="ref"))
-
-        def __getattr__(self, name):  # every piece records the switch it runs under
-            return lambda *a: seen.append(kernels.get_impl())
-
-    fn = StepFunctions.build(Fake(), "eager")
-    with kernels.use_impl("auto"):
-        fn.imagine()
-        fn.wm_loss()
-        assert kernels.get_impl() == "auto"  # restored after the call
-    assert seen == ["ref", "ref"]
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_kernel_choice_reaches_every_module(impl):
+    """One choice, made at construction: every module that calls a kernel holds it."""
+    if impl == "triton" and not kernels.triton_runs_on("cpu"):
+        pytest.skip(kernels.why_triton_cannot_run("cpu"))
+    tr = build(preset("smoke"), device="cpu", kernels=impl)
+    holders = [m for m in (*tr.wm.modules(), tr.ac) if hasattr(m, "kernels")]
+    assert len(holders) >= 4  # world model, its two transformers' blocks, the actor-critic
+    assert {m.kernels for m in holders} == {impl} and tr.rt.kernels == impl

@@ -51,8 +51,20 @@ def test_smoke_cli(tmp_path, scenario, agents):
 def test_paper_preset_budget_on_simple_tag(tmp_path):
     """One real update at the paper's sizes: 16 sequences (4 per agent) and 36,864 imagined steps."""
     _, rows = train(tmp_path, "--preset", "paper", "--replay.warmup", "512", "--steps", "512",
-                    "--log-every", "512", "--checkpoint-every", "0", "--train.keep-checkpoints", "1")
+                    "--log-every", "512", "--checkpoint-every", "0", "--run.keep-checkpoints", "1")
     row = rows[-1]
     check_budget_row(row, ["adversary_0", "adversary_1", "adversary_2", "agent_0"], sequences=16,
                      imagined=36_864)
     assert row["imagined_steps_total"] == 36_864
+
+
+def test_paper_config_json_records_the_sizes_that_ran(tmp_path):
+    """config.json is the config that ran: the paper's imagination rule and per-agent split resolved
+    (the preset leaves them to the rule), and the runtime chosen for this machine."""
+    train(tmp_path, "--preset", "paper", "--steps", "2", "--log-every", "1", "--checkpoint-every", "0", timeout=900)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (cfg["ac"]["imag_batch"], cfg["ac"]["horizon"], cfg["wm"]["batch_per_agent"]) == (768, 12, 4)
+    assert cfg["runtime"] == {"device": "cpu", "backend": "eager", "kernels": "ref", "amp": "fp32"}
+    from matwm_fast.config import load_config, preset
+
+    assert preset("paper").ac.imag_batch == 0 and load_config(cfg).ac.imag_batch == 768

@@ -46,7 +46,7 @@ from ..cli import Parser, fail
 from ..config import PRESETS, Config, EnvConfig, preset, resolve
 from ..env import SCENARIOS, MultiAgentEnv, random_actions
 from ..imagination import ImagNoise
-from .. import steps
+from .. import steps as step_fns  # not `steps`: world_model_data's argument of that name
 from ..losses import symlog, two_hot_decode
 from ..replay import ReplayBuffer
 from ..transformer import segment_mask
@@ -334,10 +334,10 @@ def world_model_data(cfg: Config, steps: list[int], updates: int, test_episodes:
                 rb.add(train["obs"][e, t], train["act"][e, t], train["rew"][e, t], ones, t == 0)
         for _ in range(updates):  # the trainer's own world-model step, fp32
             b = rb.sample_sequences(wmc.batch_per_agent, wmc.seq_len, 1.0)
-            loss, _ = steps.wm_loss(wm, b.obs, b.act, b.rew, b.cont, b.first, b.team_act, b.agent, None)
+            loss, _ = step_fns.wm_loss(wm, b.obs, b.act, b.rew, b.cont, b.first, b.team_act, b.agent, None)
             opt.zero_grad()
             loss.backward()
-            steps.wm_opt_step(wm, opt, wmc.grad_clip)
+            step_fns.wm_opt_step(wm, opt, wmc.grad_clip)
         seen = {k: v[: min(episodes, test_episodes)] for k, v in train.items()}  # as many training episodes
         fit_test, fit_train = teacher_forced(wm, test), teacher_forced(wm, seen)
         rows.append({"steps": episodes * t_len, "episodes": episodes, "updates": updates,

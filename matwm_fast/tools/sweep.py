@@ -416,7 +416,11 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         print(f"sweep: training done in {time.perf_counter() - t0:.0f} s")
     torch.set_num_threads(args.threads or (os.cpu_count() or 1))  # training is over: evaluation gets the cores
-    result = aggregate(args, argv)
+    try:
+        result = aggregate(args, argv)
+    except (ck.CheckpointError, ValueError) as e:  # a run's checkpoint or config that cannot be used
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     old = results_dir / "results.json"
     if args.aggregate_only and old.exists():  # keep the record of how the runs were trained
         log = json.loads(old.read_text()).get("runs", [])

@@ -2,8 +2,11 @@
 
 Without a GPU the Triton kernels run under Triton's numpy interpreter, which
 must be switched on *before* `triton.jit` decorates anything, i.e. before
-`kernels` is imported - hence the environment variable at the very top.  With
-a GPU we leave it alone, so the compiled kernels are tested on CUDA tensors.
+`matwm_fast.kernels` is imported - hence the environment variable at the very top (the
+repository's tests/conftest.py sets it too, for the same reason).  With a GPU we leave it
+alone, so the compiled kernels are tested on CUDA tensors.
+
+There is no global implementation switch: every test passes ``impl`` to every call.
 """
 
 import os
@@ -15,18 +18,14 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import kernels  # noqa: E402
+from matwm_fast import kernels  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# Triton runs here if it is importable and either we have CUDA or the
-# interpreter was enabled in time (it is not if something imported `kernels`
-# before this file, with TRITON_INTERPRET unset).
-TRITON_RUNNABLE = kernels.HAS_TRITON and (DEVICE.type == "cuda" or kernels.TRITON_INTERPRET)
-_WHY_NOT = (
-    "triton is not importable"
-    if not kernels.HAS_TRITON
-    else "no CUDA and TRITON_INTERPRET was not set before kernels was imported"
-)
+# Triton runs here if it is importable and either we have CUDA or the interpreter was
+# enabled in time (it is not if something imported the kernels before this file, with
+# TRITON_INTERPRET unset).
+TRITON_RUNNABLE = kernels.triton_runs_on(DEVICE)
+_WHY_NOT = "" if TRITON_RUNNABLE else kernels.why_triton_cannot_run(DEVICE)
 
 
 @pytest.fixture
@@ -46,14 +45,6 @@ def impl(request) -> str:
 def needs_triton() -> None:
     if not TRITON_RUNNABLE:
         pytest.skip(_WHY_NOT)
-
-
-@pytest.fixture(autouse=True)
-def _restore_impl():
-    """Tests may flip the global switch; put it back afterwards."""
-    old = kernels.get_impl()
-    yield
-    kernels.dispatch._IMPL = old
 
 
 def tolerances(dtype: torch.dtype) -> dict:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-import kernels
-from kernels.decode_attention import _decode_attention_op
-from kernels.sample_latent import _sample_latent_op
-from kernels.twohot_ce import _twohot_ce_backward_op, _twohot_ce_op
+from matwm_fast import kernels
+from matwm_fast.kernels.decode_attention import _decode_attention_op
+from matwm_fast.kernels.sample_latent import _sample_latent_op
+from matwm_fast.kernels.twohot_ce import _twohot_ce_backward_op, _twohot_ce_op
 
 
 def _inputs(device):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+from matwm_fast import kernels
 
 # (B, H, L, D): batch not a multiple of any block, cache lengths 1 / 7 / 64, and
 # head dims that are and are not powers of two.

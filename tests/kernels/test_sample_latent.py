@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-import kernels
+from matwm_fast import kernels
 
 SHAPES = [(5, 32, 32), (37, 3, 7), (1, 1, 2)]  # (B, K, C)
 UNIMIX = 0.01

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-import kernels
+from matwm_fast import kernels
 
 BINS = torch.linspace(-20.0, 20.0, 255)
 

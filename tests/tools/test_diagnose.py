@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from matwm_fast import diagnose as dg
+from matwm_fast.tools import diagnose as dg
 from matwm_fast import train
 from matwm_fast.actor_critic import ActorCritic, state_dim
 from matwm_fast.config import EnvConfig, preset

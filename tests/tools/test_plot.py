@@ -1,5 +1,6 @@
-"""``python -m matwm_fast.plot``: a valid PNG from real runs, seeds grouped by config (median and
-spread), eval rows preferred to training episodes, per-team panels, and clear errors."""
+"""``python -m matwm_fast.plot`` (``matwm_fast.tools.plot``): a valid PNG from real runs, seeds
+grouped by config (median and spread; the run section never splits a group), eval rows preferred
+to training episodes, per-team panels, and clear errors."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from matwm_fast import plot, train
+from matwm_fast import train
+from matwm_fast.tools import plot
 from matwm_fast.config import preset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -31,10 +33,11 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def fake_run(root: Path, name: str, values: list[float], seed: int = 0, lr: float = 1e-3,
-             evals: list[float] | None = None, steps: list[int] = (10, 20, 30)) -> Path:
-    """A run directory as train.py writes it, with chosen episode returns (and eval returns)."""
+             evals: list[float] | None = None, steps: list[int] = (10, 20, 30), **run) -> Path:
+    """A run directory as train.py writes it, with chosen episode returns (and eval returns);
+    ``run``: settings of the run section."""
     cfg = preset("smoke")
-    cfg = replace(cfg, wm=replace(cfg.wm, lr=lr), train=replace(cfg.train, seed=seed))
+    cfg = replace(cfg, wm=replace(cfg.wm, lr=lr), train=replace(cfg.train, seed=seed), run=replace(cfg.run, **run))
     d = root / name
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps(cfg.to_dict()))
@@ -77,7 +80,9 @@ def test_plot_real_run_writes_png(tmp_path):
 def test_seeds_group_into_median_and_spread(tmp_path):
     a = fake_run(tmp_path, "a", [0, 10, 20], seed=0)
     b = fake_run(tmp_path, "b", [2, 14, 20], seed=1)
-    c = fake_run(tmp_path, "c", [4, 12, 50], seed=2)
+    # how a run ran (the run section) is no reason for another curve
+    c = fake_run(tmp_path, "c", [4, 12, 50], seed=2, device="cuda", kernels="triton",
+                 amp="bf16", log_every=7)
     other = fake_run(tmp_path, "d", [1, 1, 1], seed=0, lr=1e-2)
     groups = plot.group([plot.Run(p) for p in (a, b, c, other)])
     assert [(label, [r.path.name for r in m]) for label, m in groups] == [

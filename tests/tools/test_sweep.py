@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 STEPS, EVAL_EVERY, EPISODES, MAX_CYCLES = 60, 20, 2, 10  # smoke warm-up is 40 steps: evals at 40 and 60
 
 
@@ -46,7 +46,7 @@ def test_tiny_sweep_writes_table_and_plot(tmp_path, capsys):
 
     # rerunning does not retrain finished runs; --aggregate-only rebuilds the outputs from the run dirs.
     # In-process (no torch import per call): the runs are done, only aggregation remains.
-    from matwm_fast import sweep as sw
+    from matwm_fast.tools import sweep as sw
 
     png.unlink()
     assert sw.main([*common, "--threads", "1"]) == 0
