@@ -26,14 +26,18 @@ def state_dim(k: int, c: int, d: int, n_agents: int, n_actions: int) -> int:
     return k * c + d + max(n_agents - 1, 1) * n_actions
 
 
-def agent_state(z: Tensor, h: Tensor, team_logits: Tensor) -> Tensor:
-    """s = [z (K·C), h (D), teammate action probabilities ((N−1)·A)] → (..., S).
+def agent_state(z: Tensor, h: Tensor, team_logits: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """s = [z (K·C), h (D), teammate action probabilities ((N−1)·A)] → (..., S) in ``dtype``.
+
+    Imagination stores its states in its compute dtype: under bf16 autocast the actor and critic
+    read them in bf16 anyway, so bf16 storage halves the rollout and saves a conversion per
+    network (z's 0/1 are exact in bf16).
 
     **CHOICE**: the teammate part is the softmax of the predictor's logits rather than raw logits:
     bounded, and padded actions are exactly 0.
     """
     team = torch.softmax(fp32(team_logits), -1).flatten(-2)  # (..., (N-1)·A)
-    return torch.cat([fp32(z), fp32(h), team], dim=-1)  # (..., S)
+    return torch.cat([z.to(dtype), h.to(dtype), team.to(dtype)], dim=-1)  # (..., S)
 
 
 class ActorCritic(nn.Module):

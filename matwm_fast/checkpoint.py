@@ -233,6 +233,56 @@ class CheckpointDir:
             return None
 
 
+# ----------------------------------------------------------------------------- locks
+class LockHeld(CheckpointError):
+    """The lock file is held by another process (``holder``: its pid as written in the file)."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is locked by process {holder}")
+        self.path, self.holder = path, holder
+
+
+def lock_file(path: Path) -> int:
+    """An exclusive ``flock`` on ``path`` (created if missing), with this process's pid written in
+    it for the next one to name; returns the descriptor (the lock lasts until it is closed or the
+    process dies, so a killed holder never leaves a stale lock).  :class:`LockHeld` if taken."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise LockHeld(Path(path), holder) from None
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def unlock_file(fd: int) -> None:
+    os.close(fd)  # closing the descriptor releases the flock
+
+
+def lock_holder(path: Path) -> str | None:
+    """The pid written in lock file ``path`` while some process holds it; None when it is free
+    (or missing).  Checked by taking the lock for an instant (nothing is written), so a process
+    locking it in that instant is refused: for a waiter, not for polling a run that is starting."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        raise
+    finally:
+        os.close(fd)
+
+
 # ----------------------------------------------------------------------------- run directories
 class RunDir:
     """One run's directory, locked by this process while it trains."""
@@ -278,23 +328,15 @@ class RunDir:
 
     def lock(self) -> None:
         """Hold an exclusive lock on the directory until this process exits (or :meth:`unlock`)."""
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise CheckpointError(f"run directory {self.path} is in use by process {holder} "
-                                      "(another training, resume or sweep); wait for it or choose another --run-dir") from None
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._lock_fd = fd
+            self._lock_fd = lock_file(self.path / ".lock")
+        except LockHeld as e:
+            raise CheckpointError(f"run directory {self.path} is in use by process {e.holder} "
+                                  "(another training, resume or sweep); wait for it or choose another --run-dir") from None
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            unlock_file(self._lock_fd)
             self._lock_fd = None
 
     def clean_temporary(self) -> list[Path]:

@@ -6,9 +6,11 @@ agent, and it is applied as stacked weights in one batched call.  Since every ro
 its own cache rows, its own noise and its own agent's actor, the batch is the same function as n
 separate rollouts — :func:`imagine` on one agent's rows gives that agent's slice (tested).
 
-Randomness comes in as uniform noise (:class:`ImagNoise`) so that two implementations (batched vs
-per agent, reference vs Triton kernels, eager vs compiled) can be compared under the same draws;
-when none is given it is drawn here, inside the step, with no host round trip.
+Randomness can come in as uniform noise (:class:`ImagNoise`) so that two implementations
+(batched vs per agent, reference vs Triton kernels, eager vs compiled) can be compared under the
+same draws.  In training none is given: each sampler draws its own, one step at a time, inside
+the step (no host round trip, and no rollout-sized noise buffer: at the paper's sizes that would
+be 3,072 × 21 × 32 × 32 Gumbel uniforms, 264 MB, for every env step).
 """
 
 from __future__ import annotations
@@ -29,17 +31,17 @@ Tensor = torch.Tensor
 class ImagNoise:
     """Uniform(0, 1) draws for one rollout of R rows, context L, horizon H."""
 
-    ctx: Tensor  # (R, L, K, C) posterior samples of the context observations
-    latent: Tensor  # (R, H+1, K, C) prior samples of z_0 … z_H
+    ctx: Tensor  # (R, L, K) posterior draws of the context observations, one per variable
+    latent: Tensor  # (R, H+1, K) prior draws of z_0 … z_H
     action: Tensor  # (R, H, A) Gumbel noise of the actions a_0 … a_{H-1}
 
     @staticmethod
-    def draw(rows: int, context: int, horizon: int, k: int, c: int, a: int, device,
+    def draw(rows: int, context: int, horizon: int, k: int, a: int, device,
              generator: torch.Generator | None = None) -> "ImagNoise":
         def u(*shape):
             return torch.rand(*shape, device=device, generator=generator)
 
-        return ImagNoise(u(rows, context, k, c), u(rows, horizon + 1, k, c), u(rows, horizon, a))
+        return ImagNoise(u(rows, context, k), u(rows, horizon + 1, k), u(rows, horizon, a))
 
     def rows(self, sl: slice) -> "ImagNoise":
         return ImagNoise(*(getattr(self, f.name)[sl] for f in fields(self)))
@@ -83,18 +85,17 @@ def imagine(wm: WorldModel, ac: ActorCritic, obs: Tensor, act: Tensor, first: Te
     r, ctx_len = act.shape
     n = agents.shape[0]
     b = r // n
-    if noise is None:
-        noise = ImagNoise.draw(r, ctx_len, horizon, wm.K, wm.C, wm.A, obs.device)
+    draws = noise is not None  # else every sampler draws its own uniforms
     agent = agents.repeat_interleave(b)  # (R,) row → agent
     # all agents in order: use the stacked weights as they are (no per-step gather of weights)
     idx = None if n == ac.action_mask.shape[0] else agents
 
     # 1. one causal pass over the context fills both caches (Algorithm 1, line 2)
-    z_ctx, _ = wm.posterior(obs, noise.ctx)  # (R, L, K·C)
+    z_ctx, _ = wm.posterior(obs, noise.ctx if draws else None)  # (R, L, K·C)
     mask, pos = segment_mask(first)  # (R, L, L), (R, L)
     h = wm.seq(wm.mix(z_ctx, agent, act), pos, mask, caches.seq)[:, -1]  # (R, D) h_0
     wm.teammates(z_ctx, pos, mask, agent, caches.team)
-    z, _ = wm.prior(h, noise.latent[:, 0])  # (R, K·C) z_0 from the last context step, as STORM
+    z, _ = wm.prior(h, noise.latent[:, 0] if draws else None)  # (R, K·C) z_0 from the last context step, as STORM
     # keys before the last context step's episode start are never attended (no leak across resets)
     kv_start = (ctx_len - 1) - pos[:, -1]  # (R,)
     next_pos = pos[:, -1] + 1  # (R,)
@@ -103,17 +104,17 @@ def imagine(wm: WorldModel, ac: ActorCritic, obs: Tensor, act: Tensor, first: Te
     states, actions, rewards, conts = [], [], [], []
     for t in range(horizon + 1):
         team = wm.teammates.decode(z, next_pos + t, agent, caches.team, slots[t], kv_start)  # (R, N-1, A)
-        s = agent_state(z, h, team)  # (R, S)
+        s = agent_state(z, h, team, caches.seq.k.dtype)  # (R, S) in the rollout's compute dtype
         states.append(s)
         if t == horizon:
             break
-        a = ac.act(s.view(n, b, -1), noise.action[:, t].view(n, b, -1), idx=idx).view(r)  # (R,)
+        a = ac.act(s.view(n, b, -1), noise.action[:, t].view(n, b, -1) if draws else None, idx=idx).view(r)  # (R,)
         h = wm.seq.decode(wm.mix(z, agent, a), next_pos + t, caches.seq, slots[t], kv_start)  # (R, D)
         rew_logits, con_logit = wm.heads(h)  # (R, NB), (R,)
         rewards.append(two_hot_decode(rew_logits, wm.bins))
         conts.append((con_logit > 0).float())
         actions.append(a)
-        z, _ = wm.prior(h, noise.latent[:, t + 1])  # (R, K·C)
+        z, _ = wm.prior(h, noise.latent[:, t + 1] if draws else None)  # (R, K·C)
 
     def stack(xs: list[Tensor]) -> Tensor:
         y = torch.stack(xs, dim=1)  # (R, T, ...)

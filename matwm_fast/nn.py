@@ -57,7 +57,9 @@ class StackedLayerNorm(nn.Module):
     def forward(self, x: Tensor, idx: Tensor | None = None) -> Tensor:
         w = self.weight if idx is None else self.weight[idx]  # (n, 1, D)
         b = self.bias if idx is None else self.bias[idx]  # (n, 1, D)
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * w + b
+        # the affine in x's dtype: under bf16 autocast float32 weights would promote the whole
+        # (n, B, D) activation back to float32 and cost a conversion at the next matmul
+        return torch.addcmul(b.to(x.dtype), F.layer_norm(x, x.shape[-1:], eps=self.eps), w.to(x.dtype))
 
 
 class StackedMLP(nn.Module):

@@ -138,7 +138,7 @@ class Trainer:
     def ac_update(self, roll: Rollout) -> dict[str, Tensor]:
         """One actor-critic step for every agent (per-agent clipping inside)."""
         s = self.steps
-        loss, m = s.ac_loss(self.ac, roll.states, roll.actions, roll.rewards, roll.continues, self.cfg.ac)
+        loss, m = s.ac_loss(self.ac, roll.states, roll.actions, roll.rewards, roll.continues, self.cfg.ac, self.rt.amp)
         self.ac_opt.zero_grad(set_to_none=False)
         loss.backward()
         m["actor_grad_norm"], m["critic_grad_norm"] = s.ac_opt_step(self.ac, self.ac_opt, m["return_scale"],

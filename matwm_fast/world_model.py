@@ -125,19 +125,25 @@ class WorldModel(nn.Module):
     def sample(self, logits: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
         lead = logits.shape[:-2]
         flat = fp32(logits.reshape(-1, self.K, self.C))  # (M, K, C)
-        nz = None if noise is None else noise.reshape(-1, self.K, self.C)
+        nz = None if noise is None else noise.reshape(-1, self.K)  # one uniform per variable
         z, probs = sample_latent(flat, self.cfg.unimix, noise=nz, impl=self.kernels)  # (M, K, C) each
         return z.reshape(*lead, self.K * self.C), probs.reshape(*lead, self.K, self.C)
 
     def scaled_action(self, agent: Tensor, act: Tensor) -> Tensor:
-        """Paper's action scaling: agent k's action a → one-hot index k·A + a of width N·A."""
-        idx = agent.view(-1, *([1] * (act.dim() - 1))) * self.A + act  # (R, ...) long
-        return F.one_hot(idx, self.N * self.A).float()  # (R, ..., N·A)
+        """Paper's action scaling: agent k's action a → index k·A + a of a one-hot of width N·A."""
+        return agent.view(-1, *([1] * (act.dim() - 1))) * self.A + act  # (R, ...) long
 
     def mix(self, z: Tensor, agent: Tensor, act: Tensor) -> Tensor:
-        """(z (R, ..., K·C), a (R, ...)) → token e (R, ..., D)."""
-        onehot = self.scaled_action(agent, act).to(z.dtype)  # (R, ..., N·A)
-        return self.mixer(torch.cat([z, onehot], dim=-1))
+        """(z (R, ..., K·C), a (R, ...)) → token e (R, ..., D) = mixer([z, onehot(k·A + a)]).
+
+        The first layer's product with the one-hot is one column of its weight, so it is looked
+        up instead: W·[z; e_i] + b = W_z·z + W[:, K·C + i] + b — neither the one-hot nor the
+        concatenation is built (per imagination step they would be R × (K·C + N·A) copies).
+        """
+        first = self.mixer[0]
+        kc = self.K * self.C
+        col = first.weight[:, kc:].t()[self.scaled_action(agent, act)]  # (R, ..., D)
+        return self.mixer[1:](F.linear(z, first.weight[:, :kc], first.bias) + col)
 
     def heads(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """h (..., D) → (reward logits (..., NB), continuation logit (...,))."""

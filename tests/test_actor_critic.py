@@ -57,7 +57,7 @@ def make_ac():
 
 def loss_of(ac, states, actions, rewards, conts, cfg):
     """The trainer's own actor-critic step function (its reshape of N × B × (H+1) states included)."""
-    return ac_loss(ac, states, actions, rewards, conts, cfg)
+    return ac_loss(ac, states, actions, rewards, conts, cfg, None)
 
 
 def test_agent_loss_touches_only_its_own_weights():

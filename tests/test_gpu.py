@@ -57,7 +57,7 @@ def test_triton_imagination_equals_reference_on_cuda():
     tri.ac.load_state_dict(ref.ac.state_dict())
     c = ref.cfg
     ctx = ref.replay.sample_contexts(c.ac.imag_batch, c.ac.context_len)
-    noise = ImagNoise.draw(ref.n * c.ac.imag_batch, c.ac.context_len, c.ac.horizon, ref.wm.K, ref.wm.C, ref.wm.A, "cuda")
+    noise = ImagNoise.draw(ref.n * c.ac.imag_batch, c.ac.context_len, c.ac.horizon, ref.wm.K, ref.wm.A, "cuda")
     a, b = ref.imagine(ctx, noise), tri.imagine(ctx, noise)
     assert (a.actions != b.actions).float().mean() < 0.01  # near-ties may flip a rare Gumbel argmax
     if torch.equal(a.actions, b.actions):

@@ -51,7 +51,7 @@ def test_batched_equals_per_agent_rollouts():
     cfg, wm, ac = build()
     n, b, h, L = SPEC.n_agents, 6, 4, 4
     obs, act, first = contexts(n, b, L, seed=1)
-    noise = ImagNoise.draw(n * b, L, h, wm.K, wm.C, wm.A, "cpu")
+    noise = ImagNoise.draw(n * b, L, h, wm.K, wm.A, "cpu")
     noise = ImagNoise(noise.ctx.double(), noise.latent.double(), noise.action.double())
     with torch.no_grad():
         batched = imagine(wm, ac, obs, act, first, torch.arange(n), h,
@@ -71,7 +71,7 @@ def test_same_noise_same_rollout_different_noise_differs():
     n, b, h, L = SPEC.n_agents, 5, 3, 4
     obs, act, first = contexts(n, b, L)
     caches = ImagCaches.allocate(wm, n * b, L, h, "cpu", torch.float64)
-    nz = [ImagNoise.draw(n * b, L, h, wm.K, wm.C, wm.A, "cpu", torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    nz = [ImagNoise.draw(n * b, L, h, wm.K, wm.A, "cpu", torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
     with torch.no_grad():
         r = [imagine(wm, ac, obs, act, first, torch.arange(n), h, caches, z) for z in nz]
     assert torch.equal(r[0].states, r[1].states)
@@ -84,7 +84,7 @@ def test_context_before_episode_start_is_invisible():
     obs, act, first = contexts(n, b, L)
     first[:] = False
     first[:, 3] = True  # the last three context steps start a new episode
-    noise = ImagNoise.draw(n * b, L, h, wm.K, wm.C, wm.A, "cpu")
+    noise = ImagNoise.draw(n * b, L, h, wm.K, wm.A, "cpu")
     noise = ImagNoise(noise.ctx.double(), noise.latent.double(), noise.action.double())
     obs2 = obs.clone()
     obs2[:, :3] += 5.0
@@ -109,7 +109,7 @@ def test_triton_kernels_equal_reference_in_imagination():
         cfg, wm, ac = build(torch.float32, impl)  # same seed: same weights
         obs, act, first = contexts(n, b, L, seed=2)
         obs = obs.float()
-        noise = ImagNoise.draw(n * b, L, h, wm.K, wm.C, wm.A, "cpu", torch.Generator().manual_seed(3))
+        noise = ImagNoise.draw(n * b, L, h, wm.K, wm.A, "cpu", torch.Generator().manual_seed(3))
         with torch.no_grad():
             out[impl] = imagine(wm, ac, obs, act, first, torch.arange(n), h,
                                 ImagCaches.allocate(wm, n * b, L, h, "cpu"), noise)

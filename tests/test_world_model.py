@@ -1,5 +1,7 @@
 """World model: action scaling, shapes, causal/episode masking, decode == forward, loss masking."""
 
+import copy
+
 import pytest
 import torch
 
@@ -29,10 +31,20 @@ def batch(r=4, t=8, seed=0):
 
 
 def test_action_scaling(wm):
-    onehot = wm.scaled_action(torch.tensor([0, 2, 3]), torch.tensor([4, 0, 3]))
-    assert onehot.shape == (3, SPEC.n_agents * SPEC.n_actions)
-    assert onehot.argmax(-1).tolist() == [4, 10, 18]  # k·A + a
-    assert torch.equal(onehot.sum(-1), torch.ones(3))
+    idx = wm.scaled_action(torch.tensor([0, 2, 3]), torch.tensor([4, 0, 3]))
+    assert idx.tolist() == [4, 10, 18]  # k·A + a
+
+
+def test_mix_equals_the_mixer_on_the_concatenated_one_hot(wm):
+    """The column lookup is the first layer applied to [z, onehot(k·A + a)] (float64, exact up to
+    summation order), for time-major inputs too."""
+    wm64 = copy.deepcopy(wm).double()
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(5, 3, wm.K * wm.C, generator=g, dtype=torch.float64)  # (R, T, K·C)
+    agent = torch.tensor([0, 2, 3, 1, 0])  # (R,)
+    act = torch.randint(0, SPEC.n_actions, (5, 3), generator=g)  # (R, T)
+    onehot = torch.nn.functional.one_hot(agent[:, None] * wm.A + act, wm.N * wm.A).double()  # (R, T, N·A)
+    torch.testing.assert_close(wm64.mix(z, agent, act), wm64.mixer(torch.cat([z, onehot], -1)), rtol=1e-12, atol=1e-12)
 
 
 def test_observe_shapes(wm):
@@ -130,3 +142,37 @@ def test_loss_backward_reaches_every_parameter(wm):
     loss.backward()
     missing = [n for n, p in wm.named_parameters() if p.grad is None]
     assert missing == []
+
+
+def allocated_bytes(fn) -> int:
+    """Bytes allocated (frees not subtracted) while ``fn`` runs, from the profiler's memory events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())  # each op's own allocations
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_does_no_cache_sized_work(dtype):
+    """One decode step (every layer: projections, cache write, attention, FFN) allocates O(rows ×
+    width) plus scores and masks of O(rows × heads × length): never a tensor of the cache's size
+    (rows × heads × length × head_dim) — neither a masked copy of the values nor a dtype
+    conversion of the cache (the old reference did both: 2.3× one layer's keys here).  Measured
+    as the growth of the bytes allocated from a short to a long cache."""
+    from matwm_fast.transformer import CausalTransformer
+
+    torch.manual_seed(0)
+    rows, width, heads, layers = 64, 128, 2, 2  # head_dim 64, as in the paper's model
+    tf = CausalTransformer(width, layers, heads, 2, 256)
+    x = torch.randn(rows, width)  # (B, D)
+    pos = torch.zeros(rows, dtype=torch.long)  # (B,)
+    start = torch.zeros(rows, dtype=torch.long)  # (B,)
+    sizes = {}
+    for length in (16, 256):
+        cache = tf.allocate_cache(rows, length, "cpu", dtype)
+        index = torch.tensor(length // 2)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
+            tf.decode(x, pos, cache, index, start)  # warm-up (lazy inits)
+            sizes[length] = allocated_bytes(lambda: tf.decode(x, pos, cache, index, start))
+    key_growth = rows * width * (256 - 16) * torch.finfo(dtype).bits // 8  # one layer's keys, long − short
+    assert sizes[256] - sizes[16] < 0.5 * key_growth, (sizes, key_growth)
+    assert sizes[16] < 40 * rows * width * 4  # the rest: activations of a few (B, D)-sized tensors per layer

@@ -8,6 +8,10 @@ column.  Runs whose configs differ only in the seed (and in settings that do not
 such as ``train.steps``) form one curve: the median across seeds with the min–max (``--band
 minmax``, default) or interquartile (``--band iqr``) spread shaded.  In scenarios with several
 teams (simple_tag, simple_adversary, ...) each team's return gets its own panel too.
+
+:func:`draw` is the one place that draws these curves: ``python -m matwm_fast.sweep`` draws its
+figures with it too, adding reference levels (:class:`Level`: the random policy) and markers
+(:class:`Marker`: the final-checkpoint matchups).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -152,36 +156,89 @@ def aggregate(series: list[tuple[np.ndarray, np.ndarray]], band: str):
     return grid, med, lo, hi
 
 
+@dataclass(frozen=True)
+class Level:
+    """A reference level across a panel (the random policy's return): a dashed line at ``value``,
+    ``lo``–``hi`` shaded."""
+
+    label: str
+    value: float
+    lo: float
+    hi: float
+
+
+@dataclass(frozen=True)
+class Marker:
+    """One value with an error bar from ``lo`` to ``hi`` at env step ``step`` (a final-checkpoint
+    matchup)."""
+
+    label: str
+    step: float
+    value: float
+    lo: float
+    hi: float
+
+
+def panels(runs: list[Run], metric: str, teams: bool = True) -> list[tuple[str, str, str]]:
+    """(key, title, column) of each panel: ``all`` for ``metric`` itself, plus one per team (keyed
+    by its name) when ``metric`` is a return with team columns and there are several teams."""
+    out = [("all", "all agents" if metric in DEFAULTS else metric, metric)]
+    if teams and metric in DEFAULTS:
+        tms = teams_of(runs)
+        if len(tms) > 1:  # competitive: one panel per team
+            out += [(t, f"team {t}", team_metric(metric, t)) for t in tms]
+    return out
+
+
+def draw_panel(ax, groups: list[tuple[str, list[Run]]], col: str, band: str = "minmax",
+               extras: list[Level | Marker] = ()) -> None:
+    """Column ``col`` of every group on ``ax``: the median across its runs with the ``band``
+    shaded (a single run: its own line), then the reference ``extras``."""
+    for label, members in groups:
+        series = [m.series(col) for m in members if m.has(col)]
+        if not series:
+            continue
+        grid, med, lo, hi = aggregate(series, band)
+        n = len(series)
+        line, = ax.plot(grid, med, marker="o" if grid.size <= 30 else None, markersize=3,
+                        label=f"{label} (n={n})" if n > 1 else label)
+        if n > 1:
+            ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.25, linewidth=0)
+    for e in extras:
+        if isinstance(e, Level):
+            ax.axhline(e.value, color="gray", ls="--", label=e.label)
+            ax.axhspan(e.lo, e.hi, color="gray", alpha=0.12)
+        else:
+            ax.errorbar([e.step], [e.value], yerr=[[e.value - e.lo], [e.hi - e.value]], fmt="s", capsize=3,
+                        color="C2", label=e.label)
+
+
 def draw(runs: list[Run], metric: str, out: Path, band: str = "minmax", teams: bool = True,
-         title: str | None = None) -> Path:
+         title: str | None = None, extras: dict[str, list[Level | Marker]] | None = None) -> Path:
+    """The figure: one panel per :func:`panels` entry; ``extras`` adds reference levels and
+    markers to the panels of those keys (``all``, a team name)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: works without a display
     import matplotlib.pyplot as plt
 
-    panels = [("all agents" if metric in DEFAULTS else metric, metric)]
-    if teams and metric in DEFAULTS:
-        tms = teams_of(runs)
-        if len(tms) > 1:  # competitive: one panel per team
-            panels += [(f"team {t}", team_metric(metric, t)) for t in tms]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (name, col) in zip(axes[0], panels):
-        for label, members in group(runs):
-            series = [m.series(col) for m in members if m.has(col)]
-            if not series:
-                continue
-            grid, med, lo, hi = aggregate(series, band)
-            n = len(series)
-            line, = ax.plot(grid, med, label=f"{label} (n={n})" if n > 1 else label)
-            if n > 1:
-                ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.25, linewidth=0)
+    panel_list, extras = panels(runs, metric, teams), extras or {}
+    unknown = sorted(set(extras) - {k for k, _, _ in panel_list})
+    if unknown:
+        raise ValueError(f"no panel {', '.join(map(repr, unknown))} to draw on; panels: "
+                         f"{', '.join(k for k, _, _ in panel_list)}")
+    groups = group(runs)
+    fig, axes = plt.subplots(1, len(panel_list), figsize=(5.5 * len(panel_list), 4), squeeze=False)
+    for i, (ax, (key, name, col)) in enumerate(zip(axes[0], panel_list)):
+        draw_panel(ax, groups, col, band, extras.get(key, ()))
         ax.set_title(name)
         ax.set_xlabel("env steps")
         ax.set_ylabel(col)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        if i == 0 or extras.get(key):  # the curves' legend once; references wherever they are
+            ax.legend(fontsize=7 if extras else 8)
     spread = "min–max" if band == "minmax" else "interquartile range"
-    several = any(len(m) > 1 for _, m in group(runs))
+    several = any(len(m) > 1 for _, m in groups)
     fig.suptitle(title or (f"{metric}: median across seeds, shaded {spread}" if several else f"{metric} vs env steps"),
                  fontsize=10)
     fig.tight_layout()

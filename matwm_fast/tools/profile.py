@@ -1,14 +1,21 @@
 """Where the time of one training env step goes, per backend: ``python -m matwm_fast.profile``.
 
     python -m matwm_fast.profile --preset cpu --backend eager compile --steps 20 --json out.json
+    python -m matwm_fast.profile --preset paper --backend eager:ref eager:triton compile cudagraphs
 
-For each backend: build a Trainer, fill the replay past warm-up (random actions, as the trainer
-does before ``warm``), run ``--warmup-steps`` training steps (torch.compile / CUDA-graph capture
+A *variant* is a backend with an optional kernel choice, ``BACKEND[:KERNELS]`` (``eager:triton``:
+the eager backend on the Triton kernels); without one the kernels are ``--kernels``'s (default
+``auto``).  For each variant: build a Trainer, fill the replay past warm-up (random actions, as
+the trainer does before ``warm``), run ``--warmup-steps`` training steps (torch.compile / CUDA-graph capture
 happen here and are reported separately, never in the steady-state figures), then time ``--steps``
 steady-state env steps.  Each phase of the step (the names of :mod:`matwm_fast.nvtx`: act, env,
 replay_sample, wm_update, imagine, ac_update) is timed between two device synchronisations; the
 syncs cost a little overlap on CUDA, which is acceptable for a profiler and what makes the phase
 shares mean something.  ``other`` is the rest of the step (replay writes, bookkeeping).
+
+Each phase's model FLOPs are counted analytically (:mod:`matwm_fast.tools.flops`), and the
+device's own matmul peak is measured at start (a large fp32 and bf16 product): the tables give
+the FLOP/s each phase achieves and its fraction of the peak of the precision it runs in.
 
 The phases are timed through the listener hook of :mod:`matwm_fast.nvtx` (the same ``phase``
 marks that emit NVTX ranges), so the steps measured are exactly ``Trainer.train_step`` — no
@@ -29,6 +36,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -44,10 +52,12 @@ import torch
 from .. import kernels, nvtx
 from ..cli import Parser, add_config_flags, apply_overrides, describe, fail, overrides
 from ..config import PRESETS, preset
-from ..steps import resolve_backend, resolve_device
+from ..steps import resolve_backend, resolve_device, resolve_kernels
+from . import flops
 from .warm import WarmTrainer, sync
 
 BACKENDS = ("eager", "compile", "cudagraphs")
+KERNELS = ("ref", "triton", "auto")
 
 PHASES = nvtx.PHASES + ("other",)
 
@@ -78,6 +88,25 @@ class PhaseTimer:
             yield self
         finally:
             nvtx.set_listener(None)
+
+
+# ----------------------------------------------------------------------------------- variants
+def parse_variant(text: str) -> tuple[str, str | None]:
+    """``BACKEND[:KERNELS]`` → (backend, kernels or None for ``--kernels``'s choice); a ValueError
+    names what is allowed."""
+    backend, _, kern = text.partition(":")
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend {text!r}: valid: {', '.join(BACKENDS)}, each optionally with "
+                         f":{', :'.join(KERNELS)} for the kernels (e.g. eager:triton)")
+    if ":" in text and kern not in KERNELS:
+        raise ValueError(f"--backend {text!r}: the kernels after ':' must be one of {', '.join(KERNELS)}")
+    return backend, kern or None
+
+
+def range_name(variant: str) -> str:
+    """The NVTX range around a timed step: no '/' (Nsight Compute's --nvtx-include nests on it)
+    and no ':' in it."""
+    return "train_step_" + variant.replace(":", "_")
 
 
 # ----------------------------------------------------------------------------------- environment
@@ -129,14 +158,16 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
 
 # ----------------------------------------------------------------------------------- one backend
 class BackendRun:
-    """One backend's trainer: built, replay filled, warmed up; then timed step by step."""
+    """One variant's trainer: built, replay filled, warmed up; then timed step by step."""
 
-    def __init__(self, cfg, backend: str, device: torch.device, warmup_steps: int, log=print):
-        self.backend, self.device, self.warmup_steps = backend, device, warmup_steps
-        w = WarmTrainer.build(cfg, warmup_steps, backend=backend, device=str(device))
+    def __init__(self, cfg, variant: str, device: torch.device, warmup_steps: int, log=print):
+        self.backend, kern = parse_variant(variant)
+        self.variant, self.device, self.warmup_steps = variant, device, warmup_steps
+        w = WarmTrainer.build(cfg, warmup_steps, backend=self.backend, device=str(device),
+                              kernels=kern or cfg.run.kernels)
         self.tr, self.fill_s, self.warmup_s, self.cfg = w.tr, w.fill_s, w.warmup_s, w.tr.cfg
-        log(f"[{backend}] replay filled in {self.fill_s:.1f} s; {warmup_steps} warm-up steps in "
-            f"{self.warmup_s:.1f} s (compilation included)")
+        log(f"[{variant}] {self.tr.rt.describe()}: replay filled in {self.fill_s:.1f} s; {warmup_steps} warm-up "
+            f"steps in {self.warmup_s:.1f} s (compilation included)")
         self.timer = PhaseTimer(device)
         self.step_s: list[float] = []
 
@@ -144,8 +175,7 @@ class BackendRun:
         with self.timer.installed():
             sync(self.device)
             t0 = time.perf_counter()
-            # no "/" in the name: Nsight Compute's --nvtx-include uses it to nest push/pop ranges
-            with (torch.cuda.nvtx.range(f"train_step_{self.backend}") if capture else contextlib.nullcontext()):
+            with (torch.cuda.nvtx.range(range_name(self.variant)) if capture else contextlib.nullcontext()):
                 self.tr.train_step()
             sync(self.device)
             self.step_s.append(time.perf_counter() - t0)
@@ -160,13 +190,14 @@ class BackendRun:
             for _ in range(steps):
                 self.tr.train_step()
             sync(self.device)
-        path = trace_dir / f"trace-{self.backend}.json"
+        tag = self.variant.replace(":", "-")
+        path = trace_dir / f"trace-{tag}.json"
         prof.export_chrome_trace(str(path))
         sort = "cuda_time_total" if self.device.type == "cuda" else "cpu_time_total"
-        (trace_dir / f"ops-{self.backend}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
-        log(f"[{self.backend}] torch.profiler chrome trace: {path} (chrome://tracing or ui.perfetto.dev)")
+        (trace_dir / f"ops-{tag}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
+        log(f"[{self.variant}] torch.profiler chrome trace: {path} (chrome://tracing or ui.perfetto.dev)")
 
-    def summary(self, mem: tuple[float, str], log=print) -> dict:
+    def summary(self, mem: tuple[float, str], log=print, peaks: dict[str, float] | None = None) -> dict:
         tr, steps, step_s = self.tr, len(self.step_s), self.step_s
         tr.check_finite()
         mean = statistics.fmean(step_s)
@@ -174,13 +205,14 @@ class BackendRun:
         phase_ms["other"] = max(0.0, 1e3 * mean - sum(phase_ms.values()))
         missing = [p for p in nvtx.PHASES if p not in self.timer.seconds]
         if missing:  # e.g. the trainer stopped marking a phase: say so rather than report 0 silently
-            log(f"[{self.backend}] warning: phases never entered: {', '.join(missing)}")
+            log(f"[{self.variant}] warning: phases never entered: {', '.join(missing)}")
         imag_ms = phase_ms["imagine"]
         budget = {"agents": tr.n, "wm_batch": self.cfg.wm.batch_size, "wm_seq_len": self.cfg.wm.seq_len,
                   "imag_batch_per_agent": self.cfg.ac.imag_batch, "horizon": self.cfg.ac.horizon,
                   "imagined_per_update": tr.imagined_per_update}  # SPEC §1 as this config sets it
+        step_flops = flops.step_flops(self.cfg, tr.spec)
         return {
-            "backend": self.backend, "budget": budget,
+            "backend": self.backend, "runtime": tr.rt.describe(), "budget": budget,
             "steps": steps, "warmup_steps": self.warmup_steps,
             "fill_s": round(self.fill_s, 3), "warmup_s": round(self.warmup_s, 3),
             "step_ms": 1e3 * mean, "step_ms_median": 1e3 * statistics.median(step_s),
@@ -193,7 +225,8 @@ class BackendRun:
             "imagined_steps_per_s": tr.imagined_per_update / mean,
             "imagine_phase_steps_per_s": tr.imagined_per_update / (imag_ms / 1e3) if imag_ms > 0 else None,
             "peak_memory_mib": round(mem[0], 1), "peak_memory_kind": mem[1],
-        }
+            "flops_per_step": step_flops,
+        } | flops.rates(step_flops, phase_ms, tr.rt.amp, peaks)
 
 
 def time_steps(runs: list[BackendRun], steps: int, use_nsys: bool) -> None:
@@ -215,8 +248,8 @@ def time_steps(runs: list[BackendRun], steps: int, use_nsys: bool) -> None:
 
 def profile_backends(cfg, backends: list[str], device: torch.device, steps: int, warmup_steps: int,
                      trace_dir: Path | None = None, use_nsys: bool = False, interleave: bool = False,
-                     log=print) -> dict[str, dict]:
-    """Per-backend figures.  Sequential by default: one trainer alive at a time, so each backend's
+                     log=print, peaks: dict[str, float] | None = None) -> dict[str, dict]:
+    """Per-variant figures (``backends``: variant names, ``BACKEND[:KERNELS]``).  Sequential by default: one trainer alive at a time, so each backend's
     peak memory is its own.  ``interleave``: all trainers built first, then their steps alternate,
     so a time-varying load (a shared machine) hits every backend alike and the ratios stay fair."""
     out = {}
@@ -225,14 +258,14 @@ def profile_backends(cfg, backends: list[str], device: torch.device, steps: int,
         time_steps(runs, steps, use_nsys)
         mem, kind = peak_memory(device)
         for r in runs:
-            out[r.backend] = r.summary((mem, kind + ", all backends together (--interleave)"), log)
+            out[r.variant] = r.summary((mem, kind + ", all backends together (--interleave)"), log, peaks)
             if trace_dir is not None:
                 r.trace(trace_dir, min(3, steps), log)
         return out
     for b in backends:
         r = BackendRun(cfg, b, device, warmup_steps, log)
         time_steps([r], steps, use_nsys)
-        out[b] = r.summary(peak_memory(device), log)
+        out[b] = r.summary(peak_memory(device), log, peaks)
         if trace_dir is not None:
             r.trace(trace_dir, min(3, steps), log)
         del r  # free this backend's trainer before the next one is measured
@@ -256,22 +289,39 @@ def format_tables(report: dict, markdown: bool = False) -> str:
         return "\n".join([_row(header, widths), _row(["-" * w for w in widths], widths)]
                          + [_row(r, widths) for r in rows])
 
+    def giga(x):  # FLOP or FLOP/s → G, three significant digits from a CPU's smoke step to a GPU's paper one
+        if not x:
+            return "-"
+        g = x / 1e9
+        return f"{g:,.{max(0, 2 - math.floor(math.log10(abs(g))))}f}"
+
     out = []
     res = report["backends"]
+    step_flops = report.get("flops_per_step", {})
+    peaks = report.get("matmul_peak_flops_per_s") or {}
     for name, r in res.items():
-        rows = [[p, f"{r['phases_ms'][p]:.2f}", f"{100 * r['share'][p]:.1f}%"] for p in PHASES]
-        rows.append(["step (total)", f"{r['step_ms']:.2f}", "100.0%"])
+        fr, frac, prec = r.get("flops_per_s", {}), r.get("peak_fraction", {}), r.get("phase_precision", {})
+        rows = [[p, f"{r['phases_ms'][p]:.2f}", f"{100 * r['share'][p]:.1f}%",
+                 giga(step_flops.get(p)), giga(fr.get(p)),
+                 f"{100 * frac[p]:.1f}% {prec[p]}" if frac.get(p) is not None else "-"] for p in PHASES]
+        total = sum(step_flops.values())
+        rows.append(["step (total)", f"{r['step_ms']:.2f}", "100.0%", giga(total), giga(total / (r["step_ms"] / 1e3)),
+                     "-"])
         ips = r["imagine_phase_steps_per_s"]
         ips = f"{ips:,.0f}" if ips else "-"
+        rt = r.get("runtime") or {}
         title = (f"backend {name}: {report['preset']} preset on {report['device_name']}, {r['steps']} steady steps"
+                 + (f" (kernels {rt['kernels']}, amp {rt['amp']})" if rt else "")
                  + (", interleaved with the other backends" if report.get("interleaved") else ""))
         out += [f"### {title}" if markdown else f"== {title} ==", "",
-                table(["phase", "ms/step", "share"], rows), "",
+                table(["phase", "ms/step", "share", "GFLOP/step", "GFLOP/s", "of peak"], rows), "",
                 f"env steps/s {r['env_steps_per_s']:.2f} | imagined steps/s {r['imagined_steps_per_s']:,.0f} "
                 f"({report['budget']['imagined_per_update']:,} per env step) | imagination phase alone "
                 f"{ips} steps/s | step median {r['step_ms_median']:.2f} ms, std {r['step_ms_std']:.2f} ms | "
                 f"peak memory {r['peak_memory_mib']:,.0f} MiB ({r['peak_memory_kind']}) | warm-up "
-                f"{r['warmup_s']:.1f} s for {r['warmup_steps']} steps (compilation included)", ""]
+                f"{r['warmup_s']:.1f} s for {r['warmup_steps']} steps (compilation included)"
+                + (" | matmul peak " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()) if peaks else ""),
+                ""]
     names = list(res)
     if len(names) > 1:
         base = names[0]
@@ -286,6 +336,11 @@ def format_tables(report: dict, markdown: bool = False) -> str:
         rows.append(["step (median)"] + [f"{m:.2f}" for m in med] + [f"{med[0] / m:.2f}x" for m in med[1:]])
         rows.append(["imagined steps/s"] + [f"{res[n]['imagined_steps_per_s']:,.0f}" for n in names]
                     + [f"{res[n]['imagined_steps_per_s'] / res[base]['imagined_steps_per_s']:.2f}x" for n in names[1:]])
+        for p in ("imagine", "wm_update", "ac_update"):  # how far each variant is from the hardware
+            frac = [res[n].get("peak_fraction", {}).get(p) for n in names]
+            if any(f is not None for f in frac):
+                rows.append([f"{p} % of peak"] + ["-" if f is None else f"{100 * f:.1f}%" for f in frac]
+                            + [""] * (len(names) - 1))
         title = f"comparison (speed-up = {base} time / backend time; >1 is faster)"
         out += [f"### {title}" if markdown else f"== {title} ==", "", table(header, rows), ""]
     return "\n".join(out)
@@ -300,8 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="sizes to profile (default: paper on CUDA, cpu otherwise)")
-    p.add_argument("--backend", nargs="+", choices=BACKENDS, default=None,
-                   help="backends to compare, first is the baseline (default: eager compile, + cudagraphs on CUDA)")
+    p.add_argument("--backend", nargs="+", default=None, metavar="BACKEND[:KERNELS]",
+                   help=f"variants to compare, first is the baseline: a backend ({', '.join(BACKENDS)}), optionally "
+                        f"with the kernels after ':' ({', '.join(KERNELS)}; default --kernels), e.g. eager:ref "
+                        "eager:triton compile (default: eager compile, + cudagraphs on CUDA)")
     p.add_argument("--steps", type=int, default=20, help="steady-state env steps timed per backend")
     p.add_argument("--warmup-steps", type=int, default=3,
                    help="training steps before timing (compilation, CUDA-graph capture; >= 3 for cudagraphs)")
@@ -316,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interleave", action="store_true",
                    help="build every backend's trainer first, then alternate their timed steps: fair ratios "
                         "on a machine shared with other work (peak memory is then of all backends together)")
+    p.add_argument("--peak-seconds", type=float, default=0.5,
+                   help="seconds per precision spent measuring the device's matmul peak at start (0: skip it "
+                        "and the fractions of peak)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the figures as JSON")
     p.add_argument("--markdown", type=Path, default=None, metavar="OUT", help="write the tables as markdown")
     return p
@@ -329,8 +389,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         cfg = apply_overrides(preset(name), overrides(args), args.scenario_args)
         backends = args.backend or (["eager", "compile"] + (["cudagraphs"] if device.type == "cuda" else []))
         backends = list(dict.fromkeys(backends))  # a repeated name would overwrite its own figures
-        for b in backends:
-            resolve_backend(b, device)  # cudagraphs on the CPU: refuse before any work
+        for v in backends:  # refuse before any work: cudagraphs or Triton where they cannot run
+            backend, kern = parse_variant(v)
+            resolve_kernels(kern or cfg.run.kernels, device, resolve_backend(backend, device))
     except ValueError as e:
         fail(str(e))
     if args.nsys and device.type != "cuda":
@@ -339,18 +400,24 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     report = environment(device) | {"command": "python -m matwm_fast.profile " + " ".join(argv)}
     report |= {"preset": cfg.preset, "scenario": cfg.env.scenario, "config": describe(cfg).splitlines(),
                "backends": {}}
+    peaks = None
+    if args.peak_seconds > 0:  # before any trainer: the device to itself
+        peaks = flops.measure_peaks(device, args.peak_seconds)
+        print("matmul peak: " + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items()))
+    report["matmul_peak_flops_per_s"] = peaks
     # restore the global switch afterwards: main() also runs in-process (tests)
     was_nvtx = nvtx.enabled()
     try:
         nvtx.enable(args.nsys or was_nvtx)
         res = profile_backends(cfg, backends, device, args.steps, args.warmup_steps, args.torch_profiler,
-                               args.nsys, args.interleave)
+                               args.nsys, args.interleave, peaks=peaks)
     except ValueError as e:  # the config is refused when the trainer is built (validate)
         fail(str(e))
     finally:
         nvtx.enable(was_nvtx)
     for b, r in res.items():
-        report["budget"] = r.pop("budget")  # the same for every backend
+        report["budget"] = r.pop("budget")  # the same for every variant,
+        report["flops_per_step"] = r.pop("flops_per_step")  # as is the model's arithmetic
         report["backends"][b] = r
     report["interleaved"] = args.interleave
     return report
@@ -361,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.steps < 1 or args.warmup_steps < 0:
         fail("--steps must be >= 1 and --warmup-steps >= 0")
+    if not args.peak_seconds >= 0:
+        fail(f"--peak-seconds {args.peak_seconds}: must be a number of seconds >= 0")
     if args.threads is not None:
         if args.threads < 1:
             fail("--threads must be >= 1")

@@ -3,18 +3,23 @@
     python -m matwm_fast.sweep --env simple_spread --seeds 0 1 2 3 --preset cpu --steps 3000 --jobs 2
     python -m matwm_fast.sweep --env simple_tag --seeds 0 1 --out runs/sweep --aggregate-only
     python -m matwm_fast.sweep --env simple_spread --seeds 0 -- --wm.lr 1e-4   # flags after -- go to train
+    python -m matwm_fast.sweep --env simple_tag --seeds 0 1 2 --launcher ray --address auto --gpus-per-trial 0.5
 
-Each (env, seed) is one ``python -m matwm_fast.train`` subprocess in ``OUT/<env>/seed<k>``, evaluated
+Each (env, seed) is one ``python -m matwm_fast.train`` run in ``OUT/<env>/seed<k>``, evaluated
 with the paper's protocol (greedy policy, every ``--eval-every`` env steps, mean return over
-``--eval-episodes`` episodes, of all agents and per team).  Afterwards, from the final checkpoint
-and with the same evaluator, the *matchups*: the trained agents (greedy, and sampling from the
-policy as in training), the uniformly random policy, and
-for scenarios with several teams each team trained against random opponents.  Results:
-``results.json``, ``results.md`` (median and min/max across seeds at fixed step counts) and
-``learning_<env>.png`` (median, min–max band and the random baseline vs env steps).
+``--eval-episodes`` episodes, of all agents and per team).  The runs are started by a launcher
+(:mod:`matwm_fast.tools.launch`): ``local`` subprocesses, ``--jobs`` at a time (default), or
+``ray`` tasks on a Ray cluster.  Afterwards, from the final checkpoint and with the same
+evaluator, the *matchups*: the trained agents (greedy, and sampling from the policy as in
+training), the uniformly random policy, and for scenarios with several teams each team trained
+against random opponents.  Results: ``results.json``, ``results.md`` (median and min/max across
+seeds at fixed step counts, described from the runs' own ``config.json``) and
+``learning_<env>.png`` (drawn by :mod:`matwm_fast.tools.plot`, with the random baseline).
 
 A run already finished is not retrained, and one with a checkpoint is resumed, so a sweep can be
-rerun to add seeds; ``--aggregate-only`` only rebuilds the table and plots from the run dirs.
+rerun to add seeds; ``--aggregate-only`` only rebuilds the table and plots from the run dirs.  A
+run whose config differs from what this sweep would train (another preset, other flags after
+``--``) is refused before anything starts, and the sweep holds ``OUT/.sweep.lock`` while it runs.
 """
 
 from __future__ import annotations
@@ -23,23 +28,23 @@ import argparse
 import json
 import os
 import shlex
-import signal
-import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from dataclasses import replace
 
 from .. import checkpoint as ck
-from ..config import LEARNED, load_config, preset, resolve
+from ..cli import config_from_args, fail
+from ..config import LEARNED, Config, check_fields, load_config, preset, resolve
 from ..env import env_spec
 from ..eval import Policy
 from ..metrics import read_metrics
 from ..play import evaluate
 from ..trainer import config_diff
+from . import launch
 
 TRAINED, SAMPLED, RANDOM = "trained", "trained_sampled", "random"
 
@@ -51,9 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (default 0)")
     p.add_argument("--preset", default="cpu", help="config preset of every run (default cpu)")
     p.add_argument("--steps", type=int, default=None, help="env steps per run (default: the preset's)")
-    p.add_argument("--jobs", type=int, default=1, help="training subprocesses at a time (default 1)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch/OMP threads per subprocess (default: CPU cores // jobs, at least 1)")
+    launch.add_flags(p)
     p.add_argument("--out", default="runs/sweep", help="run directories go to OUT/<env>/seed<k>")
     p.add_argument("--results", default=None, help="where the table and plots go (default OUT)")
     p.add_argument("--eval-every", type=int, default=1000, help="env steps between evaluations (paper: 1000)")
@@ -83,10 +86,10 @@ def run_dir(out: Path, env: str, seed: int) -> Path:
 
 
 def total_steps(args) -> int:
-    return args.steps if args.steps is not None else preset(args.preset).train.steps
+    return args.steps if args.steps is not None else preset(args.preset).run.steps
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- runs and their configs
 def read_rows(d: Path) -> list[dict]:
     return read_metrics(d) if (Path(d) / "metrics.jsonl").exists() else []
 
@@ -104,23 +107,92 @@ def is_complete(d: Path, steps: int) -> bool:
     return has_checkpoint(d) and bool(rows) and max(r.get("env_step", 0) for r in rows) >= steps
 
 
-def train_cmd(args, env: str, seed: int, extra: list[str]) -> list[str]:
-    d = run_dir(args.out, env, seed)
-    common = ["--steps", str(total_steps(args)), "--eval-every", str(args.eval_every),
-              "--eval-episodes", str(args.eval_episodes)]
-    # an interrupted run continues exactly instead of starting over; its config is the checkpoint's
-    # (train refuses changed training flags on resume), so the extra flags are not passed again
-    if has_checkpoint(d):
-        return [sys.executable, "-m", "matwm_fast.train", "--resume", str(d), *common]
-    return [sys.executable, "-m", "matwm_fast.train", "--preset", args.preset, "--scenario", env,
-            "--seed", str(seed), "--run-dir", str(d), *common, *extra]
+def resume_args(args) -> list[str]:
+    """The run settings every run gets, fresh or resumed: the budget and the evaluation protocol."""
+    return ["--steps", str(total_steps(args)), "--eval-every", str(args.eval_every),
+            "--eval-episodes", str(args.eval_episodes)]
 
 
-def run_training(args, extra: list[str]) -> list[dict]:
-    """Train every (env, seed) not yet complete, ``--jobs`` at a time; returns what ran and how."""
-    threads = args.threads or max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
-    # one BLAS/OMP pool per process: J processes × T threads should not exceed the cores
-    child_env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def fresh_args(args, env: str, seed: int, extra: list[str]) -> list[str]:
+    """``train``'s flags for a new run of (env, seed)."""
+    d = run_dir(args.out, env, seed).resolve()  # absolute: a Ray worker has another working directory
+    return ["--preset", args.preset, "--scenario", env, "--seed", str(seed), "--run-dir", str(d),
+            *resume_args(args), *extra]
+
+
+def expected_config(train_args: list[str]) -> Config:
+    """The config ``train`` resolves from these flags (its own parser: a bad flag after ``--`` is
+    refused here, once, not by every run)."""
+    from ..train import build_parser as train_parser
+
+    cfg = config_from_args(train_parser().parse_args(train_args))
+    check_fields(cfg)
+    return resolve(cfg, env_spec(cfg.env).n_agents)
+
+
+def saved_config(d: Path) -> Config | None:
+    """Run ``d``'s own ``config.json`` (None when it has none yet)."""
+    raw = ck.RunDir(d).read_config()
+    if raw is None:
+        return None
+    try:
+        return load_config(raw)
+    except ValueError as e:
+        raise ValueError(f"{d}/config.json cannot be read: {e}") from None
+
+
+def differences(a: Config, b: Config, names=("run", "sweep")) -> list[str]:
+    """What is learned differently under ``a`` and ``b``: the preset and every field of the
+    learned sections (the run section — length, device, evaluation — may differ)."""
+    out = [] if a.preset == b.preset else [f"preset: {names[0]} {a.preset!r}, {names[1]} {b.preset!r}"]
+    da, db = a.to_dict(), b.to_dict()
+    return out + [f"{sec}.{k}: {names[0]} {da[sec][k]!r}, {names[1]} {db[sec][k]!r}"
+                  for sec in LEARNED for k in da[sec] if da[sec][k] != db[sec][k]]
+
+
+def unseeded(cfg: Config) -> Config:
+    return replace(cfg, train=replace(cfg.train, seed=0))  # seeds differ by design
+
+
+def _listed(diff: list[str], most: int = 8) -> str:
+    return "; ".join(diff[:most]) + (f"; and {len(diff) - most} more" if len(diff) > most else "")
+
+
+def check_runs(args, wanted: dict[str, Config] | None) -> None:
+    """Refuse (ValueError) runs whose settings are not the sweep's, before anything starts.
+
+    Training (``wanted``: each scenario's config, from :func:`expected_config`): a run in ``--out``
+    trained otherwise than this sweep would (another preset, other flags after ``--``) — resuming
+    it would mix two experiments in one curve, and retraining it would delete someone's results.
+    ``--aggregate-only`` (``wanted`` None): seeds of one scenario that differ in more than the
+    seed, since one median across them would mix experiments.
+    """
+    train = wanted is not None
+    for env in args.env:
+        ref = (unseeded(wanted[env]), "") if train else None
+        for seed in args.seeds:
+            d = run_dir(args.out, env, seed)
+            cfg = saved_config(d)
+            if cfg is None:
+                continue
+            cfg = unseeded(cfg)
+            if ref is None:
+                ref = (cfg, str(d))
+                continue
+            diff = differences(cfg, ref[0], names=("run", "sweep") if train else (str(d), ref[1]))
+            if diff and train:
+                raise ValueError(
+                    f"{d} holds a run trained with other settings than this sweep's ({_listed(diff)}); its results "
+                    f"would be mixed with the new ones. Sweep into another --out, or remove that run (rm -r {d}) "
+                    "to train it again with these settings")
+            if diff:
+                raise ValueError(f"{d} and {ref[1]} were trained with different settings ({_listed(diff)}); one median "
+                                 "across them would mix two experiments: aggregate them from separate --out "
+                                 "directories, or compare them with python -m matwm_fast.plot")
+
+
+def trials(args, extra: list[str], threads: int) -> tuple[list[launch.Trial], list[dict]]:
+    """The runs still to train, and a log entry for each one already complete."""
     todo, log = [], []
     for env in args.env:
         for seed in args.seeds:
@@ -129,56 +201,12 @@ def run_training(args, extra: list[str]) -> list[dict]:
                 print(f"sweep: {d} already at {total_steps(args)} steps, not retrained")
                 log.append({"env": env, "seed": seed, "status": "complete before"})
             else:
-                todo.append((env, seed, train_cmd(args, env, seed, extra)))
-    running: list[tuple] = []
-
-    def on_term(signum, _frame):  # `kill SWEEP_PID` stops the runs as Ctrl-C does
-        raise KeyboardInterrupt
-
-    old_term = signal.signal(signal.SIGTERM, on_term)
-    try:
-        while todo or running:
-            while todo and len(running) < max(args.jobs, 1):
-                env, seed, cmd = todo.pop(0)
-                d = run_dir(args.out, env, seed)
-                d.mkdir(parents=True, exist_ok=True)
-                print(f"sweep: start {env} seed {seed} ({threads} threads): {shlex.join(cmd)}", flush=True)
-                fh = open(d / "train.log", "a")
-                # own session: a terminal Ctrl-C reaches only the sweep, which then sends each run a
-                # single SIGTERM (a second signal would make train quit without its checkpoint)
-                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env,
-                                        start_new_session=True)
-                running.append((env, seed, cmd, proc, fh, time.perf_counter()))
-            time.sleep(0.5)
-            for item in list(running):
-                env, seed, cmd, proc, fh, t0 = item
-                if proc.poll() is None:
-                    continue
-                fh.close()
-                running.remove(item)
-                wall = time.perf_counter() - t0
-                print(f"sweep: {env} seed {seed} exited {proc.returncode} after {wall:.0f} s", flush=True)
-                log.append({"env": env, "seed": seed, "status": proc.returncode, "wall_s": round(wall, 1),
-                            "command": shlex.join(cmd)})
-    except KeyboardInterrupt:
-        # SIGTERM makes train checkpoint at the next step boundary; a rerun resumes from there
-        for _, _, _, proc, _, _ in running:
-            proc.terminate()
-        for _, _, _, proc, _, _ in running:
-            proc.wait()
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-    return log
+                todo.append(launch.Trial(env, seed, str(d.resolve()), tuple(fresh_args(args, env, seed, extra)),
+                                         tuple(resume_args(args)), threads))
+    return todo, log
 
 
 # ----------------------------------------------------------------------------- matchups
-def load_models(d: Path):
-    """The final checkpoint of run ``d`` → (config, wm, ac, step, spec), on the CPU."""
-    pol = Policy(d)
-    return pol.cfg, pol.wm, pol.ac, pol.step, pol.spec
-
-
 def matchups(d: Path, episodes: int, seed: int) -> dict:
     """Returns of: the trained agents (greedy and sampled), the random policy, and (several teams)
     each team trained against random others.
@@ -187,7 +215,8 @@ def matchups(d: Path, episodes: int, seed: int) -> dict:
     does not replay the episodes.
     """
     cache = Path(d) / "matchups.json"
-    cfg, wm, ac, step, spec = load_models(d)
+    pol = Policy(d)  # the final checkpoint, on the CPU
+    cfg, wm, ac, step, spec = pol.cfg, pol.wm, pol.ac, pol.step, pol.spec
     key = {"step": step, "episodes": episodes, "seed": seed}
     if cache.exists():
         old = json.loads(cache.read_text())
@@ -253,27 +282,34 @@ def diagnostics(rows: list[dict], agents: list[str]) -> dict:
 SWEEP_SET = {"env.scenario", "train.seed"}
 
 
-def config_changes(d: Path, preset_name: str) -> list[str]:
-    """How run ``d``'s saved config differs from its preset (e.g. flags passed after ``--``)."""
-    f = Path(d) / "config.json"
-    if not f.exists():
-        return []
-    cfg = load_config(json.loads(f.read_text()))
-    base = preset(cfg.preset or preset_name)
+def config_changes(cfg: Config) -> list[str]:
+    """How a run's saved config differs from its own preset (e.g. flags passed after ``--``)."""
+    base = preset(cfg.preset)
     base = resolve(replace(base, env=cfg.env, train=replace(base.train, seed=cfg.train.seed)),
                    env_spec(cfg.env).n_agents)
     return [line.replace("checkpoint", "run").replace("this run", "preset")
             for line in config_diff(cfg, base, LEARNED) if line.split(":")[0] not in SWEEP_SET]
 
 
+def run_settings(cfgs: list[Config]) -> dict:
+    """What the runs' own configs say about how they were trained: each setting's values across
+    the seeds (one value when they agree)."""
+    def values(get) -> list:
+        return sorted({get(c) for c in cfgs}, key=repr)
+
+    return {"preset": values(lambda c: c.preset), "steps": values(lambda c: c.run.steps),
+            "max_cycles": values(lambda c: c.env.max_cycles),
+            "scenario_args": values(lambda c: ", ".join(f"{k}={v}" for k, v in c.env.kwargs)),
+            "eval_every": values(lambda c: c.run.eval_every), "eval_episodes": values(lambda c: c.run.eval_episodes)}
+
+
 def aggregate(args, argv: list[str]) -> dict:
     out = Path(args.out)
     episodes = args.baseline_episodes or args.eval_episodes
-    result: dict = {"command": shlex.join(["python", "-m", "matwm_fast.sweep", *argv]),
-                    "preset": args.preset, "envs": {}}
+    result: dict = {"command": shlex.join(["python", "-m", "matwm_fast.sweep", *argv]), "envs": {}}
     for env in args.env:
         curves: dict = {}
-        per_seed, match, diag, changes = {}, {}, {}, set()
+        per_seed, match, diag, changes, cfgs = {}, {}, {}, set(), []
         for seed in args.seeds:
             d = run_dir(out, env, seed)
             rows = read_rows(d)
@@ -286,7 +322,10 @@ def aggregate(args, argv: list[str]) -> dict:
             agents = sorted({c[len("eval_"):-len("_return_mean")] for r in evals for c in r
                              if c.endswith("_return_mean") and not c.startswith(("eval_team_", "eval_return"))})
             diag[seed] = diagnostics(rows, agents)
-            changes.update(config_changes(d, args.preset))
+            cfg = saved_config(d)
+            if cfg is not None:
+                cfgs.append(cfg)
+                changes.update(config_changes(cfg))
             if not args.no_matchups and has_checkpoint(d):
                 match[seed] = matchups(d, episodes, args.baseline_seed + seed * episodes)
         if not per_seed:
@@ -302,7 +341,8 @@ def aggregate(args, argv: list[str]) -> dict:
         result["envs"][env] = {"seeds": sorted(per_seed), "steps": steps, "curves": curves,
                                "matchups": mres, "matchup_episodes": episodes,
                                "teams": next(iter(match.values()))["teams"] if match else None,
-                               "diagnostics": diag, "config_changes": sorted(changes)}
+                               "diagnostics": diag, "config_changes": sorted(changes),
+                               "settings": run_settings(cfgs)}
     return result
 
 
@@ -319,14 +359,24 @@ def label(key: str) -> str:
     return "all agents" if key == "all" else f"team {key}"
 
 
+def settings_line(st: dict) -> str:
+    """The runs' settings in a sentence; a setting the seeds disagree on shows every value."""
+    def v(key: str) -> str:
+        return " / ".join(str(x) for x in st.get(key, [])) or "?"
+
+    args = f", scenario args {v('scenario_args')}" if any(st.get("scenario_args", [])) else ""
+    return (f"Preset `{v('preset')}`, {v('steps')} env steps per run, episodes of {v('max_cycles')} steps{args}; "
+            f"greedy evaluation every {v('eval_every')} env steps on {v('eval_episodes')} episodes.")
+
+
 def markdown(result: dict, args) -> str:
     lines = ["# Learning results", "",
-             f"Preset `{result['preset']}`. Each cell: median [min, max] across seeds (a single number when "
-             "there is one seed) of the mean episode return over the evaluation episodes (greedy policy).", "",
-             f"Command: `{result['command']}`", ""]
+             "Each cell: median [min, max] across seeds (a single number when there is one seed) of the mean "
+             "episode return over the evaluation episodes (greedy policy). The settings are read from each run's "
+             "own `config.json`.", ""]
     for env, r in result["envs"].items():
         keys = list(r["curves"])
-        lines += [f"## {env} (seeds {', '.join(map(str, r['seeds']))})", ""]
+        lines += [f"## {env} (seeds {', '.join(map(str, r['seeds']))})", "", settings_line(r["settings"]), ""]
         if r["config_changes"]:
             lines += ["Config changed from the preset: " + "; ".join(f"`{c}`" for c in r["config_changes"]), ""]
         lines += ["| env step | seeds | " + " | ".join(label(k) for k in keys) + " |",
@@ -360,42 +410,32 @@ def markdown(result: dict, args) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, results_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def figures(result: dict, out: Path, results_dir: Path) -> list[Path]:
+    """``learning_<env>.png``: the runs' evaluation curves drawn by ``tools.plot`` (median across
+    seeds, min–max shaded), with the random policy's level and each team's trained-vs-random
+    matchup (final checkpoint) from the matchups."""
+    from . import plot
 
     paths = []
     for env, r in result["envs"].items():
-        keys = list(r["curves"])
-        fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
-        for ax, key in zip(axes[0], keys):
-            c = r["curves"][key]
-            steps = [s for s in r["steps"] if c[s]["n"] > 0]
-            med = [c[s]["median"] for s in steps]
-            ax.fill_between(steps, [c[s]["min"] for s in steps], [c[s]["max"] for s in steps], alpha=0.25,
-                            label="min–max over seeds")
-            ax.plot(steps, med, marker="o", label=f"MATWM median ({len(r['seeds'])} seeds)")
+        runs = [plot.Run(run_dir(out, env, s)) for s in r["seeds"]]
+        panel_keys = {k for k, _, _ in plot.panels(runs, "eval_return_mean")}
+        extras: dict = {}
+        for key in r["curves"]:
+            items = []
             rnd = r["matchups"].get(RANDOM, {}).get(key)
             if rnd and rnd["n"]:
-                ax.axhline(rnd["median"], color="gray", ls="--", label="random policy")
-                ax.axhspan(rnd["min"], rnd["max"], color="gray", alpha=0.12)
+                items.append(plot.Level("random policy (final matchups)", rnd["median"], rnd["min"], rnd["max"]))
             m = r["matchups"].get(f"{key}_vs_random", {}).get(key)  # this team trained, its opponents random
             if m and m["n"]:
-                ax.errorbar([steps[-1]], [m["median"]], fmt="s", capsize=3, color="C2",
-                            label=f"trained {key} vs random opponents (final)",
-                            yerr=[[m["median"] - m["min"]], [m["max"] - m["median"]]])
-            ax.set_title(f"{env}: {label(key)}")
-            ax.set_xlabel("env steps")
-            ax.set_ylabel("mean episode return")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = results_dir / f"learning_{env}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+                items.append(plot.Marker(f"trained {key} vs random opponents (final)", r["steps"][-1],
+                                         m["median"], m["min"], m["max"]))
+            if items and key in panel_keys:
+                extras[key] = items
+        title = (f"{env}: greedy evaluation return, median across {len(runs)} seeds, min–max shaded"
+                 if len(runs) > 1 else f"{env}: greedy evaluation return")
+        paths.append(plot.draw(runs, "eval_return_mean", results_dir / f"learning_{env}.png", band="minmax",
+                               title=title, extras=extras))
     return paths
 
 
@@ -403,31 +443,62 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, extra = split_argv(argv)
     args = build_parser().parse_args(own)
-    results_dir = Path(args.results or args.out)
-    results_dir.mkdir(parents=True, exist_ok=True)
+    train = not args.aggregate_only
+    try:
+        preset(args.preset)
+        launch.check_flags(args)
+        if train and args.launcher == "ray":
+            launch.import_ray()  # missing: say which extra brings it, before anything starts
+        # what each scenario's runs will be (a bad flag after -- is refused here, once)
+        wanted = {env: expected_config(fresh_args(args, env, args.seeds[0], extra)) for env in args.env} if train else None
+    except (ValueError, ImportError) as e:
+        fail(str(e))
+    out, results_dir = Path(args.out), Path(args.results or args.out)
+    for d in (out, results_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    try:  # one sweep at a time in OUT: two would train, evaluate and write the same files
+        lock = ck.lock_file(out / ".sweep.lock")
+    except ck.LockHeld as e:
+        fail(f"{out} is in use by sweep process {e.holder}; wait for it to finish, or sweep into another --out")
+    try:
+        try:  # with OUT locked: no other sweep changes the runs between this check and the training
+            check_runs(args, wanted)
+        except (ValueError, ck.CheckpointError) as e:
+            fail(str(e))
+        return _run(args, argv, extra, train, out, results_dir)
+    finally:
+        ck.unlock_file(lock)
+
+
+def _run(args, argv: list[str], extra: list[str], train: bool, out: Path, results_dir: Path) -> int:
+    """Train what is missing (``train``), then aggregate, with ``OUT`` locked."""
     log = []
-    if not args.aggregate_only:
+    if train:
         t0 = time.perf_counter()
+        launcher, threads = launch.from_args(args)
+        todo, log = trials(args, extra, threads)
+        token = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # marks this sweep's attempts in train.log
         try:
-            log = run_training(args, extra)
+            log += launcher.run(todo, token) if todo else []
         except KeyboardInterrupt:
             print("sweep: interrupted; the runs checkpointed, rerun the same command to resume them",
                   file=sys.stderr)
             return 130
-        print(f"sweep: training done in {time.perf_counter() - t0:.0f} s")
+        except (ImportError, ConnectionError) as e:  # Ray missing or its cluster unreachable
+            fail(str(e))
+        print(f"sweep: training done in {time.perf_counter() - t0:.1f} s")
     torch.set_num_threads(args.threads or (os.cpu_count() or 1))  # training is over: evaluation gets the cores
     try:
         result = aggregate(args, argv)
     except (ck.CheckpointError, ValueError) as e:  # a run's checkpoint or config that cannot be used
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        fail(str(e))
     old = results_dir / "results.json"
-    if args.aggregate_only and old.exists():  # keep the record of how the runs were trained
+    if not train and old.exists():  # keep the record of how the runs were trained
         log = json.loads(old.read_text()).get("runs", [])
     result["runs"] = log
     (results_dir / "results.json").write_text(json.dumps(result, indent=1))
     (results_dir / "results.md").write_text(markdown(result, args))
-    pngs = plot(result, results_dir)
+    pngs = figures(result, out, results_dir)
     print(f"sweep: wrote {results_dir / 'results.md'}, {results_dir / 'results.json'}, "
           + ", ".join(map(str, pngs)))
     failed = [r for r in log if r["status"] not in (0, "complete before")]

@@ -25,7 +25,7 @@ def _inputs(device):
         torch.tensor(L, device=device),  # kv_len ()
     )
     logits = torch.randn(3, 4, 8, generator=g).to(device)  # (B, K, C)
-    noise = torch.rand(3, 4, 8, generator=g).to(device)  # (B, K, C)
+    noise = torch.rand(3, 4, generator=g).to(device)  # (B, K): one uniform per categorical
     x = torch.randn(6, 17, generator=g).to(device)  # (M, NB)
     target = (3 * torch.randn(6, generator=g)).to(device)  # (M,)
     bins = torch.linspace(-5, 5, 17, device=device)  # (NB,)

@@ -70,7 +70,7 @@ def test_default_is_ref():
     """An op called without ``impl`` runs the reference (bit-identical), whatever the machine."""
     args = _small_inputs()
     torch.testing.assert_close(kernels.decode_attention(*args), kernels.decode_attention_ref(*args), rtol=0, atol=0)
-    logits, noise = torch.randn(2, 3, 4), torch.rand(2, 3, 4)
+    logits, noise = torch.randn(2, 3, 4), torch.rand(2, 3)
     for a, b in zip(kernels.sample_latent(logits, 0.01, noise=noise), kernels.sample_latent_ref(logits, 0.01, noise)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     x, t, bins = torch.randn(2, 5), torch.zeros(2), torch.linspace(-1, 1, 5)

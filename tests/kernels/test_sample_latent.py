@@ -26,7 +26,7 @@ def _assert_one_hot(sample):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_same_noise_same_sample_across_impls(needs_triton, dtype, shape, device, tol):
     logits = _logits(shape, dtype, device)
-    noise = torch.rand(shape, generator=torch.Generator().manual_seed(1)).to(device)  # (B, K, C) float32
+    noise = torch.rand(shape[:-1], generator=torch.Generator().manual_seed(1)).to(device)  # (B, K) float32
     s_ref, p_ref = kernels.sample_latent(logits, UNIMIX, noise=noise, impl="ref")
     s_tri, p_tri = kernels.sample_latent(logits, UNIMIX, noise=noise, impl="triton")
     for s, p in ((s_ref, p_ref), (s_tri, p_tri)):
@@ -36,30 +36,35 @@ def test_same_noise_same_sample_across_impls(needs_triton, dtype, shape, device,
     assert torch.equal(s_ref, s_tri)
 
 
-def test_gumbel_max_formula(impl, device):
-    """The draw is argmax(log p - log(-log u)) for the given uniforms."""
+def test_inverse_cdf_formula(impl, device):
+    """The draw is the class whose cumulative interval holds u·total, for the given uniforms
+    (computed here in float64 with searchsorted, an independent formulation)."""
     logits = _logits((6, 4, 9), torch.float32, device, seed=3)
-    noise = torch.rand(6, 4, 9, generator=torch.Generator().manual_seed(4)).to(device)
+    noise = torch.rand(6, 4, generator=torch.Generator().manual_seed(4)).to(device)
     sample, _ = kernels.sample_latent(logits, 0.1, noise=noise, impl=impl)
-    idx = (torch.log(_probs64(logits, 0.1)) - torch.log(-torch.log(noise.double()))).argmax(-1)
+    cdf = _probs64(logits, 0.1).cumsum(-1)  # (B, K, C)
+    idx = torch.searchsorted(cdf, (noise.double() * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
     assert torch.equal(sample.argmax(-1), idx)
 
 
 def test_extreme_noise_is_clamped(impl, device):
-    """u = 0 and u = 1 must not produce inf/NaN or an invalid one-hot."""
+    """u = 0 and u = 1 must not produce inf/NaN or an invalid one-hot; u = 0 is the first class
+    with any mass, u = 1 the last."""
     logits = _logits((4, 2, 5), torch.float32, device)
-    noise = torch.zeros(4, 2, 5, device=device)
+    noise = torch.zeros(4, 2, device=device)
     noise[::2] = 1.0
     sample, probs = kernels.sample_latent(logits, UNIMIX, noise=noise, impl=impl)
     _assert_one_hot(sample)
     assert torch.isfinite(probs).all()
+    assert torch.equal(sample[1::2].argmax(-1), torch.zeros(2, 2, dtype=torch.long, device=device))
+    assert torch.equal(sample[::2].argmax(-1), torch.full((2, 2), 4, device=device))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_straight_through_gradient(impl, dtype, device, tol):
     """d(sample)/d(logits) == d(probs)/d(logits), and both equal the float64 analytic value."""
     shape = (5, 4, 7)
-    noise = torch.rand(shape, generator=torch.Generator().manual_seed(2)).to(device)
+    noise = torch.rand(shape[:-1], generator=torch.Generator().manual_seed(2)).to(device)
     g = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(device, dtype)  # (B, K, C)
 
     logits = _logits(shape, dtype, device, requires_grad=True)
@@ -77,7 +82,7 @@ def test_straight_through_gradient(impl, dtype, device, tol):
 
 def test_gradients_equal_across_impls(needs_triton, device):
     shape = (37, 3, 7)
-    noise = torch.rand(shape, generator=torch.Generator().manual_seed(2)).to(device)
+    noise = torch.rand(shape[:-1], generator=torch.Generator().manual_seed(2)).to(device)
     grads = []
     for impl in ("ref", "triton"):
         logits = _logits(shape, torch.float32, device, requires_grad=True)
@@ -144,7 +149,7 @@ def test_seed_offset_determinism(needs_triton, device):
     b, _ = kernels.sample_latent(logits, UNIMIX, seed=seed.clone(), offset=off.clone(), impl="triton")
     assert torch.equal(a, b)
     _assert_one_hot(a)
-    off += logits.numel()  # in-place bump, as a CUDA-graph caller would do
+    off += logits.numel() // logits.shape[-1]  # in-place bump by the B·K draws, as a CUDA-graph caller would do
     c, _ = kernels.sample_latent(logits, UNIMIX, seed=seed, offset=off, impl="triton")
     d, _ = kernels.sample_latent(logits, UNIMIX, seed=seed + 1, offset=torch.tensor(0, device=device), impl="triton")
     assert not torch.equal(a, c)

@@ -73,7 +73,7 @@ def test_held_action_imagination_equals_training_imagination():
     act = ctx_act.repeat_interleave(b, 0)  # (N·B, L)
     first = torch.zeros(n * b, L, dtype=torch.bool)
     first[:, 0] = True
-    noise = ImagNoise.draw(n * b, L, h, wm.K, wm.C, wm.A, "cpu", torch.Generator().manual_seed(4))
+    noise = ImagNoise.draw(n * b, L, h, wm.K, wm.A, "cpu", torch.Generator().manual_seed(4))
     noise = ImagNoise(noise.ctx.double(), noise.latent.double(), noise.action.double())
     with torch.no_grad():
         roll = imagine(wm, ac, obs, act, first, torch.arange(n), h,

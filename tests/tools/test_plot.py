@@ -1,6 +1,6 @@
 """``python -m matwm_fast.plot`` (``matwm_fast.tools.plot``): a valid PNG from real runs, seeds
 grouped by config (median and spread; the run section never splits a group), eval rows preferred
-to training episodes, per-team panels, and clear errors."""
+to training episodes, per-team panels, the sweep's reference levels and markers, and clear errors."""
 
 from __future__ import annotations
 
@@ -157,3 +157,34 @@ def test_metric_sinks_jsonl_csv_tensorboard(tmp_path):
         assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     else:
         assert not (tmp_path / "tb").exists()  # silently JSONL/CSV only
+
+
+def test_reference_levels_and_markers_are_drawn_on_their_panels(tmp_path):
+    """What the sweep adds to the curves (the random policy's level, a final matchup's marker) is
+    drawn by plot itself, on the panel it names, beside the median and its band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [plot.Run(fake_run(tmp_path, f"s{i}", [0, 1, 2], seed=i, evals=ev)) for i, ev in enumerate([[1, 2, 3], [3, 6, 5]])]
+    assert [(k, col) for k, _, col in plot.panels(runs, "eval_return_mean")] == [
+        ("all", "eval_return_mean"), ("adversary", "eval_team_adversary_return_mean"),
+        ("agent", "eval_team_agent_return_mean")]
+    fig, ax = plt.subplots()
+    plot.draw_panel(ax, plot.group(runs), "eval_return_mean", "minmax",
+                    [plot.Level("random", -1.0, -2.0, 0.5), plot.Marker("trained vs random", 30, 4.0, 3.0, 7.0)])
+    median, level = ax.lines[0], ax.lines[1]
+    assert median.get_xdata().tolist() == [10, 20, 30] and median.get_ydata().tolist() == [2, 4, 4]
+    assert level.get_label() == "random" and list(level.get_ydata()) == [-1.0, -1.0]
+    bar = ax.containers[0]  # the marker: one point with its error bar from lo to hi
+    assert bar.get_label() == "trained vs random" and bar.lines[0].get_xydata().tolist() == [[30.0, 4.0]]
+    segment = bar.lines[2][0].get_segments()[0]
+    assert segment[:, 1].tolist() == [3.0, 7.0]
+    assert len(ax.collections) >= 2  # the min–max band and the level's shaded range
+    plt.close(fig)
+    out = tmp_path / "ref.png"
+    assert plot.draw(runs, "eval_return_mean", out, extras={"agent": [plot.Level("random", 0, -1, 1)]}) == out
+    assert png_size(out)[0] == 1650
+    with pytest.raises(ValueError, match="no panel 'prey' to draw on; panels: all, adversary, agent"):
+        plot.draw(runs, "eval_return_mean", tmp_path / "x.png", extras={"prey": []})

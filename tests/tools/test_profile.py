@@ -1,6 +1,7 @@
 """The profiler (``python -m matwm_fast.profile``, ``matwm_fast.tools.profile``): a quick eager run
 prints the tables and writes a JSON report with every phase; a phase's time is the time of the work
-inside it; the comparison's ratios; refusal of impossible requests."""
+inside it; FLOP rates and fractions of the measured peak; the comparison's ratios; variants with a
+kernel choice; refusal of impossible requests."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from matwm_fast import nvtx
-from matwm_fast.tools import profile
+from matwm_fast.tools import flops, profile
 from matwm_fast import trainer as trainer_mod
 from matwm_fast.config import preset
 
@@ -68,6 +69,7 @@ def test_json_report(quick):
     assert r["env_steps_per_s"] == pytest.approx(1e3 / r["step_ms"])
     assert r["imagined_steps_per_s"] == pytest.approx(72 * 1e3 / r["step_ms"])
     assert r["peak_memory_mib"] > 0 and r["steps"] == 3
+    assert r["runtime"] == {"device": "cpu", "backend": "eager", "kernels": "ref", "amp": "fp32"}
     assert "backend eager" in (out / "p.md").read_text()
     assert (out / "trace" / "trace-eager.json").stat().st_size > 0
 
@@ -148,3 +150,51 @@ def test_cli_refuses_cudagraphs_on_cpu():
                           capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert proc.returncode == 2
     assert "cudagraphs" in proc.stderr and "CUDA" in proc.stderr
+
+
+def test_flop_rates_and_fractions_of_peak(quick):
+    """Each phase's model FLOPs are the analytic count of the config that ran; its rate is those
+    FLOPs over its time, and its fraction is that rate over the measured peak of its precision."""
+    _, text, rep = quick
+    from matwm_fast.config import resolve
+    from matwm_fast.env import env_spec
+
+    cfg = preset("smoke")
+    spec = env_spec(cfg.env)
+    assert rep["flops_per_step"] == pytest.approx(flops.step_flops(resolve(cfg, spec.n_agents), spec))
+    peaks = rep["matmul_peak_flops_per_s"]
+    assert set(peaks) == {"fp32", "bf16"} and all(v > 1e8 for v in peaks.values())
+    r = rep["backends"]["eager"]
+    assert set(r["flops_per_s"]) == {"act", "wm_update", "imagine", "ac_update"}  # env, replay: no model arithmetic
+    for p, rate in r["flops_per_s"].items():
+        assert rate == pytest.approx(rep["flops_per_step"][p] / (r["phases_ms"][p] / 1e3))
+        assert r["phase_precision"][p] == "fp32"  # the smoke preset runs float32
+        assert r["peak_fraction"][p] == pytest.approx(rate / peaks["fp32"])
+        assert 0 < r["peak_fraction"][p] < 1
+    assert "GFLOP/step" in text and "of peak" in text and "matmul peak fp32" in text
+
+
+def test_variants_with_kernels(tmp_path, one_thread):
+    """``BACKEND:KERNELS`` runs that backend on those kernels and reports under the variant's name."""
+    argv = ["--preset", "smoke", "--backend", "eager:ref", "eager", "--kernels", "ref", "--steps", "1",
+            "--warmup-steps", "0", "--device", "cpu", "--peak-seconds", "0", "--json", str(tmp_path / "p.json")]
+    assert profile.main(argv) == 0
+    rep = json.loads((tmp_path / "p.json").read_text())
+    assert list(rep["backends"]) == ["eager:ref", "eager"]
+    assert rep["backends"]["eager:ref"]["runtime"]["kernels"] == "ref"
+    assert rep["backends"]["eager:ref"]["backend"] == "eager"
+    # no peak measured: rates still, fractions not
+    assert rep["matmul_peak_flops_per_s"] is None
+    assert all(f is None for f in rep["backends"]["eager"]["peak_fraction"].values())
+    assert profile.range_name("eager:triton") == "train_step_eager_triton"
+
+
+@pytest.mark.parametrize("variant, says", [("fast", "valid: eager, compile, cudagraphs"),
+                                           ("eager:fast", "must be one of ref, triton, auto"),
+                                           ("eager:", "must be one of ref, triton, auto")])
+def test_bad_variant_refused(variant, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        profile.main(["--preset", "smoke", "--device", "cpu", "--backend", variant])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and repr(variant) in err and says in err

@@ -1,14 +1,22 @@
-"""The sweep end to end: two seeds trained in parallel subprocesses, the table and the plot.
+"""The sweep end to end: two seeds trained in parallel subprocesses, the table and the plot; runs
+trained with other settings refused, the table described from the runs' own configs, one sweep
+at a time per output directory.
 
 This checks the plumbing (runs, evaluations, matchups, aggregation, outputs), not that the agent
-learns: the smoke preset trains for a few dozen steps.
+learns: the smoke preset trains for a few dozen steps.  The launchers themselves (local, Ray) are
+tested in test_launch.py.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from matwm_fast import checkpoint as ck
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 STEPS, EVAL_EVERY, EPISODES, MAX_CYCLES = 60, 20, 2, 10  # smoke warm-up is 40 steps: evals at 40 and 60
@@ -49,8 +57,73 @@ def test_tiny_sweep_writes_table_and_plot(tmp_path, capsys):
     from matwm_fast.tools import sweep as sw
 
     png.unlink()
-    assert sw.main([*common, "--threads", "1"]) == 0
+    assert sw.main([*common, "--threads", "1", "--", "--max-cycles", str(MAX_CYCLES)]) == 0
     assert "not retrained" in capsys.readouterr().out and png.exists()
     png.unlink()
     assert sw.main([*common, "--threads", "1", "--aggregate-only"]) == 0
     assert png.exists()
+
+    # runs trained with other settings than the sweep's are refused before anything starts, saying how to go on
+    seed0 = out / "simple_tag" / "seed0"
+    before = (seed0 / "metrics.jsonl").read_bytes()
+    for argv, diff in [(common, "env.max_cycles: run 10, sweep 25"),
+                       ([*common, "--preset", "cpu", "--", "--max-cycles", str(MAX_CYCLES)], "preset: run 'smoke', sweep 'cpu'")]:
+        with pytest.raises(SystemExit) as e:
+            sw.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"error: {seed0} holds a run trained with other settings than this sweep's (" in err
+        assert diff in err and "Sweep into another --out, or remove that run (rm -r " in err
+    assert (seed0 / "metrics.jsonl").read_bytes() == before
+
+    # the table describes what the runs' config.json say, not this command line (aggregation only:
+    # --preset cpu and --eval-episodes 7 are not what the runs were trained with)
+    assert sw.main([*common, "--aggregate-only", "--preset", "cpu", "--eval-episodes", "7",
+                    "--baseline-episodes", str(EPISODES)]) == 0
+    md = (res / "results.md").read_text()
+    assert ("Preset `smoke`, 60 env steps per run, episodes of 10 steps; greedy evaluation every 20 env steps on "
+            "2 episodes.") in md
+    assert "cpu" not in md and "Command" not in md
+
+    # --aggregate-only over seeds that differ in more than the seed is refused: one median would mix them
+    other = tmp_path / "mixed"
+    shutil.copytree(out, other, ignore=shutil.ignore_patterns(".sweep.lock"))
+    cfg_file = other / "simple_tag" / "seed1" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["wm"]["lr"] = 0.5
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit) as e:
+        sw.main([*common, "--out", str(other), "--aggregate-only"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{other / 'simple_tag' / 'seed1'} and {other / 'simple_tag' / 'seed0'} were trained" in err
+    assert f"wm.lr: {other / 'simple_tag' / 'seed1'} 0.5, {other / 'simple_tag' / 'seed0'} 0.001" in err
+
+
+def test_one_sweep_at_a_time_per_output_directory(tmp_path, capsys):
+    from matwm_fast.tools import sweep as sw
+
+    out = tmp_path / "runs"
+    out.mkdir()
+    fd = ck.lock_file(out / ".sweep.lock")  # a sweep training into OUT (this process stands in for it)
+    try:
+        with pytest.raises(SystemExit) as e:
+            sw.main(["--env", "simple_tag", "--preset", "smoke", "--out", str(out), "--aggregate-only"])
+    finally:
+        ck.unlock_file(fd)
+    assert e.value.code == 2
+    assert (f"error: {out} is in use by sweep process {os.getpid()}; wait for it to finish, or sweep into another "
+            "--out") in capsys.readouterr().err
+    assert not (out / "results.md").exists()
+    # free again: the sweep runs (nothing to aggregate yet: status 1, and the lock is released after)
+    assert sw.main(["--env", "simple_tag", "--preset", "smoke", "--out", str(out), "--aggregate-only"]) == 1
+    assert ck.lock_holder(out / ".sweep.lock") is None
+
+
+def test_a_bad_flag_for_train_is_refused_once_before_anything_starts(tmp_path, capsys):
+    from matwm_fast.tools import sweep as sw
+
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        sw.main(["--env", "simple_tag", "--seeds", "0", "1", "--preset", "smoke", "--out", str(out), "--", "--wm.lrr", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unrecognized arguments: --wm.lrr" in err and "did you mean --wm.lr" in err
+    assert not out.exists()

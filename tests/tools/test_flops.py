@@ -1,0 +1,109 @@
+"""The analytic FLOP count (``matwm_fast.tools.flops``) against torch's own count of the matrix
+products that the real step functions run, and the matmul-peak measurement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from matwm_fast.acting import policy_step
+from matwm_fast.config import preset
+from matwm_fast.tools import flops
+from matwm_fast.trainer import build
+
+
+@pytest.fixture(scope="module")
+def warm(one_thread):
+    """A smoke trainer past warm-up, on the reference kernels (whose products torch can see)."""
+    tr = build(preset("smoke"), device="cpu", backend="eager", kernels="ref")
+    while not tr.warm:
+        tr.env_step()
+    tr.train_step()
+    return tr
+
+
+def measured(fn) -> int:
+    """FLOPs of fn() as torch.utils.flop_counter counts them.  The math SDPA backend: the CPU's
+    fused attention kernel has no formula there (it would count 0), the math one is plain bmm."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def test_each_phase_matches_torchs_count_exactly(warm):
+    tr, c = warm, warm.cfg
+    batch = tr.replay.sample_sequences(c.wm.batch_per_agent, c.wm.seq_len, c.replay.priority_decay)
+    ctx = tr.replay.sample_contexts(c.ac.imag_batch, c.ac.context_len)
+    roll = tr.imagine(ctx)
+    # forward + backward (the optimiser steps do no matrix products)
+    assert measured(lambda: tr.wm_update(batch)) == flops.wm_update(c, tr.spec).total
+    assert measured(lambda: tr.imagine(ctx)) == flops.imagine(c, tr.spec).total
+    assert measured(lambda: tr.ac_update(roll)) == flops.ac_update(c, tr.spec).total
+    n, o = tr.n, tr.spec.obs_dim
+    for queue in (0, 1, c.train.act_context):  # empty, one step, a full context queue
+        past = torch.randn(n, queue, o), torch.zeros(n, queue, dtype=torch.long)
+        got = measured(lambda: policy_step(tr.wm, tr.ac, *past, torch.randn(n, o)))
+        assert got == flops.act(c, tr.spec, queue).total, queue
+
+
+def test_whole_train_step_matches(warm):
+    """One real ``train_step``: acting at the current queue length plus the three updates."""
+    tr = warm
+    queue = tr.queues.count  # what acting will see (0 after an episode ended: reset there)
+    per_step = flops.step_flops(tr.cfg, tr.spec)
+    expected = flops.act(tr.cfg, tr.spec, queue).total + sum(per_step[p] for p in ("wm_update", "imagine", "ac_update"))
+    assert measured(tr.train_step) == expected
+
+
+def test_backward_convention():
+    c = flops.Count()
+    c.linear(10, 4, 3, grad=True)  # grad-input and grad-weight
+    assert (c.fwd, c.bwd) == (240, 480)
+    c = flops.Count()
+    c.mlp(10, 4, 8, 1, 3, grad=True, input_grad=False)  # data in: the first layer's weight gradient only
+    assert c.fwd == 2 * 10 * (4 * 8 + 8 * 3) and c.bwd == 2 * 10 * 4 * 8 + 2 * 2 * 10 * 8 * 3
+
+
+def test_paper_budget_scales_with_the_imagined_rows():
+    """The paper preset's imagination is 36,864 imagined steps: its count is dominated by the
+    per-step products of 3,072 rows, and doubling the rows doubles it exactly."""
+    from dataclasses import replace
+
+    from matwm_fast.config import resolve
+    from matwm_fast.env import env_spec
+
+    cfg = preset("paper")
+    spec = env_spec(cfg.env)
+    a = resolve(cfg, spec.n_agents)
+    b = resolve(replace(cfg, ac=replace(cfg.ac, imag_batch=2 * 768)), spec.n_agents)
+    assert flops.imagine(b, spec).total == 2 * flops.imagine(a, spec).total
+    per_step = flops.step_flops(a, spec)
+    assert per_step["env"] == per_step["replay_sample"] == 0
+    assert per_step["imagine"] > per_step["wm_update"] > 0
+    with pytest.raises(ValueError, match="resolved config"):
+        flops.step_flops(cfg, spec)  # imag_batch 0: the paper rule not yet applied
+
+
+def test_phase_precision():
+    assert flops.phase_precision("imagine", torch.bfloat16) == "bf16"
+    assert flops.phase_precision("ac_update", torch.bfloat16) == "bf16"
+    assert flops.phase_precision("act", torch.bfloat16) == "fp32"
+    assert flops.phase_precision("imagine", None) == "fp32"
+
+
+def test_rates_against_the_peak_of_each_phases_precision():
+    step = {"act": 2e9, "env": 0.0, "imagine": 8e9, "ac_update": 0.0}
+    r = flops.rates(step, {"act": 100.0, "env": 1.0, "imagine": 10.0, "ac_update": 0.0}, torch.bfloat16,
+                    {"fp32": 1e12, "bf16": 4e12})
+    assert r["flops_per_s"] == {"act": 2e10, "imagine": 8e11}  # phases without arithmetic: no rate
+    assert r["phase_precision"] == {"act": "fp32", "imagine": "bf16"}
+    assert r["peak_fraction"] == {"act": pytest.approx(0.02), "imagine": pytest.approx(0.2)}
+    assert flops.rates(step, {"act": 0.0, "imagine": 10.0}, None, None)["peak_fraction"] == {"act": None, "imagine": None}
+
+
+def test_matmul_peak_is_a_rate_of_the_right_size(one_thread):
+    # a product of n = 256 is 2·256³ = 33.6 MFLOP; a 2-core CPU does it at 1–1000 GFLOP/s
+    rate = flops.matmul_peak(torch.device("cpu"), torch.float32, seconds=0.05, n=256)
+    assert 1e9 < rate < 1e13
