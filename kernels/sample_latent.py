@@ -57,7 +57,10 @@ def _inverse_cdf_onehot(probs32: Tensor, u: Tensor, dtype: torch.dtype) -> Tenso
     cdf = probs32.cumsum(dim=-1)  # (B, K, C)
     target = u.to(cdf.dtype).clamp(0.0, _U_MAX) * cdf[..., -1]  # (B, K)
     idx = (cdf <= target.unsqueeze(-1)).sum(dim=-1)  # (B, K) in [0, C-1]
-    return torch.nn.functional.one_hot(idx, probs32.shape[-1]).to(dtype)  # (B, K, C)
+    # a comparison, not F.one_hot: that checks its indices against C on every call (a host-side
+    # assert, or a bounds-check kernel once compiled); these are in range by construction
+    classes = torch.arange(probs32.shape[-1], device=probs32.device)  # (C,)
+    return (classes == idx.unsqueeze(-1)).to(dtype)  # (B, K, C)
 
 
 def straight_through(onehot: Tensor, probs: Tensor) -> Tensor:

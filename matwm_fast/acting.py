@@ -6,6 +6,11 @@ the sequence model's output at the last queued step (the same h that imagination
 p_t the teammate predictor over z_{≤t}; the actor samples (or, greedy, takes the argmax) from
 [z_t, h_t, p_t].  All agents are rows of one batch; no agent sees another's observations.
 
+The queue is always processed whole, its ``count`` valid steps picked out by masks, so every
+call has the same shapes: compiled once, it serves every queue length (a graph per length
+would recompile 17 times).  A token attends to valid earlier tokens and to itself; padding
+tokens only ever see themselves, so they stay finite and nothing valid reads them.
+
 **CHOICE**: at an episode's first step the queue is empty and h_t is the zero vector.
 """
 
@@ -14,22 +19,24 @@ from __future__ import annotations
 import torch
 
 from .actor_critic import ActorCritic, agent_state
-from .transformer import segment_mask
 from .world_model import WorldModel
 
 Tensor = torch.Tensor
 
 
 class ContextQueues:
-    """Per-agent rolling (observation, action) history, preallocated: (N, L, O), (N, L)."""
+    """Per-agent rolling (observation, action) history, preallocated: (N, L, O), (N, L); the valid
+    steps are the first ``count`` (kept on the host, and mirrored in a 0-dim device tensor)."""
 
     def __init__(self, n_agents: int, obs_dim: int, length: int, device):
         self.obs = torch.zeros(n_agents, length, obs_dim, device=device)  # (N, L, O)
         self.act = torch.zeros(n_agents, length, dtype=torch.long, device=device)  # (N, L)
         self.length, self.count = length, 0
+        self.count_t = torch.zeros((), dtype=torch.long, device=device)  # ()
 
     def reset(self) -> None:
         self.count = 0
+        self.count_t.fill_(0)
 
     def push(self, obs: Tensor, act: Tensor) -> None:
         """Append one step (obs (N, O), act (N,)), dropping the oldest when full."""
@@ -40,27 +47,47 @@ class ContextQueues:
         self.obs[:, self.count] = obs
         self.act[:, self.count] = act
         self.count += 1
+        self.count_t.fill_(self.count)
+
+    def state_dict(self) -> dict:
+        return {"obs": self.obs.cpu(), "act": self.act.cpu(), "count": self.count}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.obs, self.act = sd["obs"].to(self.obs.device), sd["act"].to(self.act.device)
+        self.count = int(sd["count"])
+        self.count_t.fill_(self.count)
 
     def view(self) -> tuple[Tensor, Tensor]:
+        """The valid steps only: (N, count, O), (N, count)."""
         return self.obs[:, : self.count], self.act[:, : self.count]
 
 
+def history_mask(valid: Tensor) -> Tensor:
+    """valid (T,) bool → (1, T, T): query i sees key j iff j ≤ i and j is valid, or j = i."""
+    t = valid.shape[0]
+    idx = torch.arange(t, device=valid.device)  # (T,)
+    causal = idx[:, None] >= idx[None, :]  # (T, T)
+    return (causal & valid[None, :] | torch.eye(t, dtype=torch.bool, device=valid.device))[None]
+
+
 @torch.no_grad()
-def policy_step(wm: WorldModel, ac: ActorCritic, past_obs: Tensor, past_act: Tensor, obs: Tensor,
+def policy_step(wm: WorldModel, ac: ActorCritic, past_obs: Tensor, past_act: Tensor, count: Tensor, obs: Tensor,
                 greedy: bool = False) -> Tensor:
-    """past_obs (N, l, O), past_act (N, l) this episode's queue; obs (N, O) now → actions (N,)."""
-    n, l = past_act.shape
+    """past_obs (N, L, O), past_act (N, L) the queue of which the first ``count`` (0-dim) steps are
+    this episode's; obs (N, O) now → actions (N,)."""
+    n, length = past_act.shape
     agent = torch.arange(n, device=obs.device)  # (N,)
-    z_now, _ = wm.posterior(obs)  # (N, K·C)
-    if l > 0:
-        z_past, _ = wm.posterior(past_obs)  # (N, l, K·C)
-        mask, pos = segment_mask(torch.zeros(n, l, dtype=torch.bool, device=obs.device))
-        h = wm.seq(wm.mix(z_past, agent, past_act), pos, mask)[:, -1]  # (N, D)
-        z_hist = torch.cat([z_past, z_now[:, None]], dim=1)  # (N, l+1, K·C)
-    else:
-        h = torch.zeros(n, wm.cfg.width, device=obs.device)  # (N, D)
-        z_hist = z_now[:, None]  # (N, 1, K·C)
-    mask, pos = segment_mask(torch.zeros(n, l + 1, dtype=torch.bool, device=obs.device))
-    team = wm.teammates(z_hist, pos, mask, agent)[:, -1]  # (N, N-1, A)
-    s = agent_state(z_now, h, team)  # (N, S)
+    z, _ = wm.posterior(torch.cat([past_obs, obs[:, None]], dim=1))  # (N, L+1, K·C): queue, then now
+    slots = torch.arange(length + 1, device=obs.device)  # (L+1,)
+    valid = slots < count  # (L+1,) the queued steps of this episode
+    # the sequence model over the queue; h_t is its output at the last valid step (zero if none)
+    pos = slots[:length].expand(n, length)  # (N, L)
+    out = wm.seq(wm.mix(z[:, :length], agent, past_act), pos, history_mask(valid[:length]).expand(n, -1, -1))  # (N, L, D)
+    last = (count - 1).clamp(min=0).view(1, 1, 1).expand(n, 1, out.shape[-1])  # (N, 1, D)
+    h = torch.where(count > 0, out.gather(1, last).squeeze(1), 0.0)  # (N, D)
+    # the teammate predictor over z_{≤t}: the valid queue, then z_t at position `count`
+    team_pos = torch.where(slots == length, count, slots).expand(n, length + 1)  # (N, L+1)
+    team_mask = history_mask(valid | (slots == length)).expand(n, -1, -1)  # (N, L+1, L+1)
+    team = wm.teammates(z, team_pos, team_mask, agent)[:, -1]  # (N, N-1, A)
+    s = agent_state(z[:, -1], h, team, h.dtype)  # (N, S)
     return ac.act(s[:, None], greedy=greedy)[:, 0]  # (N,)

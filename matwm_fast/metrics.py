@@ -146,29 +146,55 @@ class MetricsWriter:
 
 # ----------------------------------------------------------------------------- rows
 class MetricAccumulator:
-    """Sums metric tensors across steps without host syncs; ``mean()`` reads them once."""
+    """Sums metric tensors across steps without host syncs; ``mean()`` reads them once.
+
+    A step's metrics (0-dim, or (N,) per agent) are flattened into one vector and added to the
+    running sum of their *layout* (names and shapes; a run has one or two: steps with and without
+    a world-model update, say) — two tensor ops per step, not three per metric.
+    """
 
     def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.sums: dict[tuple, Tensor] = {}  # layout ((name, shape), ...) → summed flat values
+        self.counts: dict[tuple, int] = {}
 
     def add(self, metrics: dict[str, Tensor]) -> None:
-        for k, v in metrics.items():
-            v = v.detach().float()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-            self.counts[k] = self.counts.get(k, 0) + 1
+        layout = tuple((k, tuple(v.shape)) for k, v in metrics.items())
+        flat = torch.cat([v.detach().reshape(-1).float() for v in metrics.values()])  # (M,)
+        self.sums[layout] = self.sums[layout] + flat if layout in self.sums else flat
+        self.counts[layout] = self.counts.get(layout, 0) + 1
 
-    def mean(self) -> dict[str, float]:
+    def mean(self) -> dict[str, list[float] | float]:
+        """Per metric, its mean over the steps that produced it: a float, or a list for (N,)."""
         if not self.sums:
             return {}
-        keys = list(self.sums)
-        dev = self.sums[keys[0]].device
-        vals = torch.stack([self.sums[k].to(dev) for k in keys]).cpu().tolist()  # one sync for all
-        return {k: v / self.counts[k] for k, v in zip(keys, vals)}
+        layouts = list(self.sums)
+        dev = self.sums[layouts[0]].device
+        values = torch.cat([self.sums[lay].to(dev) for lay in layouts]).cpu().tolist()  # one sync for all
+        totals: dict[str, list[float]] = {}
+        counts: dict[str, int] = {}
+        vector: dict[str, bool] = {}
+        i = 0
+        for lay in layouts:
+            for name, shape in lay:
+                n = math.prod(shape)
+                got, i = values[i:i + n], i + n
+                totals[name] = [a + b for a, b in zip(totals[name], got)] if name in totals else got
+                counts[name] = counts.get(name, 0) + self.counts[lay]
+                vector[name] = len(shape) > 0
+        return {k: [x / counts[k] for x in v] if vector[k] else v[0] / counts[k] for k, v in totals.items()}
 
     def clear(self) -> None:
         self.sums.clear()
         self.counts.clear()
+
+    def state_dict(self) -> dict:
+        return {"layouts": [[list(map(list, lay)), self.sums[lay].cpu(), self.counts[lay]] for lay in self.sums]}
+
+    def load_state_dict(self, sd: dict, device: torch.device) -> None:
+        self.clear()
+        for lay, total, count in sd["layouts"]:
+            key = tuple((name, tuple(shape)) for name, shape in lay)
+            self.sums[key], self.counts[key] = total.to(device), int(count)
 
 
 class RowLogger:
@@ -193,7 +219,10 @@ class RowLogger:
         budget is not a multiple of ``log_every``) the interval stays open: its sums and episodes
         are kept, so a resume with a larger budget logs exactly the uninterrupted run's rows."""
         now = time.perf_counter()
-        row = {"env_step": step, "warm": warm, **self.acc.mean(), **episode_row(finished, self.agents, self.teams),
+        means = {}
+        for k, v in self.acc.mean().items():  # per-agent metrics become <agent>_<metric>
+            means.update({f"{a}_{k}": x for a, x in zip(self.agents, v)} if isinstance(v, list) else {k: v})
+        row = {"env_step": step, "warm": warm, **means, **episode_row(finished, self.agents, self.teams),
                "imagined_steps_total": imagined_total,
                "perf_env_steps_per_s": (step - self.step0) / max(now - self.t0, 1e-9),
                "perf_imagined_steps_per_s": (imagined_total - self.imagined0) / max(now - self.t0, 1e-9)}
@@ -208,11 +237,10 @@ class RowLogger:
         self._mark(step, imagined_total)
 
     def state_dict(self) -> dict:
-        return {"sums": {k: v.cpu() for k, v in self.acc.sums.items()}, "counts": dict(self.acc.counts)}
+        return self.acc.state_dict()
 
     def load_state_dict(self, sd: dict, device: torch.device) -> None:
-        self.acc.sums = {k: v.to(device) for k, v in sd["sums"].items()}
-        self.acc.counts = {k: int(v) for k, v in sd["counts"].items()}
+        self.acc.load_state_dict(sd, device)
 
 
 def episode_row(finished: list[np.ndarray], agents: tuple[str, ...], teams: dict[str, list[int]]) -> dict:

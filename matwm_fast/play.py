@@ -67,7 +67,7 @@ def play(wm, ac, env_cfg: EnvConfig, act_context: int, episodes: int, seed: int,
                 actions = random_actions(rng, spec)  # (N,)
                 if not random_policy:
                     o = torch.as_tensor(obs, device=device)  # (N, O)
-                    learned = policy_step(wm, ac, *queues.view(), o, greedy=greedy).cpu().numpy()  # (N,)
+                    learned = policy_step(wm, ac, queues.obs, queues.act, queues.count_t, o, greedy).cpu().numpy()  # (N,)
                     actions = learned if policies is None else np.where(policies, learned, actions)
                 queues.push(torch.as_tensor(obs, device=device), torch.as_tensor(actions, device=device))
                 obs, rew, _, done = env.step(actions)

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from . import kernels
+from .acting import policy_step
 from .actor_critic import ActorCritic
 from .config import ActorCriticConfig, RunConfig
 from .imagination import ImagCaches, ImagNoise, Rollout
@@ -184,16 +185,17 @@ def ac_opt_step(ac: ActorCritic, opt: torch.optim.Optimizer, new_scale: Tensor,
 # ----------------------------------------------------------------------------- compiling
 @dataclass(frozen=True)
 class Steps:
-    """The five pieces as one backend runs them."""
+    """The five pieces, and acting, as one backend runs them."""
 
     wm_loss: Callable
     wm_opt_step: Callable
     imagine: Callable
     ac_loss: Callable
     ac_opt_step: Callable
+    act: Callable  # acting.policy_step: static shapes, so one graph serves every queue length
 
 
-def compile_steps(backend: str) -> Steps:
+def compile_steps(rt: Runtime) -> Steps:
     """``eager``: the functions above.  ``compile``: each loss and the rollout as one graph
     (``fullgraph``: a graph break is an error), static shapes (positions and cache slots are
     device tensors), so nothing recompiles between env steps.  ``cudagraphs``: the same through
@@ -201,8 +203,20 @@ def compile_steps(backend: str) -> Steps:
     rates; random numbers from Inductor's graph-safe Philox, fresh on every replay).  torch.optim's
     ``step`` carries deliberate graph breaks (pytorch#104053), so the optimiser pieces compile
     with ``fullgraph=False``: clip, Adam and EMA still become one graph between them."""
-    if backend == "eager":
-        return Steps(wm_loss, wm_opt_step, imagine, ac_loss, ac_opt_step)
-    c = partial(torch.compile, dynamic=False, mode="reduce-overhead" if backend == "cudagraphs" else None)
+    if rt.backend == "eager":
+        return Steps(wm_loss, wm_opt_step, imagine, ac_loss, ac_opt_step, policy_step)
+    options = {
+        # Inductor guards every indirect load (embeddings, gathers, cache slots) with a bounds
+        # check; ours are in range by construction (positions < max_len by validation, actions
+        # and slots by shape), and the eager reference still checks them all
+        "assert_indirect_indexing": False,
+        "triton.cudagraphs": rt.backend == "cudagraphs",
+        # on the CPU the graph's wrapper in C++ rather than Python: a rollout launches hundreds
+        # of small kernels, and the Python calls between them cost ~10 % of it (README)
+        "cpp_wrapper": rt.device.type == "cpu",
+    }
+
+    c = partial(torch.compile, dynamic=False, options=options)
     return Steps(wm_loss=c(wm_loss, fullgraph=True), wm_opt_step=c(wm_opt_step),
-                 imagine=c(imagine, fullgraph=True), ac_loss=c(ac_loss, fullgraph=True), ac_opt_step=c(ac_opt_step))
+                 imagine=c(imagine, fullgraph=True), ac_loss=c(ac_loss, fullgraph=True), ac_opt_step=c(ac_opt_step),
+                 act=c(policy_step, fullgraph=True))

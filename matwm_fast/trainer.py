@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .acting import ContextQueues, policy_step
+from .acting import ContextQueues
 from .actor_critic import ActorCritic, state_dim
 from .config import LEARNED, Config, load_config, resolve
 from .env import MultiAgentEnv, random_actions
@@ -70,7 +70,7 @@ class Trainer:
         self.queues = ContextQueues(n, spec.obs_dim, cfg.train.act_context, self.device)
         self.caches = ImagCaches.allocate(self.wm, n * cfg.ac.imag_batch, cfg.ac.context_len, cfg.ac.horizon,
                                           self.device, runtime.cache_dtype)
-        self.steps = compile_steps(runtime.backend)
+        self.steps = compile_steps(runtime)
         self.agents = torch.arange(n, device=self.device)  # (N,)
         self.step = 0  # env steps taken
         self.imagined_total = 0  # imagined steps so far: the one place they are counted
@@ -97,9 +97,9 @@ class Trainer:
     def choose_actions(self, greedy: bool = False) -> np.ndarray:
         if not self.warm:
             return random_actions(self.rng, self.spec)
-        past_obs, past_act = self.queues.view()
+        q = self.queues
         obs = torch.as_tensor(self.obs, device=self.device)  # (N, O)
-        return policy_step(self.wm, self.ac, past_obs, past_act, obs, greedy=greedy).cpu().numpy()  # (N,)
+        return self.steps.act(self.wm, self.ac, q.obs, q.act, q.count_t, obs, greedy).cpu().numpy()  # (N,)
 
     def env_step(self) -> None:
         """Act, step the env, store the transition; on episode end reset env and queues."""
@@ -146,7 +146,8 @@ class Trainer:
         return m
 
     def train_step(self) -> dict[str, Tensor] | None:
-        """One env step of Algorithm 2; returns the step's metric tensors once updates run."""
+        """One env step of Algorithm 2; returns the step's metric tensors once updates run:
+        0-dim for the shared world model and the budget, (N,) per agent for the actor-critics."""
         if self.rt.backend == "cudagraphs":
             # a new iteration: outputs of the previous step's graphs may be overwritten now
             torch.compiler.cudagraph_mark_step_begin()
@@ -174,9 +175,7 @@ class Trainer:
             with phase("ac_update"):
                 ac_m = self.ac_update(roll)
             self._flag_nonfinite(ac_m["actor_loss"] + ac_m["critic_loss"], 1)  # (N,)
-            for i, name in enumerate(self.spec.agents):
-                for k, v in ac_m.items():
-                    metrics[f"{name}_{k}"] = v[i]
+            metrics.update(ac_m)  # (N,) each: the row names them <agent>_<metric>
             imagined = roll.actions.numel()
             self.imagined_total += imagined
             metrics["imagined_steps"] = self.counters["imagined_steps"].fill_(imagined)
@@ -212,7 +211,7 @@ class Trainer:
             "wm_opt": self.wm_opt.state_dict(), "ac_opt": self.ac_opt.state_dict(),
             "replay": self.replay.state_dict(), "env": self.env.get_state(),
             "obs": torch.from_numpy(self.obs.copy()), "first": self.first,
-            "queues": {"obs": self.queues.obs.cpu(), "act": self.queues.act.cpu(), "count": self.queues.count},
+            "queues": self.queues.state_dict(),
             "episodes": {"current": torch.from_numpy(self.episodes.current.copy()),
                          "finished": [torch.from_numpy(r.copy()) for r in self.episodes.finished]},
             "bad": {"step": self.bad_step.cpu(), "which": self.bad_which.cpu()},
@@ -243,8 +242,7 @@ class Trainer:
             self.env.set_state(sd["env"])
             self.obs, self.first = sd["obs"].numpy().copy(), bool(sd["first"])
             self.step, self.imagined_total = int(sd["step"]), int(sd["imagined_total"])
-            q = sd["queues"]
-            self.queues.obs, self.queues.act, self.queues.count = q["obs"].to(self.device), q["act"].to(self.device), int(q["count"])
+            self.queues.load_state_dict(sd["queues"])
             self.episodes = EpisodeStats(sd["episodes"]["current"].numpy().copy(),
                                          [r.numpy().copy() for r in sd["episodes"]["finished"]])
             self.bad_step.copy_(sd["bad"]["step"])

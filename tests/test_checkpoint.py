@@ -87,7 +87,8 @@ def test_round_trip_restores_everything(trained):
     assert len(fresh.replay) == len(tr.replay) == 46
     assert torch.equal(fresh.replay.obs[:, :46], tr.replay.obs[:, :46])
     assert fresh.rng.bit_generator.state == tr.rng.bit_generator.state
-    assert fresh.queues.count == tr.queues.count and torch.equal(fresh.queues.obs, tr.queues.obs)
+    assert fresh.queues.count == tr.queues.count > 0 and torch.equal(fresh.queues.obs, tr.queues.obs)
+    assert int(fresh.queues.count_t) == tr.queues.count  # what acting reads
     # the next step is the same step
     torch.manual_seed(7), np.random.seed(7)
     torch.set_rng_state(torch.get_rng_state())

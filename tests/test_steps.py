@@ -99,9 +99,9 @@ def test_no_recompile_across_env_steps(pair):
 
 
 def test_compile_steps_wraps_every_piece_only_when_asked():
-    eager = steps.compile_steps("eager")
+    eager = steps.compile_steps(steps.resolve_runtime(RunConfig(device="cpu", backend="eager")))
     assert (eager.wm_loss, eager.imagine, eager.ac_loss) == (steps.wm_loss, steps.imagine, steps.ac_loss)
-    comp = steps.compile_steps("compile")
+    comp = steps.compile_steps(steps.resolve_runtime(RunConfig(device="cpu", backend="compile")))
     assert all(getattr(comp, f) is not getattr(steps, f) for f in ("wm_loss", "wm_opt_step", "imagine", "ac_loss",
                                                                   "ac_opt_step"))
 

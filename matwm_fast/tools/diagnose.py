@@ -237,7 +237,7 @@ def action_effects(wm, ac, env_cfg: EnvConfig, contexts: int, context_len: int, 
         state = env.get_state()
         mates = np.stack([random_actions(rng, spec) for _ in range(horizon)])  # (H, N)
         past_obs, past_act = queues.view()  # (N, L, O), (N, L)
-        picks = policy_step(wm, ac, past_obs, past_act, torch.as_tensor(obs), greedy=True).numpy()  # (N,)
+        picks = policy_step(wm, ac, queues.obs, queues.act, queues.count_t, torch.as_tensor(obs), greedy=True).numpy()  # (N,)
         for i in range(n):
             row = c * n + i
             valid = list(range(spec.action_counts[i]))  # this agent's real actions

@@ -166,23 +166,17 @@ def ac_update(cfg: Config, spec: EnvSpec) -> Count:
     return c
 
 
-def act(cfg: Config, spec: EnvSpec, queue: int) -> Count:
-    """``acting.policy_step`` with ``queue`` past steps in every agent's context queue."""
-    s, n = _sizes(cfg, spec), spec.n_agents
+def act(cfg: Config, spec: EnvSpec) -> Count:
+    """``acting.policy_step``: it always runs over the whole context queue (masking the steps not
+    yet filled), so its count does not depend on how full the queue is."""
+    s, n, queue = _sizes(cfg, spec), spec.n_agents, cfg.train.act_context
     c = Count()
-    _encoder(c, cfg, s, n * (queue + 1))  # the current observation and the queue
-    if queue:
-        _mixer(c, cfg, s, n * queue)
-        _sequence(c, cfg, n, queue, queue)
+    _encoder(c, cfg, s, n * (queue + 1))  # the queue and the current observation
+    _mixer(c, cfg, s, n * queue)
+    _sequence(c, cfg, n, queue, queue)
     _teammates(c, cfg, s, n, queue + 1, queue + 1)
     c.mlp(n, s["S"], cfg.ac.mlp_width, cfg.ac.mlp_layers, s["A"])  # actor
     return c
-
-
-def act_per_step(cfg: Config, spec: EnvSpec) -> float:
-    """Acting FLOPs averaged over an episode: at its step t the queue holds min(t, act_context)."""
-    return statistics.fmean(act(cfg, spec, min(t, cfg.train.act_context)).total
-                            for t in range(cfg.env.max_cycles))
 
 
 def step_flops(cfg: Config, spec: EnvSpec) -> dict[str, float]:
@@ -191,7 +185,7 @@ def step_flops(cfg: Config, spec: EnvSpec) -> dict[str, float]:
     if not cfg.ac.imag_batch or not cfg.ac.horizon:
         raise ValueError("step_flops needs a resolved config (matwm_fast.config.resolve)")
     t = cfg.train
-    return {"act": act_per_step(cfg, spec), "env": 0.0, "replay_sample": 0.0,
+    return {"act": float(act(cfg, spec).total), "env": 0.0, "replay_sample": 0.0,
             "wm_update": wm_update(cfg, spec).total / t.wm_every, "imagine": float(imagine(cfg, spec).total),
             "ac_update": ac_update(cfg, spec).total / t.agent_every}
 

@@ -41,19 +41,18 @@ def test_each_phase_matches_torchs_count_exactly(warm):
     assert measured(lambda: tr.wm_update(batch)) == flops.wm_update(c, tr.spec).total
     assert measured(lambda: tr.imagine(ctx)) == flops.imagine(c, tr.spec).total
     assert measured(lambda: tr.ac_update(roll)) == flops.ac_update(c, tr.spec).total
-    n, o = tr.n, tr.spec.obs_dim
-    for queue in (0, 1, c.train.act_context):  # empty, one step, a full context queue
-        past = torch.randn(n, queue, o), torch.zeros(n, queue, dtype=torch.long)
-        got = measured(lambda: policy_step(tr.wm, tr.ac, *past, torch.randn(n, o)))
-        assert got == flops.act(c, tr.spec, queue).total, queue
+    n, o, length = tr.n, tr.spec.obs_dim, c.train.act_context
+    past = torch.randn(n, length, o), torch.zeros(n, length, dtype=torch.long)
+    for queue in (0, 1, length):  # empty, one step, a full context queue: the same work
+        got = measured(lambda: policy_step(tr.wm, tr.ac, *past, torch.tensor(queue), torch.randn(n, o)))
+        assert got == flops.act(c, tr.spec).total, queue
 
 
 def test_whole_train_step_matches(warm):
     """One real ``train_step``: acting at the current queue length plus the three updates."""
     tr = warm
-    queue = tr.queues.count  # what acting will see (0 after an episode ended: reset there)
     per_step = flops.step_flops(tr.cfg, tr.spec)
-    expected = flops.act(tr.cfg, tr.spec, queue).total + sum(per_step[p] for p in ("wm_update", "imagine", "ac_update"))
+    expected = flops.act(tr.cfg, tr.spec).total + sum(per_step[p] for p in ("wm_update", "imagine", "ac_update"))
     assert measured(tr.train_step) == expected
 
 
