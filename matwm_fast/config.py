@@ -157,8 +157,10 @@ class RunConfig:
     """Kernel implementation: ref, triton, auto (Triton under eager on CUDA, else the reference ops)."""
     amp: str = "auto"
     """Precision of the world model and imagination: bf16 autocast, fp32, or auto (bf16 on CUDA)."""
-    threads: int = 0
-    """Torch CPU threads (0 = torch's default); use 1 when other processes share the cores."""
+    threads: int = 1
+    """Torch CPU threads (0 = torch's default: one per core).  One by default: on 2 cores a second
+    thread made a cpu-preset step 1.3× faster on an idle machine but 2.5× slower beside one busy
+    process (bench/results/cpu-threads.md)."""
     log_every: int = 100
     """Env steps between metric rows."""
     checkpoint_every: int = 5_000
