@@ -75,6 +75,17 @@ class WorldModelConfig:
     """Weight of the representation KL, paper Eq. 3."""
     free_bits: float = 1.0
     """Free nats: KL terms below this are clipped to it."""
+    dropout: float = 0.0
+    """Dropout on the residual branches (attention, feed-forward) of both transformers while the
+    world model trains (STORM uses 0.1; imagination and acting never drop)."""
+    recon_symlog: bool = False
+    """Reconstruct symlog(obs) (DreamerV3) instead of the raw observation the encoder sees symlogged."""
+    teammates: bool = True
+    """The teammate predictor (paper §4.3).  Off (the paper's ablation): no teammate loss, and the
+    agent state's teammate part is a constant, the uniform distribution over each teammate's actions."""
+    action_scaling: bool = True
+    """Agent k's action a enters the world model as index k·A + a (paper §4.2).  Off (the paper's
+    ablation): index a, the same action columns for every agent."""
     batch_size: int = 16
     """World-model sequences per update, in total over all agents (split equally)."""
     batch_per_agent: int = field(default=0, metadata=DERIVED)
@@ -284,6 +295,8 @@ RULES: dict[str, tuple] = {
     "wm.tp_width": _int(1), "wm.tp_layers": _int(1), "wm.tp_heads": _int(1), "wm.reward_bins": _int(2),
     "wm.bins_low": _num(-1e6, 1e6), "wm.bins_high": _num(-1e6, 1e6), "wm.dyn_weight": _num(0, 1e6),
     "wm.rep_weight": _num(0, 1e6), "wm.free_bits": _num(0, 1e6), "wm.batch_size": _int(1),
+    "wm.dropout": _num(0, 1, hi_open=True), "wm.recon_symlog": ("bool",), "wm.teammates": ("bool",),
+    "wm.action_scaling": ("bool",),
     "wm.batch_per_agent": _int(0), "wm.seq_len": _int(2),
     # the lr cap only keeps Adam's float32 arithmetic representable (it overflows near 1e38); a
     # merely huge rate may diverge, and the NaN check then stops the run
@@ -319,6 +332,9 @@ def _check_field(key: str, value: Any, rule: tuple) -> None:
         ok = ok and (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
         if not ok:
             raise ValueError(f"{flag(key)} {value!r}: must be {allowed}")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag(key)} {value!r}: must be true or false")
     elif kind == "choice":
         if value not in rule[1:]:
             raise ValueError(f"{flag(key)} {value!r}: valid: {', '.join(rule[1:])}")

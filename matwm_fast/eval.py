@@ -82,6 +82,7 @@ class Policy:
             self.ac.load_state_dict(state["ac"])
         except (RuntimeError, KeyError, TypeError) as e:
             raise ck.CheckpointError(f"{self.path} does not fit the model built from its config: {e}") from e
+        self.wm.eval()  # no dropout when playing
 
 
 def _check_output(what: str, f: Path) -> None:

@@ -100,21 +100,27 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- world-model loss
 def world_model_loss(out, obs: Tensor, rew: Tensor, cont: Tensor, team_act: Tensor, obs_mask: Tensor,
-                     bins: Tensor, dyn_weight: float, rep_weight: float, free_bits: float, kernels: str = "ref"):
+                     bins: Tensor, dyn_weight: float, rep_weight: float, free_bits: float, kernels: str = "ref",
+                     recon_symlog: bool = False):
     """Paper Eq. 3, averaged over batch and time: rec + rew + con + team + 0.5·dyn + 0.1·rep.
 
     out: :class:`~matwm_fast.world_model.WMOutputs` for R rows × T steps; obs (R, T, O); rew,
-    cont (R, T); team_act (R, T, N−1); obs_mask (R, O) marks each row's real features.  The KL
+    cont (R, T); team_act (R, T, N−1); obs_mask (R, O) marks each row's real features; the
+    reconstruction target is obs, or symlog(obs) with ``recon_symlog``.  The KL
     pairs (prior at t, posterior at t+1) count only where t+1 lies in t's episode: across an
     episode start the "next latent" is a reset, not a consequence of a_t.
     """
-    rec = ((fp32(out.recon) - obs).pow(2) * obs_mask[:, None]).sum(-1).mean()
+    target = symlog(obs) if recon_symlog else obs  # (R, T, O)
+    rec = ((fp32(out.recon) - target).pow(2) * obs_mask[:, None]).sum(-1).mean()
     rew_loss = two_hot_ce(out.reward_logits, symlog(rew), bins, kernels).mean()
     con_loss = F.binary_cross_entropy_with_logits(fp32(out.cont_logits), cont)
-    team_logits = fp32(out.team_logits)  # (R, T, N-1, A)
-    team = F.cross_entropy(team_logits.flatten(0, 2), team_act.flatten(), reduction="none")  # (R·T·(N-1),)
-    has_team = (team_logits.amax(-1) > -1e8).flatten().float()  # dummy slot of a lone agent: 0
-    team_loss = (team * has_team).view(team_act.shape).sum(-1).mean()
+    if out.team_logits is None:  # the teammate predictor is off (ablation)
+        team_loss = torch.zeros((), device=obs.device)
+    else:
+        team_logits = fp32(out.team_logits)  # (R, T, N-1, A)
+        team = F.cross_entropy(team_logits.flatten(0, 2), team_act.flatten(), reduction="none")  # (R·T·(N-1),)
+        has_team = (team_logits.amax(-1) > -1e8).flatten().float()  # dummy slot of a lone agent: 0
+        team_loss = (team * has_team).view(team_act.shape).sum(-1).mean()
     dyn, rep, kl = kl_free_bits(out.post_probs[:, 1:], out.prior_probs[:, :-1], free_bits)  # (R, T-1) each
     same_episode = out.seg_mask[:, 1:, :-1].diagonal(dim1=1, dim2=2)  # (R, T-1): t+1 attends t
     dyn_loss, rep_loss = masked_mean(dyn, same_episode), masked_mean(rep, same_episode)

@@ -139,7 +139,7 @@ def wm_loss(wm: WorldModel, obs: Tensor, act: Tensor, rew: Tensor, cont: Tensor,
         out = wm.observe(obs, act, first, agent)
     c = wm.cfg
     return world_model_loss(out, obs, rew, cont, team_act, wm.obs_mask[agent], wm.bins, c.dyn_weight, c.rep_weight,
-                            c.free_bits, wm.kernels)
+                            c.free_bits, wm.kernels, c.recon_symlog)
 
 
 def wm_opt_step(wm: WorldModel, opt: torch.optim.Optimizer, grad_clip: float) -> Tensor:

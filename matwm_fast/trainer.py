@@ -56,6 +56,7 @@ class Trainer:
         self.wm = WorldModel(cfg.wm, spec, runtime.kernels).to(self.device)
         s_dim = state_dim(cfg.wm.latent_vars, cfg.wm.latent_classes, cfg.wm.width, n, spec.n_actions)
         self.ac = ActorCritic(cfg.ac, spec, s_dim, self.wm.bins, runtime.kernels).to(self.device)
+        self.wm.eval()  # imagination and acting; only the world model's own update trains it (dropout)
         # CUDA graphs replay the optimiser step: its state must live on the device (capturable)
         # and the learning rate be a tensor, so nothing is read from the host inside the graph
         graphs = runtime.backend == "cudagraphs"
@@ -124,8 +125,10 @@ class Trainer:
     def wm_update(self, batch: Batch) -> dict[str, Tensor]:
         """One step of the shared world model on the combined batch of all agents."""
         s = self.steps
+        self.wm.train()  # wm.dropout acts here, and only here
         loss, m = s.wm_loss(self.wm, batch.obs, batch.act, batch.rew, batch.cont, batch.first, batch.team_act,
                             batch.agent, self.rt.amp)
+        self.wm.eval()
         self.wm_opt.zero_grad(set_to_none=False)
         loss.backward()
         m["grad_norm"] = s.wm_opt_step(self.wm, self.wm_opt, self.cfg.wm.grad_clip)

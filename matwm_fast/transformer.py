@@ -72,15 +72,19 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + MHA(LN(x)), then x + FFN(LN(x))."""
+    """Pre-LayerNorm transformer block: x + drop(MHA(LN(x))), then x + drop(FFN(LN(x))).
 
-    def __init__(self, width: int, heads: int, ffn_mult: int, kernels: str = "ref"):
+    Dropout acts in training mode only (the world model's update); decoding is imagination and
+    acting, always in eval mode, so it has none."""
+
+    def __init__(self, width: int, heads: int, ffn_mult: int, kernels: str = "ref", dropout: float = 0.0):
         super().__init__()
         self.heads, self.hd, self.kernels = heads, width // heads, kernels
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.ffn = nn.Sequential(nn.Linear(width, ffn_mult * width), nn.SiLU(), nn.Linear(ffn_mult * width, width))
+        self.drop = nn.Dropout(dropout)
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         *lead, d = x.shape
@@ -95,8 +99,8 @@ class Block(nn.Module):
             cache_k[:, :, :t] = k.to(cache_k.dtype)
             cache_v[:, :, :t] = v.to(cache_v.dtype)
         a = attend(q, k, v, mask[:, None])  # (B, H, T, hd)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
-        return x + self.ffn(self.ln2(x))
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, t, d)))  # (B, T, D)
+        return x + self.drop(self.ffn(self.ln2(x)))
 
     def decode(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, index: Tensor, kv_start: Tensor) -> Tensor:
         """x (B, D) at cache slot ``index`` (0-dim device tensor) → (B, D)."""
@@ -116,11 +120,12 @@ class Block(nn.Module):
 class CausalTransformer(nn.Module):
     """Learned positional embedding + ``layers`` pre-LN blocks + final LayerNorm."""
 
-    def __init__(self, width: int, layers: int, heads: int, ffn_mult: int, max_len: int, kernels: str = "ref"):
+    def __init__(self, width: int, layers: int, heads: int, ffn_mult: int, max_len: int, kernels: str = "ref",
+                 dropout: float = 0.0):
         super().__init__()
         self.width, self.n_layers, self.heads, self.max_len = width, layers, heads, max_len
         self.pos = nn.Embedding(max_len, width)
-        self.blocks = nn.ModuleList(Block(width, heads, ffn_mult, kernels) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, heads, ffn_mult, kernels, dropout) for _ in range(layers))
         self.ln_f = nn.LayerNorm(width)
 
     def allocate_cache(self, batch: int, length: int, device, dtype=torch.float32) -> KVCache:

@@ -41,7 +41,7 @@ class WMOutputs:
     recon: Tensor  # (R, T, O) decoded observation
     reward_logits: Tensor  # (R, T, NB)
     cont_logits: Tensor  # (R, T)
-    team_logits: Tensor  # (R, T, N-1, A) masked to each teammate's real actions
+    team_logits: Tensor | None  # (R, T, N-1, A) masked to each teammate's real actions; None: predictor off
     seg_mask: Tensor  # (R, T, T) attention mask (also tells which t+1 targets are valid)
 
 
@@ -57,10 +57,10 @@ class TeammatePredictor(nn.Module):
     def __init__(self, cfg: WorldModelConfig, spec: EnvSpec, kernels: str = "ref"):
         super().__init__()
         n, a = spec.n_agents, spec.n_actions
-        self.n_team, self.n_act = max(n - 1, 1), a
+        self.n_team, self.n_act, self.enabled = max(n - 1, 1), a, cfg.teammates
         self.inp = nn.Linear(cfg.latent_vars * cfg.latent_classes, cfg.tp_width)
         self.agent_emb = nn.Embedding(n, cfg.tp_width)
-        self.tf = CausalTransformer(cfg.tp_width, cfg.tp_layers, cfg.tp_heads, 2, cfg.max_len, kernels)
+        self.tf = CausalTransformer(cfg.tp_width, cfg.tp_layers, cfg.tp_heads, 2, cfg.max_len, kernels, cfg.dropout)
         self.out = nn.Linear(cfg.tp_width, self.n_team * a)
         counts = torch.tensor(spec.action_counts)
         others = [[j for j in range(n) if j != i] or [i] for i in range(n)]
@@ -74,13 +74,23 @@ class TeammatePredictor(nn.Module):
         valid = self.valid[agent].view(agent.shape[0], *([1] * (out.dim() - 3)), self.n_team, self.n_act)
         return out.masked_fill(~valid, -1e9)
 
+    def _constant(self, z: Tensor, agent: Tensor) -> Tensor:
+        """The ablation (``wm.teammates`` off): zero logits, i.e. a uniform guess, whatever z says."""
+        out = z.new_zeros(*z.shape[:-1], self.n_team, self.n_act)  # (R, ..., N-1, A)
+        valid = self.valid[agent].view(agent.shape[0], *([1] * (out.dim() - 3)), self.n_team, self.n_act)
+        return out.masked_fill(~valid, -1e9)
+
     def forward(self, z: Tensor, pos: Tensor, mask: Tensor, agent: Tensor, cache: KVCache | None = None) -> Tensor:
         """z (R, T, K·C) (already stop-gradient), agent (R,) → logits (R, T, N-1, A)."""
+        if not self.enabled:
+            return self._constant(z, agent)
         x = self.inp(z) + self.agent_emb(agent)[:, None]  # (R, T, Dtp)
         return self._logits(self.tf(x, pos, mask, cache), agent)
 
     def decode(self, z: Tensor, pos: Tensor, agent: Tensor, cache: KVCache, index: Tensor, kv_start: Tensor) -> Tensor:
         """One step: z (R, K·C) → logits (R, N-1, A)."""
+        if not self.enabled:
+            return self._constant(z, agent)
         x = self.inp(z) + self.agent_emb(agent)  # (R, Dtp)
         return self._logits(self.tf.decode(x, pos, cache, index, kv_start), agent)
 
@@ -97,7 +107,7 @@ class WorldModel(nn.Module):
         # action mixer, STORM's form (Linear→LN→SiLU→Linear→LN) rather than the paper's single Linear
         self.mixer = nn.Sequential(nn.Linear(k * c + n * a, d), nn.LayerNorm(d), nn.SiLU(), nn.Linear(d, d),
                                    nn.LayerNorm(d))
-        self.seq = CausalTransformer(d, cfg.layers, cfg.heads, cfg.ffn_mult, cfg.max_len, kernels)
+        self.seq = CausalTransformer(d, cfg.layers, cfg.heads, cfg.ffn_mult, cfg.max_len, kernels, cfg.dropout)
         self.dyn_head = mlp(d, cfg.head_width, 1, k * c)
         self.rew_head = mlp(d, cfg.head_width, 1, cfg.reward_bins)
         self.con_head = mlp(d, cfg.head_width, 1, 1)
@@ -130,7 +140,10 @@ class WorldModel(nn.Module):
         return z.reshape(*lead, self.K * self.C), probs.reshape(*lead, self.K, self.C)
 
     def scaled_action(self, agent: Tensor, act: Tensor) -> Tensor:
-        """Paper's action scaling: agent k's action a → index k·A + a of a one-hot of width N·A."""
+        """Paper's action scaling: agent k's action a → index k·A + a of a one-hot of width N·A
+        (the ablation, ``wm.action_scaling`` off: index a, the first A columns for every agent)."""
+        if not self.cfg.action_scaling:
+            return act
         return agent.view(-1, *([1] * (act.dim() - 1))) * self.A + act  # (R, ...) long
 
     def mix(self, z: Tensor, agent: Tensor, act: Tensor) -> Tensor:
@@ -159,5 +172,5 @@ class WorldModel(nn.Module):
         prior_logits = self.dyn_head(h).unflatten(-1, (self.K, self.C))  # (R, T, K, C)
         prior = unimix_probs(prior_logits, self.cfg.unimix)  # (R, T, K, C)
         rew_logits, con_logits = self.heads(h)  # (R, T, NB), (R, T)
-        team = self.teammates(z.detach(), pos, mask, agent)  # (R, T, N-1, A)
+        team = self.teammates(z.detach(), pos, mask, agent) if self.teammates.enabled else None  # (R, T, N-1, A)
         return WMOutputs(post, prior, recon, rew_logits, con_logits, team, mask)

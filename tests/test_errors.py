@@ -113,6 +113,8 @@ def _invalid_probes() -> list[tuple[str, str]]:
                     lo, hi, lo_open, hi_open = rule[1:]
                     bad = value is None or math.isnan(value) or value < lo or value > hi or (
                         lo_open and value == lo) or (hi_open and value == hi)
+                elif rule[0] == "bool":  # "0" reads as false; the others are not booleans
+                    bad = raw != "0"
                 else:  # names: scenario, device, backend, kernels, amp — no number is one of them
                     bad = raw != "many" or key != "env.scenario"
                 if bad:

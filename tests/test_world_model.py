@@ -176,3 +176,78 @@ def test_decode_step_does_no_cache_sized_work(dtype):
     key_growth = rows * width * (256 - 16) * torch.finfo(dtype).bits // 8  # one layer's keys, long − short
     assert sizes[256] - sizes[16] < 0.5 * key_growth, (sizes, key_growth)
     assert sizes[16] < 40 * rows * width * 4  # the rest: activations of a few (B, D)-sized tensors per layer
+
+
+def ablated(**changes):
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    cfg = preset("smoke")
+    return WorldModel(replace(cfg.wm, **changes), SPEC).double()
+
+
+def test_teammate_predictor_off_is_a_constant_and_costs_no_loss():
+    """The paper's ablation: no teammate loss, no gradient into the predictor, and a constant (the
+    uniform guess over each teammate's real actions) where its prediction would enter the state."""
+    wm = ablated(teammates=False)
+    obs, act, first, agent = batch()
+    out = wm.observe(obs, act, first, agent)
+    assert out.team_logits is None
+    team_act = torch.zeros(*act.shape, SPEC.n_agents - 1, dtype=torch.long)
+    loss, m = world_model_loss(out, obs, torch.zeros(act.shape, dtype=torch.float64), torch.ones(act.shape, dtype=torch.float64), team_act,
+                               wm.obs_mask[agent], wm.bins, 0.5, 0.1, 1.0)
+    assert m["team"] == 0
+    loss.backward()
+    assert all(p.grad is None for p in wm.teammates.parameters())
+    z = torch.randn(4, 3, wm.K * wm.C, dtype=torch.float64)
+    pos = torch.arange(3).expand(4, 3)
+    mask, _ = segment_mask(torch.zeros(4, 3, dtype=torch.bool))
+    probs = torch.softmax(wm.teammates(z, pos, mask, agent), -1)  # (R, T, N-1, A)
+    assert torch.equal(probs, torch.softmax(wm.teammates(z * 5, pos, mask, agent), -1))  # ignores z
+    counts = torch.tensor(SPEC.action_counts)
+    for r, i in enumerate(agent.tolist()):
+        mates = [j for j in range(SPEC.n_agents) if j != i]
+        for slot, j in enumerate(mates):
+            torch.testing.assert_close(probs[r, 0, slot, : counts[j]], torch.full((int(counts[j]),), 1 / counts[j], dtype=torch.float64))
+
+
+def test_action_scaling_off_shares_the_action_columns():
+    wm = ablated(action_scaling=False)
+    z = torch.randn(3, wm.K * wm.C, dtype=torch.float64)
+    act = torch.tensor([1, 1, 1])
+    e = wm.mix(z[:1].expand(3, -1), torch.tensor([0, 1, 2]), act)  # the same z and action, three agents
+    torch.testing.assert_close(e[0], e[1]) and torch.testing.assert_close(e[0], e[2])
+    on = ablated()
+    e = on.mix(z[:1].expand(3, -1), torch.tensor([0, 1, 2]), act)
+    assert not torch.allclose(e[0], e[1])  # scaled: each agent its own columns
+
+
+def test_dropout_trains_only():
+    wm = ablated(dropout=0.5)
+    obs, act, first, agent = batch()
+    wm.train()
+    a, b = (wm.observe(obs, act, first, agent).prior_probs for _ in range(2))  # through h (the reward head starts at 0)
+    assert not torch.equal(a, b)
+    wm.eval()
+    torch.manual_seed(1)
+    a = wm.observe(obs, act, first, agent).prior_probs
+    torch.manual_seed(1)
+    b = wm.observe(obs, act, first, agent).prior_probs
+    assert torch.equal(a, b)
+
+
+def test_symlog_reconstruction_target():
+    wm = ablated()
+    obs, act, first, agent = batch()
+    obs = obs * 10
+    out = wm.observe(obs, act, first, agent)
+    args = (torch.zeros(act.shape, dtype=torch.float64), torch.ones(act.shape, dtype=torch.float64),
+            torch.zeros(*act.shape, SPEC.n_agents - 1, dtype=torch.long),
+            wm.obs_mask[agent], wm.bins, 0.5, 0.1, 1.0)
+    _, raw = world_model_loss(out, obs, *args)
+    _, sym = world_model_loss(out, obs, *args, recon_symlog=True)
+    from matwm_fast.losses import symlog
+
+    want = ((out.recon - symlog(obs)).pow(2) * wm.obs_mask[agent][:, None]).sum(-1).mean()
+    torch.testing.assert_close(sym["rec"], want)
+    assert sym["rec"] < raw["rec"]  # observations of magnitude ~10 shrink to ~2.4 in symlog space

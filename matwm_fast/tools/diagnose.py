@@ -47,7 +47,7 @@ from ..config import PRESETS, Config, EnvConfig, preset, resolve
 from ..env import SCENARIOS, MultiAgentEnv, random_actions
 from ..imagination import ImagNoise
 from .. import steps as step_fns  # not `steps`: world_model_data's argument of that name
-from ..losses import symlog, two_hot_decode
+from ..losses import symexp, symlog, two_hot_decode
 from ..replay import ReplayBuffer
 from ..transformer import segment_mask
 from ..world_model import WorldModel
@@ -139,7 +139,8 @@ def teacher_forced(wm, data: dict[str, np.ndarray]) -> dict:
         out = wm.observe(obs[:, sl], act[:, sl], first, agent)
         # the posterior's most likely latent, so the score is the latent's content, not its noise
         z_mode = torch.nn.functional.one_hot(out.post_probs.argmax(-1), wm.C).float().flatten(-2)  # (E·N, W, K·C)
-        recon.append(wm.decoder(z_mode))  # (E·N, W, O)
+        dec = wm.decoder(z_mode)  # (E·N, W, O): in symlog space when the model reconstructs symlog(obs)
+        recon.append(symexp(dec) if wm.cfg.recon_symlog else dec)
         pred_rew.append(two_hot_decode(out.reward_logits, wm.bins))  # (E·N, W)
         probs.append(out.post_probs)  # (E·N, W, K, C)
     recon = torch.cat(recon, 1).numpy()  # (E·N, T, O)

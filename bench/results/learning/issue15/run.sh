@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 15's experiments: the paper's ablations and the leads, 3 seeds each, cpu preset, 20k env
+# steps, greedy evaluation every 1,000 steps on 50 episodes (the sweep's protocol).  Every run is
+# the command the sweep itself would issue (so `sweep --aggregate-only` below accepts the runs),
+# two at a time, one torch thread each, compiled (the figures do not depend on the backend).
+# Run from the repository root with the venv active; runs go to runs/i15/<variant>/<env>/seed<k>.
+set -uo pipefail
+STEPS=${STEPS:-20000}
+job() {  # variant env seed [train flags...]
+  local v=$1 env=$2 seed=$3; shift 3
+  local d=runs/i15/$v/$env/seed$seed
+  [ -f "$d/checkpoints/step_$(printf %09d "$STEPS").pt" ] && return 0  # finished before
+  mkdir -p "$d"
+  if [ -f "$d/checkpoints/latest" ]; then
+    python -m matwm_fast.train --resume "$d" --steps "$STEPS" >> "$d/train.log" 2>&1
+  else
+    python -m matwm_fast.train --preset cpu --scenario "$env" --seed "$seed" --run-dir "$d" --overwrite \
+      --steps "$STEPS" --eval-every 1000 --eval-episodes 50 --threads 1 --backend compile "$@" >> "$d/train.log" 2>&1
+  fi
+}
+export -f job
+export STEPS
+# variant: train flags (the ablations of the paper's Table 5, then the leads of issue 15)
+declare -A FLAGS=(
+  [base]=""
+  [uniform]="--replay.priority-decay 1"          # ablation: prioritised replay off; lead 5
+  [noteam]="--wm.teammates false"                 # ablation: teammate predictor off
+  [noscale]="--wm.action-scaling false"           # ablation: action scaling off; lead 4
+  [ent3e-3]="--ac.entropy 3e-3"                   # lead 1: keep the policy from collapsing
+  [wmreg]="--wm.dropout 0.1 --wm.recon-symlog true"  # lead 3: STORM's dropout, DreamerV3's symlog targets
+)
+ORDER=${ORDER:-"base:simple_spread ent3e-3:simple_spread wmreg:simple_spread uniform:simple_spread base:simple_tag noteam:simple_spread noscale:simple_spread uniform:simple_tag noteam:simple_tag noscale:simple_tag"}
+for item in $ORDER; do
+  v=${item%%:*}; env=${item##*:}
+  for seed in 0 1 2; do echo "$v $env $seed ${FLAGS[$v]}"; done
+done | xargs -P 2 -L 1 bash -c 'job "$@"' _
+# tables, curves and matchups per variant (the runs' own config.json say what ran)
+for item in $ORDER; do
+  v=${item%%:*}; env=${item##*:}
+  python -m matwm_fast.sweep --env "$env" --seeds 0 1 2 --preset cpu --steps "$STEPS" --eval-every 1000 \
+    --eval-episodes 50 --out runs/i15/$v --results bench/results/learning/issue15/$v/$env --aggregate-only \
+    -- --threads 1 --backend compile ${FLAGS[$v]}
+done
