@@ -27,26 +27,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import checkpoint as ck
 from ..cli import config_from_args, fail
-from ..config import LEARNED, Config, check_fields, load_config, preset, resolve
+from ..config import LEARNED, Config, check_fields, preset, resolve
 from ..env import env_spec
-from ..eval import Policy
-from ..metrics import read_metrics
-from ..play import evaluate
-from ..trainer import config_diff
 from . import launch
-
-TRAINED, SAMPLED, RANDOM = "trained", "trained_sampled", "random"
+from .sweep_results import aggregate, figures, has_checkpoint, markdown, read_rows, run_dir, saved_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,27 +74,11 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def run_dir(out: Path, env: str, seed: int) -> Path:
-    return Path(out) / env / f"seed{seed}"
-
-
 def total_steps(args) -> int:
     return args.steps if args.steps is not None else preset(args.preset).run.steps
 
 
 # ----------------------------------------------------------------------------- runs and their configs
-def read_rows(d: Path) -> list[dict]:
-    return read_metrics(d) if (Path(d) / "metrics.jsonl").exists() else []
-
-
-def has_checkpoint(d: Path) -> bool:
-    try:
-        ck.CheckpointDir(d).latest()
-        return True
-    except ck.CheckpointError:
-        return False
-
-
 def is_complete(d: Path, steps: int) -> bool:
     rows = read_rows(d)
     return has_checkpoint(d) and bool(rows) and max(r.get("env_step", 0) for r in rows) >= steps
@@ -128,17 +105,6 @@ def expected_config(train_args: list[str]) -> Config:
     cfg = config_from_args(train_parser().parse_args(train_args))
     check_fields(cfg)
     return resolve(cfg, env_spec(cfg.env).n_agents)
-
-
-def saved_config(d: Path) -> Config | None:
-    """Run ``d``'s own ``config.json`` (None when it has none yet)."""
-    raw = ck.RunDir(d).read_config()
-    if raw is None:
-        return None
-    try:
-        return load_config(raw)
-    except ValueError as e:
-        raise ValueError(f"{d}/config.json cannot be read: {e}") from None
 
 
 def differences(a: Config, b: Config, names=("run", "sweep")) -> list[str]:
@@ -204,239 +170,6 @@ def trials(args, extra: list[str], threads: int) -> tuple[list[launch.Trial], li
                 todo.append(launch.Trial(env, seed, str(d.resolve()), tuple(fresh_args(args, env, seed, extra)),
                                          tuple(resume_args(args)), threads))
     return todo, log
-
-
-# ----------------------------------------------------------------------------- matchups
-def matchups(d: Path, episodes: int, seed: int) -> dict:
-    """Returns of: the trained agents (greedy and sampled), the random policy, and (several teams)
-    each team trained against random others.
-
-    Cached in ``d/matchups.json`` per (checkpoint step, episodes, seed): rebuilding the table
-    does not replay the episodes.
-    """
-    cache = Path(d) / "matchups.json"
-    pol = Policy(d)  # the final checkpoint, on the CPU
-    cfg, wm, ac, step, spec = pol.cfg, pol.wm, pol.ac, pol.step, pol.spec
-    key = {"step": step, "episodes": episodes, "seed": seed}
-    if cache.exists():
-        old = json.loads(cache.read_text())
-        if old.get("key") == key:
-            return old
-    act_ctx, dev = cfg.train.act_context, "cpu"
-    # the protocol's policy is greedy; the sampled one (as in training) shows whether argmax is the problem
-    res = {TRAINED: evaluate(wm, ac, cfg.env, act_ctx, episodes, seed, dev)[0],
-           SAMPLED: evaluate(wm, ac, cfg.env, act_ctx, episodes, seed, dev, greedy=False)[0],
-           RANDOM: evaluate(None, None, cfg.env, act_ctx, episodes, seed, dev, random_policy=True)[0]}
-    teams = spec.teams
-    if len(teams) > 1:
-        for team, idx in teams.items():
-            mask = np.zeros(spec.n_agents, bool)
-            mask[idx] = True  # this team plays its learned policy, every other agent acts at random
-            res[f"{team}_vs_random"] = evaluate(wm, ac, cfg.env, act_ctx, episodes, seed, dev, policies=mask)[0]
-    out = {"key": key, "teams": {t: [spec.agents[i] for i in idx] for t, idx in teams.items()}, "results": res}
-    cache.write_text(json.dumps(out, indent=1))
-    return out
-
-
-# ----------------------------------------------------------------------------- aggregation
-def stats(values: list[float]) -> dict:
-    v = np.asarray([x for x in values if x is not None], float)
-    if v.size == 0:
-        return {"n": 0}
-    q25, med, q75 = np.percentile(v, [25, 50, 75])
-    return {"n": int(v.size), "median": float(med), "min": float(v.min()), "max": float(v.max()),
-            "q25": float(q25), "q75": float(q75), "values": v.tolist()}
-
-
-def curve_keys(rows: list[dict]) -> list[str]:
-    """'all' plus one key per team, read from the eval rows' ``eval_team_<team>_return_mean``."""
-    teams = sorted({k[len("eval_team_"):-len("_return_mean")] for r in rows for k in r
-                    if k.startswith("eval_team_") and k.endswith("_return_mean")})
-    return ["all"] + (teams if len(teams) > 1 else [])
-
-
-def eval_value(row: dict, key: str, prefix: str = "eval_") -> float | None:
-    return row.get(f"{prefix}return_mean" if key == "all" else f"{prefix}team_{key}_return_mean")
-
-
-def diagnostics(rows: list[dict], agents: list[str]) -> dict:
-    """First and last warm training row of the metrics that show whether learning is sane."""
-    warm = [r for r in rows if "shared_wm_total_loss" in r]
-    if not warm:
-        return {}
-
-    def pick(r: dict) -> dict:
-        out = {k: r.get(k) for k in ("env_step", "shared_wm_total_loss", "shared_wm_rec_loss",
-                                     "shared_wm_rew_loss", "shared_wm_con_loss", "shared_wm_team_loss",
-                                     "shared_wm_kl_loss")}
-        for m in ("entropy", "return", "imag_reward", "return_scale", "value"):
-            vals = [r.get(f"{a}_{m}") for a in agents if r.get(f"{a}_{m}") is not None]
-            out[f"agent_mean_{m}"] = float(np.mean(vals)) if vals else None
-        return out
-
-    return {"first": pick(warm[0]), "last": pick(warm[-1])}
-
-
-# settings every sweep run sets on its own: not reported as changes from the preset (nor is the
-# run section: how a run ran, not what it learned)
-SWEEP_SET = {"env.scenario", "train.seed"}
-
-
-def config_changes(cfg: Config) -> list[str]:
-    """How a run's saved config differs from its own preset (e.g. flags passed after ``--``)."""
-    base = preset(cfg.preset)
-    base = resolve(replace(base, env=cfg.env, train=replace(base.train, seed=cfg.train.seed)),
-                   env_spec(cfg.env).n_agents)
-    return [line.replace("checkpoint", "run").replace("this run", "preset")
-            for line in config_diff(cfg, base, LEARNED) if line.split(":")[0] not in SWEEP_SET]
-
-
-def run_settings(cfgs: list[Config]) -> dict:
-    """What the runs' own configs say about how they were trained: each setting's values across
-    the seeds (one value when they agree)."""
-    def values(get) -> list:
-        return sorted({get(c) for c in cfgs}, key=repr)
-
-    return {"preset": values(lambda c: c.preset), "steps": values(lambda c: c.run.steps),
-            "max_cycles": values(lambda c: c.env.max_cycles),
-            "scenario_args": values(lambda c: ", ".join(f"{k}={v}" for k, v in c.env.kwargs)),
-            "eval_every": values(lambda c: c.run.eval_every), "eval_episodes": values(lambda c: c.run.eval_episodes)}
-
-
-def aggregate(args, argv: list[str]) -> dict:
-    out = Path(args.out)
-    episodes = args.baseline_episodes or args.eval_episodes
-    result: dict = {"command": shlex.join(["python", "-m", "matwm_fast.sweep", *argv]), "envs": {}}
-    for env in args.env:
-        curves: dict = {}
-        per_seed, match, diag, changes, cfgs = {}, {}, {}, set(), []
-        for seed in args.seeds:
-            d = run_dir(out, env, seed)
-            rows = read_rows(d)
-            evals = [r for r in rows if "eval_return_mean" in r]
-            if not evals:
-                print(f"sweep: {d} has no evaluations yet; left out")
-                continue
-            keys = curve_keys(evals)
-            per_seed[seed] = {key: {int(r["env_step"]): eval_value(r, key) for r in evals} for key in keys}
-            agents = sorted({c[len("eval_"):-len("_return_mean")] for r in evals for c in r
-                             if c.endswith("_return_mean") and not c.startswith(("eval_team_", "eval_return"))})
-            diag[seed] = diagnostics(rows, agents)
-            cfg = saved_config(d)
-            if cfg is not None:
-                cfgs.append(cfg)
-                changes.update(config_changes(cfg))
-            if not args.no_matchups and has_checkpoint(d):
-                match[seed] = matchups(d, episodes, args.baseline_seed + seed * episodes)
-        if not per_seed:
-            continue
-        keys = list(next(iter(per_seed.values())))
-        steps = sorted({s for c in per_seed.values() for s in c["all"]})
-        for key in keys:
-            curves[key] = {s: stats([c[key].get(s) for c in per_seed.values()]) for s in steps}
-        mres: dict = {}
-        for name in (next(iter(match.values()))["results"] if match else {}):
-            mres[name] = {key: stats([eval_value(m["results"][name], key, prefix="") for m in match.values()])
-                          for key in keys}
-        result["envs"][env] = {"seeds": sorted(per_seed), "steps": steps, "curves": curves,
-                               "matchups": mres, "matchup_episodes": episodes,
-                               "teams": next(iter(match.values()))["teams"] if match else None,
-                               "diagnostics": diag, "config_changes": sorted(changes),
-                               "settings": run_settings(cfgs)}
-    return result
-
-
-# ----------------------------------------------------------------------------- outputs
-def fmt(s: dict) -> str:
-    if not s or s.get("n", 0) == 0:
-        return "–"
-    if s["n"] == 1:
-        return f"{s['median']:.2f}"
-    return f"{s['median']:.2f} [{s['min']:.2f}, {s['max']:.2f}]"
-
-
-def label(key: str) -> str:
-    return "all agents" if key == "all" else f"team {key}"
-
-
-def settings_line(st: dict) -> str:
-    """The runs' settings in a sentence; a setting the seeds disagree on shows every value."""
-    def v(key: str) -> str:
-        return " / ".join(str(x) for x in st.get(key, [])) or "?"
-
-    args = f", scenario args {v('scenario_args')}" if any(st.get("scenario_args", [])) else ""
-    return (f"Preset `{v('preset')}`, {v('steps')} env steps per run, episodes of {v('max_cycles')} steps{args}; "
-            f"greedy evaluation every {v('eval_every')} env steps on {v('eval_episodes')} episodes.")
-
-
-def markdown(result: dict, args) -> str:
-    lines = ["# Learning results", "",
-             "Each cell: median [min, max] across seeds (a single number when there is one seed) of the mean "
-             "episode return over the evaluation episodes (greedy policy). The settings are read from each run's "
-             "own `config.json`.", ""]
-    for env, r in result["envs"].items():
-        keys = list(r["curves"])
-        lines += [f"## {env} (seeds {', '.join(map(str, r['seeds']))})", "", settings_line(r["settings"]), ""]
-        if r["config_changes"]:
-            lines += ["Config changed from the preset: " + "; ".join(f"`{c}`" for c in r["config_changes"]), ""]
-        lines += ["| env step | seeds | " + " | ".join(label(k) for k in keys) + " |",
-                  "|---:|---:|" + "---:|" * len(keys)]
-        shown = [s for s in r["steps"] if args.table_steps is None or s in args.table_steps]
-        for s in shown:
-            n = r["curves"]["all"][s]["n"]
-            lines.append(f"| {s} | {n} | " + " | ".join(fmt(r["curves"][k][s]) for k in keys) + " |")
-        if r["matchups"]:
-            lines += ["", f"Final checkpoint, {r['matchup_episodes']} episodes per run, same evaluator "
-                      "(`<team>_vs_random`: that team plays its learned policy, every other agent acts uniformly at random):",
-                      "", "| matchup | " + " | ".join(label(k) for k in keys) + " |", "|---|" + "---:|" * len(keys)]
-            for name, m in r["matchups"].items():
-                lines.append(f"| {name} | " + " | ".join(fmt(m[k]) for k in keys) + " |")
-        lines += ["", "Training diagnostics (first → last logged row after warm-up; agent means):", "",
-                  "| seed | WM total | WM reward | WM rec | entropy | imag. reward | λ-return | return scale |",
-                  "|---:|---|---|---|---|---|---|---|"]
-        for seed, dg in r["diagnostics"].items():
-            if not dg:
-                continue
-            f, la = dg["first"], dg["last"]
-
-            def arrow(k):
-                a, b = f.get(k), la.get(k)
-                return "–" if a is None or b is None else f"{a:.3g} → {b:.3g}"
-
-            lines.append(f"| {seed} | " + " | ".join(arrow(k) for k in (
-                "shared_wm_total_loss", "shared_wm_rew_loss", "shared_wm_rec_loss", "agent_mean_entropy",
-                "agent_mean_imag_reward", "agent_mean_return", "agent_mean_return_scale")) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def figures(result: dict, out: Path, results_dir: Path) -> list[Path]:
-    """``learning_<env>.png``: the runs' evaluation curves drawn by ``tools.plot`` (median across
-    seeds, min–max shaded), with the random policy's level and each team's trained-vs-random
-    matchup (final checkpoint) from the matchups."""
-    from . import plot
-
-    paths = []
-    for env, r in result["envs"].items():
-        runs = [plot.Run(run_dir(out, env, s)) for s in r["seeds"]]
-        panel_keys = {k for k, _, _ in plot.panels(runs, "eval_return_mean")}
-        extras: dict = {}
-        for key in r["curves"]:
-            items = []
-            rnd = r["matchups"].get(RANDOM, {}).get(key)
-            if rnd and rnd["n"]:
-                items.append(plot.Level("random policy (final matchups)", rnd["median"], rnd["min"], rnd["max"]))
-            m = r["matchups"].get(f"{key}_vs_random", {}).get(key)  # this team trained, its opponents random
-            if m and m["n"]:
-                items.append(plot.Marker(f"trained {key} vs random opponents (final)", r["steps"][-1],
-                                         m["median"], m["min"], m["max"]))
-            if items and key in panel_keys:
-                extras[key] = items
-        title = (f"{env}: greedy evaluation return, median across {len(runs)} seeds, min–max shaded"
-                 if len(runs) > 1 else f"{env}: greedy evaluation return")
-        paths.append(plot.draw(runs, "eval_return_mean", results_dir / f"learning_{env}.png", band="minmax",
-                               title=title, extras=extras))
-    return paths
 
 
 def main(argv: list[str] | None = None) -> int:

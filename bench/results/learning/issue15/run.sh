@@ -3,12 +3,17 @@
 # steps, greedy evaluation every 1,000 steps on 50 episodes (the sweep's protocol).  Every run is
 # the command the sweep itself would issue (so `sweep --aggregate-only` below accepts the runs),
 # two at a time, one torch thread each, compiled (the figures do not depend on the backend).
-# Run from the repository root with the venv active; runs go to runs/i15/<variant>/<env>/seed<k>.
+# Run from the repository root with the venv active; runs go to $RUNS/<variant>/<env>/seed<k>.
+# (The runs reported were made by a frozen, non-installed-editable copy of commit 96d3e6b:
+#   git worktree add /work/exp 96d3e6b && python -m venv /work/exp-venv && pip install torch==2.13.0 /work/exp
+#   cd runs && PATH=/work/exp-venv/bin:$PATH RUNS=$PWD/i15 AGGREGATE=0 bash ../bench/results/learning/issue15/run.sh
+# so that editing the working tree during the hours they took could not change what later runs ran.)
 set -uo pipefail
 STEPS=${STEPS:-20000}
+RUNS=${RUNS:-runs/i15}
 job() {  # variant env seed [train flags...]
   local v=$1 env=$2 seed=$3; shift 3
-  local d=runs/i15/$v/$env/seed$seed
+  local d=$RUNS/$v/$env/seed$seed
   [ -f "$d/checkpoints/step_$(printf %09d "$STEPS").pt" ] && return 0  # finished before
   mkdir -p "$d"
   if [ -f "$d/checkpoints/latest" ]; then
@@ -19,7 +24,7 @@ job() {  # variant env seed [train flags...]
   fi
 }
 export -f job
-export STEPS
+export STEPS RUNS
 # variant: train flags (the ablations of the paper's Table 5, then the leads of issue 15)
 declare -A FLAGS=(
   [base]=""
@@ -33,11 +38,12 @@ ORDER=${ORDER:-"base:simple_spread ent3e-3:simple_spread wmreg:simple_spread uni
 for item in $ORDER; do
   v=${item%%:*}; env=${item##*:}
   for seed in 0 1 2; do echo "$v $env $seed ${FLAGS[$v]}"; done
-done | xargs -P 2 -L 1 bash -c 'job "$@"' _
+done | xargs -P 2 -I{} bash -c 'job {}'
 # tables, curves and matchups per variant (the runs' own config.json say what ran)
+[ "${AGGREGATE:-1}" = 1 ] || exit 0
 for item in $ORDER; do
   v=${item%%:*}; env=${item##*:}
   python -m matwm_fast.sweep --env "$env" --seeds 0 1 2 --preset cpu --steps "$STEPS" --eval-every 1000 \
-    --eval-episodes 50 --out runs/i15/$v --results bench/results/learning/issue15/$v/$env --aggregate-only \
+    --eval-episodes 50 --out $RUNS/$v --results bench/results/learning/issue15/$v/$env --aggregate-only \
     -- --threads 1 --backend compile ${FLAGS[$v]}
 done
