@@ -9,13 +9,15 @@ seed 3.  Unknown flags are refused with the closest valid names.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
 import difflib
 import sys
 from dataclasses import fields, replace
 from typing import Any, Sequence
 
-from .config import PRESETS, SECTION_TYPES, Config, field_docs, is_derived, preset
+from .config import PRESETS, SECTION_TYPES, Config, is_derived, preset
 
 # short alias → (section, field)
 ALIASES = {
@@ -34,6 +36,20 @@ ALIASES = {
     "eval-episodes": ("run", "eval_episodes"),
     "log-every": ("run", "log_every"),
 }
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = str(b.value.value)  # type: ignore[union-attr]
+    return docs
 
 
 class Parser(argparse.ArgumentParser):

@@ -13,9 +13,7 @@ derived sizes (the paper's imagination rule, the world-model sequences per agent
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -444,18 +442,3 @@ def load_config(d: Any) -> Config:
 
 def is_derived(f: dataclasses.Field) -> bool:
     return bool(f.metadata.get("derived"))
-
-
-# ----------------------------------------------------------------------------- field docs (--help)
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass, read from its source."""
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = str(b.value.value)  # type: ignore[union-attr]
-    return docs

@@ -16,7 +16,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import checkpoint as ck
@@ -24,7 +23,7 @@ from .actor_critic import ActorCritic, state_dim
 from .cli import Parser, fail
 from .config import Config, load_config
 from .env import EnvSpec, env_spec
-from .play import play, summarise, write_video
+from .play import play, report, summarise, write_video
 from .steps import resolve_device, resolve_kernels
 from .world_model import WorldModel
 
@@ -154,12 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "run_dir": str(run_dir), "checkpoint": str(path), "env_step": step, "scenario": cfg.env.scenario,
         "policy": args.mode, "episodes": args.episodes, "seed": args.seed,
-        "agents": {a: {"mean": summary[f"{a}_return_mean"], "std": summary[f"{a}_return_std"]} for a in spec.agents},
-        "teams": {t: {"mean": summary[f"team_{t}_return_mean"], "std": summary[f"team_{t}_return_std"],
-                      "members": [spec.agents[i] for i in idx]} for t, idx in spec.teams.items()},
-        "all": {"mean": summary["return_mean"], "std": summary["return_std"]},
-        "summary": summary,
-        "returns": np.round(returns, 6).tolist(),  # (E, N) in agent order
+        **report(returns, spec),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

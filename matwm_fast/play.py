@@ -32,11 +32,26 @@ def summarise(returns: np.ndarray, spec: EnvSpec) -> dict:
     return out
 
 
+
+def report(returns: np.ndarray, spec: EnvSpec) -> dict:
+    """returns (E, N) → the evaluation record every evaluator writes: per agent, per team, all
+    agents, the flat summary and the raw returns (so any other statistic can be recomputed)."""
+    s = summarise(returns, spec)
+    return {
+        "agents": {a: {"mean": s[f"{a}_return_mean"], "std": s[f"{a}_return_std"]} for a in spec.agents},
+        "teams": {t: {"mean": s[f"team_{t}_return_mean"], "std": s[f"team_{t}_return_std"],
+                      "members": [spec.agents[i] for i in idx]} for t, idx in spec.teams.items()},
+        "all": {"mean": s["return_mean"], "std": s["return_std"]},
+        "summary": s,
+        "returns": np.round(returns, 6).tolist(),  # (E, N) in agent order
+    }
+
 @torch.no_grad()
 def play(wm, ac, env_cfg: EnvConfig, act_context: int, episodes: int, seed: int, device,
          greedy: bool = True, random_policy: bool = False, capture_frames: int = 0,
          policies: np.ndarray | None = None,
-         should_stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, list[np.ndarray], EnvSpec]:
+         should_stop: Callable[[], bool] | None = None,
+         act: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray], EnvSpec]:
     """Play ``episodes`` episodes → (returns (E, N), frames of the first ``capture_frames``, spec).
 
     Reproducible from ``seed`` alone and invisible to the caller's random streams: torch's global
@@ -44,6 +59,10 @@ def play(wm, ac, env_cfg: EnvConfig, act_context: int, episodes: int, seed: int,
     here, so evaluating during training leaves the training run exactly as without evaluation.
     ``should_stop`` is asked between episodes; when it says so, play ends early with the
     episodes finished so far (E < ``episodes``).
+    ``act``, when given, is the learned policy instead of ``wm``/``ac`` (which may then be None):
+    observations (N, O) → actions (N,), called once per step (e.g. another library's policy,
+    bench/baselines/model_free.py); greedy or sampled is its own business, and what it samples
+    from torch's global generator is seeded here like the world model's policy.
     """
     device = torch.device(device)
     forked = [device] if device.type == "cuda" else []
@@ -66,10 +85,14 @@ def play(wm, ac, env_cfg: EnvConfig, act_context: int, episodes: int, seed: int,
                     frames.append(env.render())
                 actions = random_actions(rng, spec)  # (N,)
                 if not random_policy:
-                    o = torch.as_tensor(obs, device=device)  # (N, O)
-                    learned = policy_step(wm, ac, queues.obs, queues.act, queues.count_t, o, greedy).cpu().numpy()  # (N,)
+                    if act is not None:
+                        learned = np.asarray(act(obs)).reshape(-1)  # (N,)
+                    else:
+                        o = torch.as_tensor(obs, device=device)  # (N, O)
+                        learned = policy_step(wm, ac, queues.obs, queues.act, queues.count_t, o, greedy).cpu().numpy()  # (N,)
                     actions = learned if policies is None else np.where(policies, learned, actions)
-                queues.push(torch.as_tensor(obs, device=device), torch.as_tensor(actions, device=device))
+                if act is None:
+                    queues.push(torch.as_tensor(obs, device=device), torch.as_tensor(actions, device=device))
                 obs, rew, _, done = env.step(actions)
                 total += rew
             if ep < capture_frames:
@@ -82,16 +105,18 @@ def play(wm, ac, env_cfg: EnvConfig, act_context: int, episodes: int, seed: int,
 def evaluate(wm, ac, env_cfg: EnvConfig, act_context: int, episodes: int, seed: int, device,
              greedy: bool = True, random_policy: bool = False, capture_frames: int = 0,
              policies: np.ndarray | None = None,
-             should_stop: Callable[[], bool] | None = None) -> tuple[dict | None, list[np.ndarray]]:
+             should_stop: Callable[[], bool] | None = None,
+             act: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[dict | None, list[np.ndarray]]:
     """Play ``episodes`` episodes; returns (summary, frames of the first ``capture_frames`` episodes).
 
     ``random_policy`` plays uniformly random actions (the baseline).  ``policies`` (N,) bool, when
     given, says which agents use the learned policy; the others act randomly (e.g. prey vs a random
-    predator).  The summary is None when ``should_stop`` cut the evaluation short.
+    predator).  The summary is None when ``should_stop`` cut the evaluation short.  ``act``: see
+    :func:`play`.
     """
     returns, frames, spec = play(wm, ac, env_cfg, act_context, episodes, seed, device, greedy=greedy,
                                  random_policy=random_policy, capture_frames=capture_frames, policies=policies,
-                                 should_stop=should_stop)
+                                 should_stop=should_stop, act=act)
     return (summarise(returns, spec) if len(returns) == episodes else None), frames
 
 

@@ -11,7 +11,7 @@ numbers, strings), and goes back in through :meth:`Trainer.load_state_dict`.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -19,11 +19,11 @@ import torch
 from .acting import ContextQueues
 from .actor_critic import ActorCritic, state_dim
 from .config import LEARNED, Config, load_config, resolve
-from .env import MultiAgentEnv, random_actions
+from .env import MultiAgentEnv, env_spec, random_actions
 from .imagination import ImagCaches, ImagNoise, Rollout
 from .nvtx import phase
 from .replay import Batch, ReplayBuffer
-from .steps import Runtime, compile_steps
+from .steps import Runtime, compile_steps, resolve_runtime
 from .world_model import WorldModel
 
 Tensor = torch.Tensor
@@ -293,11 +293,6 @@ def _load_optimizer(opt: torch.optim.Optimizer, sd: dict) -> None:
 def build(cfg: Config, **run) -> Trainer:
     """An entry point's sequence in one call, for tools and tests: ``run`` overrides (e.g.
     ``device="cpu", backend="compile"``), resolve the config, resolve the runtime, seed, build."""
-    from dataclasses import replace
-
-    from .env import env_spec
-    from .steps import resolve_runtime
-
     cfg = resolve(replace(cfg, run=replace(cfg.run, **run)), env_spec(cfg.env).n_agents)
     seed_everything(cfg.train.seed)
     return Trainer(cfg, resolve_runtime(cfg.run))

@@ -39,7 +39,7 @@ for s in 0 1 2; do
 done
 python -m matwm_fast.eval runs/long/simple_spread/seed0 --random --episodes 100 --seed 777 --device cpu \
   --out bench/results/learning/simple_spread_20k/paired777_random.json
-python bench/results/learning/diagnose/spread_baselines.py
+python bench/baselines/heuristics.py --seeds 0 --eval-seed 777 --episodes 100 --out /tmp/spread777  # was diagnose/spread_baselines.py, same numbers
 
 # why simple_spread is slow (bench/results/learning/diagnose/): reward learnability from random data,
 python -m matwm_fast.diagnose reward-data --scenario simple_spread --steps 1000 3000 6000 12000 20000 \

@@ -1,0 +1,139 @@
+"""Scripted reference policies for simple_spread, scored by this project's evaluator (issue 15).
+
+    python bench/baselines/heuristics.py --seeds 0 1 2                  # the sweep's matchup episodes
+    python bench/baselines/heuristics.py --seeds 0 --eval-seed 777 --episodes 100 --out DIR
+
+They need no training, so they have no env-step budget: they are the bar a learned policy must
+clear at any budget.  Each policy plays ``matwm_fast.play.play`` on the episodes a MATWM run of
+seed s plays its final matchups on (``reset(seed=EVAL_SEED + s·episodes + e)``), so every
+comparison with a trained run, MAPPO or IPPO of the same seed is paired.
+
+- ``noop``: every agent always takes action 0 (stays put, up to its drift);
+- ``nearest``: every agent heads for the landmark nearest to it (agents may pile onto one);
+- ``assignment``: every agent computes, from its own observation, the same matching of agents to
+  landmarks with the least total distance (all positions are relative, so each can) and heads for
+  its own landmark — about what a cooperative policy can reach.
+
+The observation layout is MPE2's simple_spread with N agents and N landmarks: self velocity (2),
+self position (2), landmarks relative (N×2), the other agents relative ((N−1)×2), communication.
+Actions: 0 no-op, 1 −x, 2 +x, 3 −y, 4 +y.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from matwm_fast.config import EnvConfig  # noqa: E402
+from matwm_fast.env import env_spec  # noqa: E402
+from matwm_fast.play import play, report  # noqa: E402
+
+SCENARIO = "simple_spread"
+EVAL_SEED = 20_000  # the sweep's --baseline-seed (and model_free.py's): seed s plays 20,000 + s·episodes + e
+RESULTS = ROOT / "bench" / "results" / "learning" / "baselines" / SCENARIO / "heuristics"
+# steering: aim at the target minus this many steps of the current velocity (so an agent brakes
+# before it arrives), and stay put once the aim point is within this distance on both axes
+BRAKE_STEPS, ARRIVED = 0.5, 0.05
+
+
+def steer(target: np.ndarray, vel: np.ndarray) -> int:
+    """The discrete action toward ``target`` (relative position), braking on the current velocity."""
+    aim = target - BRAKE_STEPS * vel  # (2,)
+    if np.abs(aim).max() < ARRIVED:
+        return 0
+    if abs(aim[0]) > abs(aim[1]):
+        return 2 if aim[0] > 0 else 1
+    return 4 if aim[1] > 0 else 3
+
+
+def layout(o: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One agent's observation → (velocity (2,), landmarks relative (n, 2), all agents relative, self first (n, 2))."""
+    vel = o[0:2]  # (2,)
+    landmarks = o[4:4 + 2 * n].reshape(n, 2)  # (n, 2)
+    others = o[4 + 2 * n:4 + 2 * n + 2 * (n - 1)].reshape(n - 1, 2)  # (n-1, 2)
+    return vel, landmarks, np.vstack([np.zeros(2), others])
+
+
+def noop(obs: np.ndarray) -> np.ndarray:
+    return np.zeros(len(obs), np.int64)  # (N,)
+
+
+def nearest(obs: np.ndarray) -> np.ndarray:
+    n, out = len(obs), []
+    for o in obs:
+        vel, lm, _ = layout(o, n)
+        out.append(steer(lm[np.linalg.norm(lm, axis=1).argmin()], vel))
+    return np.array(out, np.int64)  # (N,)
+
+
+def assignment(obs: np.ndarray) -> np.ndarray:
+    n, out = len(obs), []
+    for o in obs:
+        vel, lm, agents = layout(o, n)
+        best = min(itertools.permutations(range(n)),
+                   key=lambda p: sum(np.linalg.norm(agents[k] - lm[p[k]]) for k in range(n)))
+        out.append(steer(lm[best[0]], vel))  # agent 0 of this view is me
+    return np.array(out, np.int64)  # (N,)
+
+
+POLICIES: dict[str, Callable[[np.ndarray], np.ndarray]] = {"noop": noop, "nearest": nearest, "assignment": assignment}
+
+
+def evaluate(seed: int, episodes: int, eval_seed: int) -> dict:
+    """Every heuristic and the random policy on seed ``seed``'s matchup episodes."""
+    env_cfg = EnvConfig(scenario=SCENARIO)
+    spec = env_spec(env_cfg)
+    first = eval_seed + seed * episodes
+    out = {"scenario": SCENARIO, "seed": seed, "max_cycles": env_cfg.max_cycles,
+           "evaluation": {"episodes": episodes, "seed": first, "episode_seeds": [first, first + episodes - 1],
+                          "protocol": "matwm_fast.play.play: MultiAgentEnv, episode e from reset(seed=seed + e); "
+                                      "returns summarised by matwm_fast.play.report"},
+           "results": {}}
+    for name, pol in POLICIES.items():
+        returns, _, _ = play(None, None, env_cfg, 1, episodes, first, "cpu", act=pol)  # (E, N)
+        out["results"][name] = report(returns, spec)
+    returns, _, _ = play(None, None, env_cfg, 1, episodes, first, "cpu", random_policy=True)  # (E, N)
+    out["results"]["random"] = report(returns, spec)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/baselines/heuristics.py", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="run seeds whose episodes to play")
+    p.add_argument("--episodes", type=int, default=50, help="episodes per seed (default 50, the paper's protocol)")
+    p.add_argument("--eval-seed", type=int, default=EVAL_SEED,
+                   help=f"seed s plays reset(seed=EVAL_SEED + s·episodes + e) (default {EVAL_SEED})")
+    p.add_argument("--out", default=str(RESULTS), help="where seed<s>.json go (default %(default)s)")
+    args = p.parse_args(argv)
+    bad = ([f"--episodes {args.episodes}: must be at least 1"] * (args.episodes < 1)
+           + [f"--seeds {s}: must be 0 or more" for s in args.seeds if s < 0]
+           + [f"--eval-seed {args.eval_seed}: must be 0 or more"] * (args.eval_seed < 0))
+    if bad:
+        p.exit(2, f"error: {bad[0]}\n")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        p.exit(2, f"error: --out {out}: is a file, not a directory\n")
+    out.mkdir(parents=True, exist_ok=True)
+    for s in args.seeds:
+        res = evaluate(s, args.episodes, args.eval_seed)
+        path = out / f"seed{s}.json"
+        path.write_text(json.dumps(res, indent=1))
+        print(f"seed {s} (episodes {res['evaluation']['episode_seeds']}): " +
+              ", ".join(f"{k} {v['all']['mean']:.2f}" for k, v in res["results"].items()) + f" → {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

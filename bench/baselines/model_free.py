@@ -1,0 +1,429 @@
+"""Model-free baselines at MATWM's env-step budgets: BenchMARL's MAPPO and IPPO on MPE2, scored
+with this project's evaluator (issue 15).
+
+    python bench/baselines/model_free.py train --scenario simple_spread --algo mappo --seed 0 --budgets 20000 50000
+    python bench/baselines/model_free.py eval runs/baselines/simple_spread/mappo/seed0/policy_step20000.pt
+    python bench/baselines/model_free.py table --results bench/results/learning/baselines
+
+``train`` trains one algorithm on one scenario with one seed until the largest budget, keeps the
+policy when exactly each budget's env steps have been collected and trained on (the smaller
+budgets are points of the same run: nothing in BenchMARL's PPO depends on the total length),
+saves each as ``RUN_DIR/policy_step<budget>.pt`` and evaluates it.  An env step is one joint
+transition of all agents (BenchMARL's "frame": one entry of a collected batch of shape
+(envs, steps)); the budgets must be multiples of ``--frames-per-batch``, so training stops at
+each budget exactly.
+
+The evaluation is ``matwm_fast.play``'s protocol: ``MultiAgentEnv`` on fresh episodes, episode e
+from ``reset(seed=S + e)`` with S = ``--eval-seed`` + seed·episodes (the sweep's matchup episodes
+of the same seed), the mean over agents of each agent's episode return, summarised by
+``matwm_fast.play.summarise``: greedy (argmax) and sampled, the uniformly random policy on the
+same episodes, and with several teams each team's policy against random opponents
+(``<team>_vs_random``).  One JSON per run and budget under ``RESULTS/<scenario>/<algo>/``.
+
+BenchMARL, TorchRL and TensorDict are optional: ``pip install -e '.[baselines]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+for p in (str(ROOT), str(HERE)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import numpy as np  # noqa: E402
+
+from matwm_fast.config import EnvConfig  # noqa: E402
+from matwm_fast.env import SCENARIOS, env_spec  # noqa: E402
+
+INSTALL = "pip install -e '.[baselines]'"
+ALGOS = ("mappo", "ippo")
+BUDGETS = (20_000, 50_000)
+EVAL_SEED = 20_000  # the sweep's --baseline-seed: seed s plays episodes 20,000 + s·episodes + e
+RESULTS = ROOT / "bench" / "results" / "learning" / "baselines"
+FORMAT = "matwm_fast-model-free-policy/1"
+# BenchMARL's experiment defaults (conf/experiment/base_experiment.yaml) that the budget changes:
+# 6,000 frames per batch divides neither 20,000 nor 50,000; 5,000 does (4 and 10 iterations)
+FRAMES_PER_BATCH = 5_000
+
+
+class MissingLibrary(RuntimeError):
+    pass
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def require_library():
+    """Import the BenchMARL side (benchmarl_mpe2.py), or say how to install it."""
+    try:
+        return importlib.import_module("benchmarl_mpe2")
+    except ImportError as e:
+        raise MissingLibrary(f"the model-free baselines need BenchMARL (with TorchRL and TensorDict), which is "
+                             f"not installed here ({e}); install it with: {INSTALL}") from e
+
+
+def versions() -> dict:
+    out = {}
+    for name in ("benchmarl", "torchrl", "tensordict", "torch", "pettingzoo", "mpe2", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+# ----------------------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python bench/baselines/model_free.py", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
+    sub = p.add_subparsers(dest="cmd", metavar="{train,eval,table}")
+    sub.required = True
+    t = sub.add_parser("train", help="train MAPPO or IPPO to the budgets, save and evaluate the policies",
+                       allow_abbrev=False)
+    t.add_argument("--scenario", required=True, help=f"MPE2 scenario: {', '.join(SCENARIOS)}")
+    t.add_argument("--algo", required=True, help=f"algorithm: {', '.join(ALGOS)}")
+    t.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    t.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS),
+                   help="env steps (joint transitions) at which to save and evaluate the policy; training runs "
+                        "to the largest (default 20000 50000)")
+    t.add_argument("--max-cycles", type=int, default=25, help="episode length, as MATWM's runs (default 25)")
+    t.add_argument("--frames-per-batch", type=int, default=FRAMES_PER_BATCH,
+                   help=f"env steps collected per PPO iteration (default {FRAMES_PER_BATCH}; BenchMARL's 6000 "
+                        "divides neither budget); every budget must be a multiple")
+    t.add_argument("--n-envs", type=int, default=None, help="envs collected from in turn (default BenchMARL's: 10)")
+    t.add_argument("--minibatch-size", type=int, default=None, help="PPO minibatch (default BenchMARL's: 400)")
+    t.add_argument("--minibatch-iters", type=int, default=None,
+                   help="PPO epochs over each batch (default BenchMARL's: 45)")
+    add_eval_args(t)
+    t.add_argument("--results", default=str(RESULTS), help="where the JSONs go: RESULTS/<scenario>/<algo>/"
+                                                            "seed<s>_step<budget>.json (default %(default)s)")
+    t.add_argument("--run-dir", default=None,
+                   help="where the policies and BenchMARL's folder go (default runs/baselines/<scenario>/<algo>/seed<s>)")
+    t.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = torch's default)")
+
+    e = sub.add_parser("eval", help="evaluate a saved policy file again", allow_abbrev=False)
+    e.add_argument("policy", metavar="POLICY.pt", help="a policy_step<budget>.pt written by train")
+    add_eval_args(e)
+    e.add_argument("--out", metavar="FILE.json", default=None, help="where to write (default: next to the policy)")
+    e.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = torch's default)")
+
+    a = sub.add_parser("table", help="results.md and results.json from the JSONs of RESULTS", allow_abbrev=False)
+    a.add_argument("--results", default=str(RESULTS), help="default %(default)s")
+    return p
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--episodes", type=int, default=50, help="evaluation episodes (default 50, the paper's protocol)")
+    p.add_argument("--eval-seed", type=int, default=EVAL_SEED,
+                   help=f"run seed s is evaluated on episodes reset(seed=EVAL_SEED + s·episodes + e), e < episodes "
+                        f"(default {EVAL_SEED}: the sweep's matchup episodes)")
+
+
+def check_train_args(args) -> None:
+    if args.scenario not in SCENARIOS:
+        raise ValueError(f"--scenario {args.scenario!r}: unknown scenario; allowed: {', '.join(SCENARIOS)}")
+    if args.algo not in ALGOS:
+        raise ValueError(f"--algo {args.algo!r}: unknown algorithm; allowed: {', '.join(ALGOS)}")
+    if args.seed < 0:
+        raise ValueError(f"--seed {args.seed}: must be 0 or more")
+    for flag, v in (("--max-cycles", args.max_cycles), ("--frames-per-batch", args.frames_per_batch),
+                    ("--n-envs", args.n_envs), ("--minibatch-size", args.minibatch_size),
+                    ("--minibatch-iters", args.minibatch_iters)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag} {v}: must be at least 1")
+    n_envs = args.n_envs if args.n_envs is not None else 10
+    if args.frames_per_batch % n_envs:
+        raise ValueError(f"--frames-per-batch {args.frames_per_batch}: must be a multiple of the {n_envs} envs "
+                         "(each env adds the same number of steps to a batch)")
+    for b in args.budgets:
+        if b < 1 or b % args.frames_per_batch:
+            raise ValueError(f"--budgets {b}: each budget must be a positive multiple of --frames-per-batch "
+                             f"{args.frames_per_batch}, so that training stops exactly there")
+    check_eval_args(args)
+    check_dir("--results", Path(args.results))
+
+
+def check_eval_args(args) -> None:
+    if args.episodes < 1:
+        raise ValueError(f"--episodes {args.episodes}: need at least 1")
+    if args.eval_seed < 0:
+        raise ValueError(f"--eval-seed {args.eval_seed}: must be 0 or more")
+    if args.threads < 0:
+        raise ValueError(f"--threads {args.threads}: need 0 (torch's default) or more")
+
+
+def check_dir(flag: str, d: Path) -> None:
+    if d.exists() and not d.is_dir():
+        raise ValueError(f"{flag} {d}: is a file, not a directory")
+    parent = d
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {d}: {parent} is not writable")
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate_policy(bm, policy, group_map: dict, env_cfg: EnvConfig, episodes: int, seed: int) -> dict:
+    """greedy, sampled, random and (several teams) ``<team>_vs_random`` on the same episodes."""
+    from matwm_fast.play import play, report
+
+    spec = env_spec(env_cfg)
+    acts = {mode: bm.action_function(policy, group_map, spec.agents, spec.obs_sizes, greedy=mode == "greedy")
+            for mode in ("greedy", "sampled")}
+    out = {}
+
+    def run(name, **kw):
+        t = time.perf_counter()
+        returns, _, _ = play(None, None, env_cfg, 1, episodes, seed, "cpu", **kw)  # (E, N)
+        out[name] = {**report(returns, spec), "wall_s": round(time.perf_counter() - t, 3)}
+
+    run("greedy", act=acts["greedy"])
+    run("sampled", act=acts["sampled"])
+    run("random", random_policy=True)
+    if len(spec.teams) > 1:
+        for team, idx in spec.teams.items():
+            mask = np.zeros(spec.n_agents, bool)
+            mask[idx] = True  # this team plays its greedy policy, every other agent acts uniformly at random
+            run(f"{team}_vs_random", act=acts["greedy"], policies=mask)
+    return out
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+
+
+def print_summary(tag: str, res: dict) -> None:
+    parts = [f"{name} {r['all']['mean']:.2f}" for name, r in res.items()]
+    print(f"{tag}: all agents " + ", ".join(parts), flush=True)
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_train(args) -> int:
+    import torch
+
+    bm = require_library()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budgets = sorted(set(args.budgets))
+    run_dir = Path(args.run_dir or f"runs/baselines/{args.scenario}/{args.algo}/seed{args.seed}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env_cfg = EnvConfig(scenario=args.scenario, max_cycles=args.max_cycles)
+    changes = {"on_policy_collected_frames_per_batch": args.frames_per_batch}
+    for key, v in (("on_policy_n_envs_per_worker", args.n_envs), ("on_policy_minibatch_size", args.minibatch_size),
+                   ("on_policy_n_minibatch_iters", args.minibatch_iters)):
+        if v is not None:
+            changes[key] = v
+    settings = {"experiment": changes}
+    episodes, eval_seed = args.episodes, args.eval_seed + args.seed * args.episodes
+
+    t0 = time.perf_counter()
+    snaps = bm.Snapshots(budgets)
+    exp = bm.build(SCENARIOS[args.scenario], args.scenario, args.max_cycles, {}, args.algo, args.seed, settings,
+                   str(run_dir), budgets[-1], callbacks=[snaps])
+    setup_s = time.perf_counter() - t0
+    print(f"{args.algo} on {args.scenario}, seed {args.seed}: training to {budgets[-1]} env steps "
+          f"({budgets[-1] // args.frames_per_batch} iterations of {args.frames_per_batch}), groups {exp.group_map}",
+          flush=True)
+    snaps.start = time.perf_counter()
+    exp.run()
+    train_s = time.perf_counter() - snaps.start
+    if snaps.env_steps != budgets[-1] or sorted(snaps.saved) != budgets:
+        raise RuntimeError(f"collected {snaps.env_steps} env steps, snapshots at {sorted(snaps.saved)}; "
+                           f"expected {budgets[-1]} and {budgets}")
+    defaults = bm.defaults()
+    info = {"library": versions(), "scenario": args.scenario, "max_cycles": args.max_cycles,
+            "algorithm": args.algo, "seed": args.seed,
+            "settings": {"benchmarl_defaults": {k: defaults[k] for k in ("experiment", args.algo, "model")},
+                         "changed": {**changes, "max_n_frames": budgets[-1], "prefer_continuous_actions": False,
+                                     "evaluation": False, "loggers": [], "create_json": False,
+                                     "checkpoint_at_end": False},
+                         "critic_model": "same MLP as the policy (BenchMARL's default)",
+                         "train_env_seeds": f"{bm.TRAIN_ENV_SEED} + 1000·seed + env index"},
+            "group_map": exp.group_map, "train_setup_s": round(setup_s, 3), "train_total_s": round(train_s, 3),
+            "batches": snaps.batches}
+    for b in budgets:
+        snap = snaps.saved[b]
+        policy_file = run_dir / f"policy_step{b}.pt"
+        torch.save({"format": FORMAT, **info, "budget": b, "env_steps": b, "iterations": snap["iterations"],
+                    "build": settings, "policy": snap["policy"]}, policy_file)
+        exp.policy.load_state_dict(snap["policy"])
+        t = time.perf_counter()
+        res = evaluate_policy(bm, exp.policy, exp.group_map, env_cfg, episodes, eval_seed)
+        out = {**info, "budget": b, "env_steps": b, "iterations": snap["iterations"],
+               "train_wall_s": round(snap["train_wall_s"], 3), "eval_wall_s": round(time.perf_counter() - t, 3),
+               "policy_file": str(policy_file),
+               "evaluation": {"episodes": episodes, "seed": eval_seed,
+                              "episode_seeds": [eval_seed, eval_seed + episodes - 1],
+                              "protocol": "matwm_fast.play.play: MultiAgentEnv, episode e from reset(seed=seed + e); "
+                                          "returns summarised by matwm_fast.play.summarise"},
+               "results": res}
+        path = Path(args.results) / args.scenario / args.algo / f"seed{args.seed}_step{b}.json"
+        write_json(path, out)
+        print_summary(f"step {b} (trained in {snap['train_wall_s']:.0f} s)", res)
+        print(f"wrote {path} and {policy_file}", flush=True)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    bm = require_library()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = Path(args.policy)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # data only: opening it runs no code
+    except Exception as e:  # noqa: BLE001 - any unreadable file
+        raise ValueError(f"{path}: not a policy file written by train ({e})") from e
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a policy file written by train (format {FORMAT})")
+    with tempfile.TemporaryDirectory() as tmp:
+        fpb = saved["build"]["experiment"]["on_policy_collected_frames_per_batch"]
+        exp = bm.build(SCENARIOS[saved["scenario"]], saved["scenario"], saved["max_cycles"], {}, saved["algorithm"],
+                       saved["seed"], saved["build"], tmp, fpb)
+        exp.policy.load_state_dict(saved["policy"])
+        env_cfg = EnvConfig(scenario=saved["scenario"], max_cycles=saved["max_cycles"])
+        eval_seed = args.eval_seed + saved["seed"] * args.episodes
+        res = evaluate_policy(bm, exp.policy, exp.group_map, env_cfg, args.episodes, eval_seed)
+        exp.close()
+    out = {k: v for k, v in saved.items() if k not in ("policy", "format", "build")}
+    out.update(policy_file=str(path), evaluation={"episodes": args.episodes, "seed": eval_seed,
+                                                   "episode_seeds": [eval_seed, eval_seed + args.episodes - 1]},
+               results=res)
+    dest = Path(args.out) if args.out else path.with_name(path.stem + "_eval.json")
+    write_json(dest, out)
+    print_summary(f"{saved['algorithm']} on {saved['scenario']}, seed {saved['seed']}, step {saved['budget']}", res)
+    print(f"wrote {dest}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- the table
+def med(values: list[float]) -> str:
+    if not values:
+        return "—"
+    return f"{statistics.median(values):.1f} [{min(values):.1f}, {max(values):.1f}]"
+
+
+def load_results(results: Path) -> list[dict]:
+    runs = []
+    for f in sorted(results.glob("*/*/seed*_step*.json")):
+        try:
+            runs.append(json.loads(f.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{f}: unreadable ({e})") from e
+    return runs
+
+
+def cmd_table(args) -> int:
+    results = Path(args.results)
+    if not results.is_dir():
+        raise ValueError(f"--results {results}: no such directory")
+    runs = load_results(results)
+    if not runs:
+        raise ValueError(f"--results {results}: no <scenario>/<algo>/seed<s>_step<budget>.json files")
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["scenario"], r["budget"], r["algorithm"]), []).append(r)
+    lib = runs[0]["library"]
+    agg, lines = {}, []
+    lines += ["# Model-free baselines at MATWM's env-step budgets (BenchMARL MAPPO / IPPO)", "",
+              f"BenchMARL {lib['benchmarl']}, TorchRL {lib['torchrl']}, TensorDict {lib['tensordict']}, "
+              f"torch {lib['torch']}, PettingZoo {lib['pettingzoo']}, MPE2 {lib['mpe2']}. "
+              "BenchMARL's default MAPPO/IPPO, MLP and experiment settings except "
+              f"`on_policy_collected_frames_per_batch` = {runs[0]['settings']['changed']['on_policy_collected_frames_per_batch']} "
+              "(see README.md). Evaluation: this project's protocol (`matwm_fast.play`), "
+              f"{runs[0]['evaluation']['episodes']} episodes per run and policy, seed s on episodes "
+              "reset(seed = 20,000 + s·50 + e) — the MATWM sweep's matchup episodes of the same seed. "
+              "Median [min, max] over seeds of the mean return; `random`: the uniformly random policy on the "
+              "same episodes.", ""]
+    for scenario in sorted({k[0] for k in groups}):
+        keys = sorted(k for k in groups if k[0] == scenario)
+        teams = list(groups[keys[0]][0]["results"]["greedy"]["teams"])
+        multi = len(teams) > 1
+        lines += [f"## {scenario}", ""]
+        head = "| env steps | algorithm | seeds | all agents, greedy | all agents, sampled | all agents, random |"
+        sep = "|---:|---|---:|---:|---:|---:|"
+        if multi:
+            for t in teams:
+                head += f" team {t}, greedy | team {t}, sampled |"
+                sep += "---:|---:|"
+        lines += [head, sep]
+        for key in keys:
+            rs = sorted(groups[key], key=lambda r: r["seed"])
+            row = {"seeds": [r["seed"] for r in rs]}
+            for pol in ("greedy", "sampled", "random"):
+                row[f"all_{pol}"] = [r["results"][pol]["all"]["mean"] for r in rs]
+                for t in teams:
+                    row[f"team_{t}_{pol}"] = [r["results"][pol]["teams"][t]["mean"] for r in rs]
+            for t in teams if multi else []:
+                for u in teams:  # team t plays its policy, the others random: every team's return
+                    row[f"{t}_vs_random_team_{u}"] = [r["results"][f"{t}_vs_random"]["teams"][u]["mean"] for r in rs]
+            row["train_wall_s"] = [r["train_wall_s"] for r in rs]
+            row["train_total_s"] = [r["train_total_s"] for r in rs]
+            agg[f"{scenario}/{key[1]}/{key[2]}"] = row
+            cells = f"| {key[1]:,} | {key[2].upper()} | {len(rs)} | {med(row['all_greedy'])} | " \
+                    f"{med(row['all_sampled'])} | {med(row['all_random'])} |"
+            if multi:
+                for t in teams:
+                    cells += f" {med(row[f'team_{t}_greedy'])} | {med(row[f'team_{t}_sampled'])} |"
+            lines.append(cells)
+        lines.append("")
+        if multi:
+            lines += ["Each team's greedy policy against uniformly random opponents (`<team>_vs_random`), "
+                      "that team's return, next to the random team's on the same episodes:", ""]
+            head = "| env steps | algorithm |" + "".join(f" {t} trained vs random | {t} random (all random) |"
+                                                         for t in teams)
+            lines += [head, "|---:|---|" + "---:|---:|" * len(teams)]
+            for key in keys:
+                row = agg[f"{scenario}/{key[1]}/{key[2]}"]
+                lines.append(f"| {key[1]:,} | {key[2].upper()} |" + "".join(
+                    f" {med(row[f'{t}_vs_random_team_{t}'])} | {med(row[f'team_{t}_random'])} |" for t in teams))
+            lines.append("")
+        lines += ["Wall time per run (training only, 1 torch thread, 2 cores shared with two MATWM trainings): "
+                  "median [min, max] seconds to reach each budget:", "",
+                  "| env steps | algorithm | training s |", "|---:|---|---:|"]
+        for key in keys:
+            lines.append(f"| {key[1]:,} | {key[2].upper()} | {med(agg[f'{scenario}/{key[1]}/{key[2]}']['train_wall_s'])} |")
+        lines.append("")
+    (results / "results.md").write_text("\n".join(lines))
+    (results / "results.json").write_text(json.dumps(agg, indent=1))
+    print("\n".join(lines))
+    print(f"wrote {results / 'results.md'} and {results / 'results.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "train":
+            check_train_args(args)
+            return cmd_train(args)
+        if args.cmd == "eval":
+            check_eval_args(args)
+            if not Path(args.policy).is_file():
+                raise ValueError(f"{args.policy}: no such policy file")
+            if args.out is not None and Path(args.out).is_dir():
+                raise ValueError(f"--out {args.out}: is a directory; give a file name")
+            return cmd_eval(args)
+        return cmd_table(args)
+    except (ValueError, MissingLibrary) as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

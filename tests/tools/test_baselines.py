@@ -1,0 +1,143 @@
+"""bench/baselines/heuristics.py (scripted simple_spread policies on the sweep's matchup episodes)
+and bench/learning_table.py (the README's results table, built from result files)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench" / "baselines"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import heuristics  # noqa: E402
+import learning_table  # noqa: E402
+
+from matwm_fast.config import EnvConfig  # noqa: E402
+from matwm_fast.env import MultiAgentEnv  # noqa: E402
+from matwm_fast.play import play  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- heuristics
+@pytest.mark.parametrize("target, vel, action", [
+    ((0.5, 0.1), (0.0, 0.0), 2), ((-0.5, 0.1), (0.0, 0.0), 1), ((0.1, 0.5), (0.0, 0.0), 4),
+    ((0.1, -0.5), (0.0, 0.0), 3), ((0.01, -0.02), (0.0, 0.0), 0),
+    ((0.1, 0.0), (0.4, 0.0), 1),  # moving fast toward a near target: brake
+])
+def test_steer(target, vel, action):
+    assert heuristics.steer(np.array(target), np.array(vel)) == action
+
+
+def nearest_distance(obs: np.ndarray) -> np.ndarray:
+    """(N,) each agent's distance to its nearest landmark, from its own observation."""
+    return np.array([np.linalg.norm(heuristics.layout(o, len(obs))[1], axis=1).min() for o in obs])
+
+
+def test_nearest_reaches_the_landmarks():
+    """The observation layout and the steering signs together: heading for the nearest landmark
+    brings every agent near one (from the observations alone)."""
+    env = MultiAgentEnv(EnvConfig(scenario="simple_spread"), seed=0)
+    for ep in range(4):
+        obs, done = env.reset(seed=100 + ep), False
+        start = nearest_distance(obs)  # (N,)
+        while not done:
+            obs, _, _, done = env.step(heuristics.nearest(obs))
+        assert (nearest_distance(obs) < np.minimum(start, 0.3)).all(), (start, nearest_distance(obs))
+
+
+def test_evaluation_is_paired_with_the_sweep(tmp_path):
+    """Seed s plays the sweep's matchup episodes of seed s: its random policy is play's, there;
+    and the scripted policies rank as coordination predicts."""
+    res = heuristics.evaluate(seed=1, episodes=6, eval_seed=20_000)
+    assert res["evaluation"]["episode_seeds"] == [20_006, 20_011]
+    returns, _, _ = play(None, None, EnvConfig(scenario="simple_spread"), 1, 6, 20_006, "cpu", random_policy=True)
+    np.testing.assert_allclose(np.array(res["results"]["random"]["returns"]), returns, atol=1e-5)
+    mean = {k: v["all"]["mean"] for k, v in res["results"].items()}
+    assert mean["assignment"] > mean["nearest"] > mean["random"], mean
+    for v in res["results"].values():
+        assert np.array(v["returns"]).shape == (6, 3)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--seeds", "-1"], "--seeds -1: must be 0 or more"),
+    (["--episodes", "0"], "--episodes 0: must be at least 1"),
+    (["--eval-seed", "-3"], "--eval-seed -3: must be 0 or more"),
+])
+def test_heuristics_refuse_bad_arguments(tmp_path, args, says):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "baselines" / "heuristics.py"), *args,
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"error: {says}" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- the table
+def write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def stats(values: list[float]) -> dict:
+    return {"n": len(values), "median": float(np.median(values)), "min": min(values), "max": max(values),
+            "values": values}
+
+
+def per_seed(seed: int, results: dict[str, float]) -> dict:
+    return {"seed": seed, "results": {m: {"all": {"mean": v}, "teams": {"agent": {"mean": v}}}
+                                      for m, v in results.items()}}
+
+
+def test_table_from_result_files(tmp_path):
+    learning = tmp_path / "learning"
+    # a sweep of MATWM's base variant: 3 seeds, final step 2000
+    write(learning / "issue15" / "base" / "simple_spread" / "results.json", {"envs": {"simple_spread": {
+        "seeds": [0, 1, 2], "steps": [1000, 2000],
+        "curves": {"all": {"1000": stats([-30.0, -31.0, -29.0]), "2000": stats([-20.0, -22.0, -18.0])}},
+        "matchups": {"trained": {"all": stats([-20.0, -22.0, -18.0])},
+                     "trained_sampled": {"all": stats([-21.0, -23.0, -19.0])},
+                     "random": {"all": stats([-27.0, -28.0, -25.0])}}}}})
+    # MAPPO at one budget, 2 seeds; the heuristics on 3 seeds
+    for s, v in ((0, -40.0), (1, -30.0)):
+        write(learning / "baselines" / "simple_spread" / "mappo" / f"seed{s}_step20000.json",
+              per_seed(s, {"greedy": v, "sampled": v + 1, "random": -27.0}))
+    for s in range(3):
+        write(learning / "baselines" / "simple_spread" / "heuristics" / f"seed{s}.json",
+              per_seed(s, {"noop": -23.0 - s, "nearest": -17.0 - s, "assignment": -9.0, "random": -27.0 + s}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{learning_table.BEGIN}\nold\n{learning_table.END}\n\nafter\n")
+    rc = learning_table.main(["--results", str(learning), "--readme", str(readme)])
+    assert rc == 0
+    text = readme.read_text()
+    assert "old" not in text and text.endswith(f"{learning_table.END}\n\nafter\n")
+    assert "| MATWM | 2,000 | 3 | -20.0 [-22.0, -18.0] |" in text and "](learning/summary_simple_spread.png)" in text
+    md = (learning / "summary.md").read_text()
+    assert "| MATWM | 2,000 | 3 | -20.0 [-22.0, -18.0] | -21.0 [-23.0, -19.0] |" in md
+    assert "| MAPPO (BenchMARL) | 20,000 | 2 | -35.0 [-40.0, -30.0] | -34.0 [-39.0, -29.0] |" in md
+    assert "| nearest landmark | no training | 3 | -18.0 [-19.0, -17.0] | -18.0 [-19.0, -17.0] |" in md
+    assert "| uniformly random | no training | 3 | -26.0 [-27.0, -25.0]" in md
+    assert "simple_tag" not in md  # no results for it: no section
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "policy" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| MATWM", "| MAPPO (BenchMARL)", "| uniformly random",
+                                                 "| always no-op", "| nearest landmark", "| shared assignment"]
+    summary = json.loads((learning / "summary.json").read_text())
+    assert summary["simple_spread"]["MATWM @ 2000"]["greedy"] == [-20.0, -22.0, -18.0]
+
+
+def test_table_refuses_a_missing_directory(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_table.py"), "--results",
+                           str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--results" in proc.stderr and "no such directory" in proc.stderr
+
+
+def test_readme_shows_the_committed_table():
+    """The README's learning table is summary.md's, as last written (rebuild both together)."""
+    summary = (ROOT / "bench" / "results" / "learning" / "summary.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    rows = [line for line in summary.splitlines() if line.startswith("|")]
+    assert rows
+    missing = [r for r in rows if r not in readme]
+    assert not missing, f"README lacks these rows of bench/results/learning/summary.md: {missing[:3]}"
