@@ -34,7 +34,7 @@ MATWM = {
     "MATWM, uniform replay (ablation)": "issue15/uniform",
     "MATWM, no teammate predictor (ablation)": "issue15/noteam",
     "MATWM, no action scaling (ablation)": "issue15/noscale",
-    "MATWM, entropy 3e-3 (lead 1)": "issue15/ent3e-3",
+    "MATWM, entropy 3e-3 (lead 1; the cpu preset's since)": "issue15/ent3e-3",
     "MATWM, dropout 0.1 + symlog targets (lead 3)": "issue15/wmreg",
     "MATWM, code of stop 9 (fp32)": "simple_spread_20k",
     "MATWM, code of stop 9 (fp32), 3k steps": ".",
@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# Learning results: MATWM, its ablations, model-free baselines and scripted policies", "",
              "Written by `python bench/learning_table.py` from the results under `bench/results/learning/` "
              "(its docstring says which file each row comes from). Median [min, max] over seeds of the mean "
-             "return; every row is played on the same 50 episodes per seed (paired); `—`: not run.", ""]
+             "return; every row is played on the same 50 episodes per seed (paired); `—`: not run. MATWM rows: "
+             "`cpu` preset with the paper's entropy weight 3e-4 unless the row says otherwise.", ""]
     summary = {}
     for scenario in ("simple_spread", "simple_tag"):
         rows = rows_for(scenario, learning)
