@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import inspect
 import difflib
+import inspect
 import sys
 from dataclasses import fields, replace
 from typing import Any, Sequence
