@@ -69,16 +69,17 @@ class TeammatePredictor(nn.Module):
             valid = torch.zeros_like(valid)  # no teammates: the slot is a dummy, all-masked
         self.register_buffer("valid", valid, persistent=False)
 
-    def _logits(self, h: Tensor, agent: Tensor) -> Tensor:
-        out = self.out(h).unflatten(-1, (self.n_team, self.n_act))  # (..., N-1, A)
+    def _masked(self, out: Tensor, agent: Tensor) -> Tensor:
+        """logits (R, ..., N-1, A) → the same with each teammate's unavailable actions at -1e9."""
         valid = self.valid[agent].view(agent.shape[0], *([1] * (out.dim() - 3)), self.n_team, self.n_act)
         return out.masked_fill(~valid, -1e9)
 
+    def _logits(self, h: Tensor, agent: Tensor) -> Tensor:
+        return self._masked(self.out(h).unflatten(-1, (self.n_team, self.n_act)), agent)  # (..., N-1, A)
+
     def _constant(self, z: Tensor, agent: Tensor) -> Tensor:
         """The ablation (``wm.teammates`` off): zero logits, i.e. a uniform guess, whatever z says."""
-        out = z.new_zeros(*z.shape[:-1], self.n_team, self.n_act)  # (R, ..., N-1, A)
-        valid = self.valid[agent].view(agent.shape[0], *([1] * (out.dim() - 3)), self.n_team, self.n_act)
-        return out.masked_fill(~valid, -1e9)
+        return self._masked(z.new_zeros(*z.shape[:-1], self.n_team, self.n_act), agent)  # (R, ..., N-1, A)
 
     def forward(self, z: Tensor, pos: Tensor, mask: Tensor, agent: Tensor, cache: KVCache | None = None) -> Tensor:
         """z (R, T, K·C) (already stop-gradient), agent (R,) → logits (R, T, N-1, A)."""
