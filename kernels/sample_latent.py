@@ -64,7 +64,10 @@ def _inverse_cdf_onehot(probs32: Tensor, u: Tensor, dtype: torch.dtype) -> Tenso
 
 
 def straight_through(onehot: Tensor, probs: Tensor) -> Tensor:
-    """Forward value exactly ``onehot``; the gradient flows to ``probs`` (see the module doc)."""
+    """Forward value exactly ``onehot``; the gradient flows to ``probs`` (see the module doc).
+    Where no gradient can flow (imagination, acting) the sum is skipped: it adds exactly 0."""
+    if not (torch.is_grad_enabled() and probs.requires_grad):
+        return onehot
     return onehot + (probs - probs.detach())
 
 

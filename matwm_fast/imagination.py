@@ -70,7 +70,7 @@ class ImagCaches:
                             wm.teammates.tf.allocate_cache(rows, context + horizon + 1, device, dtype))
         # the rollout writes these in place; a static address lets a CUDA graph capture the
         # writes instead of treating the caches as fresh inputs (or refusing to graph at all)
-        for t in (caches.seq.k, caches.seq.v, caches.team.k, caches.team.v):
+        for t in caches.seq.tensors() + caches.team.tensors():
             torch._dynamo.mark_static_address(t)
         return caches
 
@@ -104,7 +104,7 @@ def imagine(wm: WorldModel, ac: ActorCritic, obs: Tensor, act: Tensor, first: Te
     states, actions, rewards, conts = [], [], [], []
     for t in range(horizon + 1):
         team = wm.teammates.decode(z, next_pos + t, agent, caches.team, slots[t], kv_start)  # (R, N-1, A)
-        s = agent_state(z, h, team, caches.seq.k.dtype)  # (R, S) in the rollout's compute dtype
+        s = agent_state(z, h, team, caches.seq.dtype)  # (R, S) in the rollout's compute dtype
         states.append(s)
         if t == horizon:
             break

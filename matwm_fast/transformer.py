@@ -27,15 +27,29 @@ Tensor = torch.Tensor
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer, allocated once: (layers, B, heads, L, head_dim)."""
+    """Keys and values, one (B, heads, L, head_dim) tensor per layer, allocated once.
 
-    k: Tensor
-    v: Tensor
+    One tensor per layer rather than one (layers, …) tensor: a write into ``k[i]`` of a stacked
+    cache is a write through a view, which a compiled graph functionalises into a copy of the whole
+    stack (``select_scatter``) at every decode step; a write into a layer's own tensor stays an
+    in-place ``index_put_`` of a few rows (tests/test_world_model.py checks both backends)."""
+
+    k: tuple[Tensor, ...]
+    v: tuple[Tensor, ...]
 
     @staticmethod
     def allocate(layers: int, batch: int, heads: int, length: int, head_dim: int, device, dtype) -> "KVCache":
-        shape = (layers, batch, heads, length, head_dim)
-        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        def zeros() -> tuple[Tensor, ...]:  # zeroed once: a slot never read holds no NaN
+            return tuple(torch.zeros(batch, heads, length, head_dim, device=device, dtype=dtype) for _ in range(layers))
+
+        return KVCache(zeros(), zeros())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self.k + self.v
 
 
 def segment_mask(first: Tensor) -> tuple[Tensor, Tensor]:

@@ -178,6 +178,45 @@ def test_decode_step_does_no_cache_sized_work(dtype):
     assert sizes[16] < 40 * rows * width * 4  # the rest: activations of a few (B, D)-sized tensors per layer
 
 
+def test_compiled_decode_allocates_no_cache_sized_buffer():
+    """The same rule for what Inductor compiles: two decode steps (a write, then reads of what was
+    written) allocate no buffer of one layer's cache size.  A write through a view of a stacked
+    (layers, …) cache is functionalised into a copy of the whole stack per step (``select_scatter``:
+    2× the stack here, 4× one layer's keys); per-layer tensors keep it an in-place ``index_put_``.
+    Read from the generated code: the profiler does not see a compiled graph's own buffers."""
+    import math
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from matwm_fast.steps import Runtime, compile_options
+
+    torch.manual_seed(0)
+    rows, width, heads, layers, length = 64, 128, 2, 2, 256
+    tf = CausalTransformer(width, layers, heads, 2, length)
+    x = torch.randn(rows, width)  # (B, D)
+    pos = torch.zeros(rows, dtype=torch.long)  # (B,)
+    start = torch.zeros(rows, dtype=torch.long)  # (B,)
+
+    def two_steps(cache, index):
+        h = tf.decode(x, pos, cache, index, start)  # (B, D)
+        return tf.decode(h, pos + 1, cache, index + 1, start)
+
+    rt = Runtime(torch.device("cpu"), "compile", "ref", torch.bfloat16)
+    options = {**compile_options(rt), "cpp_wrapper": False}  # a Python wrapper: its allocations are readable
+    compiled = torch.compile(two_steps, fullgraph=True, dynamic=False, options=options)
+    cache = tf.allocate_cache(rows, length, "cpu", torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, codes = run_and_get_code(compiled, cache, torch.tensor(length // 2))
+        torch.testing.assert_close(out, two_steps(tf.allocate_cache(rows, length, "cpu", torch.bfloat16),
+                                                  torch.tensor(length // 2)), atol=0.05, rtol=0.05)
+    shapes = [tuple(int(d) for d in m.split(",") if d.strip())
+              for code in codes for m in re.findall(r"empty_strided_cpu\(\(([\d, ]*)\)", code)]
+    assert shapes, "no buffers found: the wrapper's allocation call changed name"
+    layer_cache = rows * heads * length * (width // heads)
+    assert max(math.prod(s) for s in shapes) < layer_cache // 4, sorted(shapes, key=math.prod)[-3:]
+
+
 def ablated(**changes):
     from dataclasses import replace
 

@@ -36,6 +36,7 @@ declare -A FLAGS=(
   [noscale]="$E --wm.action-scaling false"            # ablation: action scaling off; lead 4
   [ent3e-3]="--ac.entropy 3e-3"                       # lead 1: keep the policy from collapsing
   [wmreg]="$E --wm.dropout 0.1 --wm.recon-symlog true"  # lead 3: STORM's dropout, DreamerV3's symlog targets
+  [ent3e-3-uniform]="--ac.entropy 3e-3 --replay.priority-decay 1"  # leads 1 + 5 together
 )
 ORDER=${ORDER:-"base:simple_spread ent3e-3:simple_spread wmreg:simple_spread uniform:simple_spread base:simple_tag noteam:simple_spread noscale:simple_spread uniform:simple_tag noteam:simple_tag noscale:simple_tag"}
 for item in $ORDER; do
