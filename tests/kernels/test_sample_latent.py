@@ -80,6 +80,19 @@ def test_straight_through_gradient(impl, dtype, device, tol):
     _assert_one_hot(sample.detach())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_without_grad_equals_sample_with_grad(impl, dtype, device):
+    """Imagination and acting skip the straight-through sum (no gradient can flow): the sample is
+    the same tensor, bit for bit, as the differentiable one."""
+    shape = (37, 3, 7)
+    noise = torch.rand(shape[:-1], generator=torch.Generator().manual_seed(3)).to(device)
+    with_grad, _ = kernels.sample_latent(_logits(shape, dtype, device, requires_grad=True), UNIMIX, noise=noise, impl=impl)
+    with torch.no_grad():
+        without, _ = kernels.sample_latent(_logits(shape, dtype, device), UNIMIX, noise=noise, impl=impl)
+    assert not without.requires_grad and with_grad.requires_grad
+    assert torch.equal(with_grad.detach(), without)
+
+
 def test_gradients_equal_across_impls(needs_triton, device):
     shape = (37, 3, 7)
     noise = torch.rand(shape[:-1], generator=torch.Generator().manual_seed(2)).to(device)
