@@ -36,6 +36,7 @@ MATWM = {
     "MATWM, no action scaling (ablation)": "issue15/noscale",
     "MATWM, entropy 3e-3 (lead 1; the cpu preset's since)": "issue15/ent3e-3",
     "MATWM, dropout 0.1 + symlog targets (lead 3)": "issue15/wmreg",
+    "MATWM, entropy 3e-3 + uniform replay (leads 1 + 5)": "issue15/ent3e-3-uniform",
     "MATWM, code of stop 9 (fp32)": "simple_spread_20k",
     "MATWM, code of stop 9 (fp32), 3k steps": ".",
 }
