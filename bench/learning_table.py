@@ -27,19 +27,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LEARNING = ROOT / "bench" / "results" / "learning"
 
-# MATWM rows: label → directory under bench/results/learning holding <env>/results.json or results.json
-# (a sweep's --results); the first is the method, then the paper's ablations, then issue 15's leads
-MATWM = {
-    "MATWM": "issue15/base",
-    "MATWM, uniform replay (ablation)": "issue15/uniform",
-    "MATWM, no teammate predictor (ablation)": "issue15/noteam",
-    "MATWM, no action scaling (ablation)": "issue15/noscale",
-    "MATWM, entropy 3e-3 (lead 1; the cpu preset's since)": "issue15/ent3e-3",
-    "MATWM, dropout 0.1 + symlog targets (lead 3)": "issue15/wmreg",
-    "MATWM, entropy 3e-3 + uniform replay (leads 1 + 5)": "issue15/ent3e-3-uniform",
-    "MATWM, code of stop 9 (fp32)": "simple_spread_20k",
-    "MATWM, code of stop 9 (fp32), 3k steps": ".",
-}
+# MATWM rows: (label, directory under bench/results/learning holding <env>/results.json or results.json,
+# a sweep's --results); the first is the method, then the paper's ablations, then issue 15's leads.  A
+# label may come twice (one run continued to a larger budget): the row's budget is its final step.
+MATWM = [
+    ("MATWM", "issue15/base"),
+    ("MATWM, uniform replay (ablation)", "issue15/uniform"),
+    ("MATWM, no teammate predictor (ablation)", "issue15/noteam"),
+    ("MATWM, no action scaling (ablation)", "issue15/noscale"),
+    ("MATWM, entropy 3e-3 (lead 1; the cpu preset's since)", "issue15/ent3e-3"),
+    ("MATWM, entropy 3e-3 (lead 1; the cpu preset's since)", "issue15/ent3e-3-50k"),
+    ("MATWM, entropy 3e-3, 128 imagined trajectories (lead 1)", "issue15/ent3e-3-imag128"),
+    ("MATWM, dropout 0.1 + symlog targets (lead 3)", "issue15/wmreg"),
+    ("MATWM, entropy 3e-3 + uniform replay (leads 1 + 5)", "issue15/ent3e-3-uniform"),
+    ("MATWM, entropy 3e-3, no action scaling (leads 1 + 4)", "issue15/ent3e-3-noscale"),
+    ("MATWM, code of stop 9 (fp32)", "simple_spread_20k"),
+    ("MATWM, code of stop 9 (fp32), 3k steps", "."),
+]
 MODEL_FREE = {"MAPPO (BenchMARL)": "mappo", "IPPO (BenchMARL)": "ippo"}
 HEURISTICS = {"always no-op": "noop", "nearest landmark": "nearest", "shared assignment": "assignment"}
 # the sweep's matchup names → the evaluators' (model_free.py, heuristics.py)
@@ -100,7 +104,7 @@ def per_seed_rows(label: str, files: list[Path], budget: int | None, learning: P
 def rows_for(scenario: str, learning: Path = LEARNING) -> list[dict]:
     baselines = learning / "baselines"
     rows = []
-    for label, d in MATWM.items():
+    for label, d in MATWM:
         for path in (learning / d / scenario / "results.json", learning / d / "results.json"):
             if path.is_file():
                 rows += sweep_rows(label, path, scenario, learning)
@@ -173,7 +177,10 @@ def figure(scenario: str, rows: list[dict], out: Path) -> Path | None:
             curve = r["curves"].get(team)
             if curve:
                 x = sorted(curve)
-                ax.plot(x, [curve[s]["median"] for s in x], color=c, label=f"{r['label']} ({len(r['seeds'])} seeds)")
+                # a run continued to a larger budget repeats its shorter self: one legend entry per label
+                shown = any(h.startswith(r["label"] + " (") for h in ax.get_legend_handles_labels()[1])
+                ax.plot(x, [curve[s]["median"] for s in x], color=c,
+                        label=None if shown else f"{r['label']} ({len(r['seeds'])} seeds)")
                 ax.fill_between(x, [curve[s]["min"] for s in x], [curve[s]["max"] for s in x], alpha=0.15, color=c)
             elif r["budget"]:
                 v = r["cells"].get("greedy", {}).get(team)
@@ -215,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
              "Written by `python bench/learning_table.py` from the results under `bench/results/learning/` "
              "(its docstring says which file each row comes from). Median [min, max] over seeds of the mean "
              "return; every row is played on the same 50 episodes per seed (paired); `—`: not run. MATWM rows: "
-             "`cpu` preset with the paper's entropy weight 3e-4 unless the row says otherwise.", ""]
+             "`cpu` preset with the paper's entropy weight 3e-4 unless the row says otherwise. A row with fewer "
+             "seeds pairs only with the same seeds of the others (e.g. seed 0 alone: compare seed 0's values "
+             "in `summary.json`).", ""]
     summary = {}
     for scenario in ("simple_spread", "simple_tag"):
         rows = rows_for(scenario, learning)

@@ -127,6 +127,23 @@ def test_table_from_result_files(tmp_path):
     assert summary["simple_spread"]["MATWM @ 2000"]["greedy"] == [-20.0, -22.0, -18.0]
 
 
+def test_a_run_continued_to_a_larger_budget_is_a_second_row(tmp_path):
+    learning = tmp_path / "learning"
+    label = next(lab for lab, d in learning_table.MATWM if d == "issue15/ent3e-3-50k")
+    assert [d for lab, d in learning_table.MATWM if lab == label] == ["issue15/ent3e-3", "issue15/ent3e-3-50k"]
+    for d, final, v in (("ent3e-3", 2000, -19.0), ("ent3e-3-50k", 5000, -15.0)):
+        write(learning / "issue15" / d / "simple_spread" / "results.json", {"envs": {"simple_spread": {
+            "seeds": [0, 1], "steps": [1000, final],
+            "curves": {"all": {"1000": stats([-30.0, -31.0]), str(final): stats([v, v - 2])}},
+            "matchups": {"trained": {"all": stats([v, v - 2])}, "random": {"all": stats([-27.0, -28.0])}}}}})
+    assert learning_table.main(["--results", str(learning), "--readme", str(tmp_path / "none.md")]) == 0
+    md = (learning / "summary.md").read_text()
+    assert f"| {label} | 2,000 | 2 | -20.0 [-21.0, -19.0] |" in md
+    assert f"| {label} | 5,000 | 2 | -16.0 [-17.0, -15.0] |" in md
+    summary = json.loads((learning / "summary.json").read_text())["simple_spread"]
+    assert summary[f"{label} @ 5000"]["greedy"] == [-15.0, -17.0]
+
+
 def test_table_refuses_a_missing_directory(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_table.py"), "--results",
                            str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)

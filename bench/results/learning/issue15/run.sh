@@ -8,6 +8,7 @@
 #   git worktree add /work/exp 96d3e6b && python -m venv /work/exp-venv && pip install torch==2.13.0 /work/exp
 #   cd runs && PATH=/work/exp-venv/bin:$PATH RUNS=$PWD/i15 AGGREGATE=0 bash ../bench/results/learning/issue15/run.sh
 # so that editing the working tree during the hours they took could not change what later runs ran.)
+# The 50k stretch continues finished 20k runs: extend.sh VARIANT ENV SEED (same install, same $RUNS).
 set -uo pipefail
 STEPS=${STEPS:-20000}
 RUNS=${RUNS:-runs/i15}
@@ -37,8 +38,10 @@ declare -A FLAGS=(
   [ent3e-3]="--ac.entropy 3e-3"                       # lead 1: keep the policy from collapsing
   [wmreg]="$E --wm.dropout 0.1 --wm.recon-symlog true"  # lead 3: STORM's dropout, DreamerV3's symlog targets
   [ent3e-3-uniform]="--ac.entropy 3e-3 --replay.priority-decay 1"  # leads 1 + 5 together
+  [ent3e-3-imag128]="--ac.entropy 3e-3 --ac.imag-batch 128"  # lead 1's noise: twice the imagined trajectories
+  [ent3e-3-noscale]="--ac.entropy 3e-3 --wm.action-scaling false"  # leads 1 + 4 together
 )
-ORDER=${ORDER:-"base:simple_spread ent3e-3:simple_spread wmreg:simple_spread uniform:simple_spread base:simple_tag noteam:simple_spread noscale:simple_spread uniform:simple_tag noteam:simple_tag noscale:simple_tag"}
+ORDER=${ORDER:-"base:simple_spread ent3e-3:simple_spread wmreg:simple_spread uniform:simple_spread base:simple_tag noteam:simple_spread noscale:simple_spread ent3e-3-imag128:simple_spread ent3e-3-noscale:simple_spread uniform:simple_tag noteam:simple_tag noscale:simple_tag"}
 for item in $ORDER; do
   v=${item%%:*}; env=${item##*:}
   for seed in 0 1 2; do echo "$v $env $seed ${FLAGS[$v]}"; done
