@@ -39,6 +39,7 @@ MATWM = [
     ("MATWM, entropy 3e-3 (lead 1; the cpu preset's since)", "issue15/ent3e-3-50k"),
     ("MATWM, entropy 3e-3, 128 imagined trajectories (lead 1)", "issue15/ent3e-3-imag128"),
     ("MATWM, dropout 0.1 + symlog targets (lead 3)", "issue15/wmreg"),
+    ("MATWM, world-model learning rate 3e-5 (lead 3; the paper's)", "issue15/wmlr"),
     ("MATWM, entropy 3e-3 + uniform replay (leads 1 + 5)", "issue15/ent3e-3-uniform"),
     ("MATWM, entropy 3e-3, no action scaling (leads 1 + 4)", "issue15/ent3e-3-noscale"),
     ("MATWM, code of stop 9 (fp32)", "simple_spread_20k"),
