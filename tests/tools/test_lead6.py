@@ -1,5 +1,5 @@
 """bench/results/learning/issue15/lead6.py (issue 15, lead 6): the first step of each episode acted
-three ways on a trained checkpoint; its ``h0`` arm must be the protocol's own greedy evaluation."""
+four ways on a trained checkpoint; its ``h0`` arm must be the protocol's own greedy evaluation."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ EPISODES = 2
 @pytest.fixture(scope="module")
 def spread_run(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("lead6") / "run"
-    assert train.main(["--preset", "smoke", "--scenario", "simple_spread", "--device", "cpu", "--steps", "40", "--wm.batch-size", "3",
-                       "--seed", "1", "--run-dir", str(d)]) == 0
+    assert train.main(["--preset", "smoke", "--scenario", "simple_spread", "--device", "cpu", "--steps", "40",
+                       "--wm.batch-size", "3", "--seed", "1", "--run-dir", str(d)]) == 0
     return d
 
 
@@ -40,10 +40,10 @@ def test_h0_arm_is_the_protocols_greedy_evaluation(spread_run):
     assert set(res["results"]) == set(lead6.ARMS)
 
 
-def test_primed_queue_holds_the_made_up_step(spread_run):
+def test_primed_queue_holds_the_made_up_step(spread_run, monkeypatch):
     """The primed arm's first call sees one queued step: the first observation and a no-op."""
     pol = Policy(spread_run)
-    act, state = lead6.learned(pol, "primed", EPISODES)
+    act, state = lead6.learned(pol, "primed")
     obs = np.random.default_rng(0).standard_normal((pol.spec.n_agents, pol.spec.obs_dim)).astype(np.float32)
     seen = {}
     real = lead6.policy_step
@@ -52,11 +52,8 @@ def test_primed_queue_holds_the_made_up_step(spread_run):
         seen.update(count=int(count), obs=past_obs[:, 0].clone(), act=past_act[:, 0].clone())
         return real(wm, ac, past_obs, past_act, count, o, greedy)
 
-    lead6.policy_step = spy
-    try:
-        act(obs)
-    finally:
-        lead6.policy_step = real
+    monkeypatch.setattr(lead6, "policy_step", spy)
+    act(obs)
     assert seen["count"] == 1 and state["calls"] == 1
     np.testing.assert_array_equal(seen["obs"].numpy(), obs)
     assert (seen["act"] == lead6.NOOP).all()

@@ -4,7 +4,7 @@ Imagination never produces a state with h = 0: its first state pairs z_0 with th
 model's output at the last context step (SPEC §4), so the actor is trained on no state like the one
 it meets at every episode's first real step (``matwm_fast.acting``'s CHOICE).  This measures what
 that costs, on trained checkpoints and without retraining, by replaying the sweep's paired matchup
-episodes (seed s plays ``reset(seed=20,000 + 50·s + e)``, greedy) with the first step acted three ways:
+episodes (seed s plays ``reset(seed=20,000 + 50·s + e)``, greedy) with the first step acted four ways:
 
 - ``h0``: as the library acts (the queue is empty, h = 0).  Must reproduce the run's
   ``matchups.json`` greedy return exactly: the check that this script plays the protocol's episodes.
@@ -34,6 +34,7 @@ for p in (ROOT, ROOT / "bench" / "baselines"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+import heuristics  # noqa: E402  (bench/baselines: simple_spread's scripted policies, the matchup seeds)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -41,12 +42,12 @@ from matwm_fast.acting import ContextQueues, policy_step  # noqa: E402
 from matwm_fast.eval import Policy  # noqa: E402
 from matwm_fast.play import play, summarise  # noqa: E402
 
-EVAL_SEED, EPISODES, NOOP = 20_000, 50, 0  # the sweep's --baseline-seed and episodes; MPE's action 0
+EVAL_SEED, EPISODES, NOOP = heuristics.EVAL_SEED, 50, 0  # the sweep's --baseline-seed and episodes; MPE's no-op
 ARMS = ("h0", "primed", "nearest", "assignment")
 FIRST_FROM_HEURISTIC = ("nearest", "assignment")  # simple_spread's scripted policies
 
 
-def learned(pol: Policy, arm: str, episodes: int):
+def learned(pol: Policy, arm: str):
     """The learned greedy policy as ``play``'s ``act`` callable, with its own context queue and the
     first step of each episode acted per ``arm``.  MPE episodes all last ``max_cycles`` steps (no
     agent terminates), so a step counter finds the episode starts; ``calls`` lets the caller check it."""
@@ -54,8 +55,6 @@ def learned(pol: Policy, arm: str, episodes: int):
     q = ContextQueues(spec.n_agents, spec.obs_dim, cfg.train.act_context, "cpu")
     length = cfg.env.max_cycles
     state = {"calls": 0}
-    if arm in FIRST_FROM_HEURISTIC:
-        import heuristics  # bench/baselines/heuristics.py (simple_spread's observation layout)
 
     def act(obs: np.ndarray) -> np.ndarray:
         first = state["calls"] % length == 0
@@ -65,6 +64,7 @@ def learned(pol: Policy, arm: str, episodes: int):
             q.reset()
             if arm == "primed":
                 q.push(o, torch.full((spec.n_agents,), NOOP, dtype=torch.long))
+        # called in every arm, so each draws the same latent samples from the seeded generator
         a = policy_step(pol.wm, pol.ac, q.obs, q.act, q.count_t, o, greedy=True)  # (N,)
         if first and arm in FIRST_FROM_HEURISTIC:
             a = torch.as_tensor(heuristics.POLICIES[arm](obs))  # (N,)
@@ -83,7 +83,7 @@ def measure(run: Path, arms: tuple[str, ...], episodes: int) -> dict:
     for arm in arms:
         if arm in FIRST_FROM_HEURISTIC and pol.cfg.env.scenario != "simple_spread":
             continue
-        act, state = learned(pol, arm, episodes)
+        act, state = learned(pol, arm)
         returns, _, _ = play(None, None, pol.cfg.env, 1, episodes, first, "cpu", act=act)  # (E, N)
         if state["calls"] != episodes * pol.cfg.env.max_cycles:
             raise SystemExit(f"{run}: {state['calls']} steps played, expected {episodes} × {pol.cfg.env.max_cycles} "
