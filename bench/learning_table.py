@@ -32,11 +32,13 @@ LEARNING = ROOT / "bench" / "results" / "learning"
 # label may come twice (one run continued to a larger budget): the row's budget is its final step.
 MATWM = [
     ("MATWM", "issue15/base"),
+    ("MATWM", "issue15/base-50k"),
     ("MATWM, uniform replay (ablation)", "issue15/uniform"),
     ("MATWM, no teammate predictor (ablation)", "issue15/noteam"),
     ("MATWM, no action scaling (ablation)", "issue15/noscale"),
     ("MATWM, entropy 3e-3 (lead 1; the cpu preset's since)", "issue15/ent3e-3"),
     ("MATWM, entropy 3e-3 (lead 1; the cpu preset's since)", "issue15/ent3e-3-50k"),
+    ("MATWM, entropy 1e-2 (lead 1)", "issue15/ent1e-2"),
     ("MATWM, entropy 3e-3, 128 imagined trajectories (lead 1)", "issue15/ent3e-3-imag128"),
     ("MATWM, dropout 0.1 + symlog targets (lead 3)", "issue15/wmreg"),
     ("MATWM, world-model learning rate 3e-5 (lead 3; the paper's)", "issue15/wmlr"),

@@ -41,8 +41,9 @@ declare -A FLAGS=(
   [ent3e-3-imag128]="--ac.entropy 3e-3 --ac.imag-batch 128"  # lead 1's noise: twice the imagined trajectories
   [ent3e-3-noscale]="--ac.entropy 3e-3 --wm.action-scaling false"  # leads 1 + 4 together
   [wmlr]="$E --wm.lr 3e-5"                            # lead 3: the paper's world-model learning rate
+  [ent1e-2]="--ac.entropy 1e-2"                       # lead 1, one step further: the dose-response
 )
-ORDER=${ORDER:-"base:simple_spread ent3e-3:simple_spread wmreg:simple_spread uniform:simple_spread base:simple_tag noteam:simple_spread noscale:simple_spread ent3e-3-imag128:simple_spread ent3e-3-noscale:simple_spread uniform:simple_tag noteam:simple_tag noscale:simple_tag wmlr:simple_spread ent3e-3:simple_tag"}
+ORDER=${ORDER:-"base:simple_spread ent3e-3:simple_spread wmreg:simple_spread uniform:simple_spread base:simple_tag noteam:simple_spread noscale:simple_spread ent3e-3-imag128:simple_spread ent3e-3-noscale:simple_spread uniform:simple_tag noteam:simple_tag noscale:simple_tag wmlr:simple_spread ent1e-2:simple_spread ent3e-3:simple_tag"}
 for item in $ORDER; do
   v=${item%%:*}; env=${item##*:}
   for seed in 0 1 2; do echo "$v $env $seed ${FLAGS[$v]}"; done
