@@ -166,12 +166,16 @@ def figure(scenario: str, rows: list[dict], out: Path) -> Path | None:
         print("matplotlib is not installed: no figure (pip install -e '.[viz]')", file=sys.stderr)
         return None
     teams = teams_of(scenario)
-    fig, axes = plt.subplots(1, len(teams), figsize=(7 * len(teams), 4.5), squeeze=False)
-    colours: dict[str, str] = {}  # one colour per row label across panels and budgets
+    # the legend stands right of the last panel: inside, it hid the curves' last steps
+    fig, axes = plt.subplots(1, len(teams), figsize=(6 * len(teams) + 4.5, 4.8), squeeze=False)
+    # 20 colours, as tab20's dark shades then its light ones: the grid has more rows than tab10's 10,
+    # and neighbouring rows should not get two shades of one hue
+    palette = plt.get_cmap("tab20").colors[0::2] + plt.get_cmap("tab20").colors[1::2]
+    colours: dict[str, object] = {}  # one colour per row label across panels and budgets
 
-    def colour(label: str) -> str:
+    def colour(label: str) -> object:
         if label not in colours:
-            colours[label] = "0.45" if "random" in label else f"C{len([c for c in colours.values() if c[0] == 'C'])}"
+            colours[label] = "0.45" if "random" in label else palette[sum(c != "0.45" for c in colours.values()) % 20]
         return colours[label]
 
     for ax, team in zip(axes[0], teams):
@@ -200,9 +204,10 @@ def figure(scenario: str, rows: list[dict], out: Path) -> Path | None:
         ax.set_xlabel("env steps")
         ax.set_ylabel("mean episode return")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+    handles = {lab: h for ax in axes[0] for h, lab in zip(*ax.get_legend_handles_labels())}
+    fig.legend(list(handles.values()), list(handles), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.97))
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
 
