@@ -175,7 +175,7 @@ def figure(scenario: str, rows: list[dict], out: Path) -> Path | None:
 
     def colour(label: str) -> object:
         if label not in colours:
-            colours[label] = "0.45" if "random" in label else palette[sum(c != "0.45" for c in colours.values()) % 20]
+            colours[label] = "0.45" if "random" in label else palette[sum(c != "0.45" for c in colours.values()) % len(palette)]
         return colours[label]
 
     for ax, team in zip(axes[0], teams):
