@@ -17,7 +17,7 @@ import sys
 from dataclasses import fields, replace
 from typing import Any, Sequence
 
-from .config import PRESETS, SECTION_TYPES, Config, is_derived, preset
+from .config import PRESETS, SECTION_TYPES, Config, is_derived, preset, with_fields
 
 # short alias → (section, field)
 ALIASES = {
@@ -129,12 +129,7 @@ def overrides(ns: argparse.Namespace) -> dict[str, Any]:
 def apply_overrides(cfg: Config, over: dict[str, Any], scenario_args: Sequence[str] = ()) -> Config:
     from .env import parse_kwargs
 
-    sections = {sec: {} for sec in SECTION_TYPES}
-    for key, value in over.items():
-        sec, name = key.split(".", 1)
-        sections[sec][name] = value
-    new = {sec: replace(getattr(cfg, sec), **kv) for sec, kv in sections.items() if kv}
-    cfg = replace(cfg, **new)
+    cfg = with_fields(cfg, over)
     if scenario_args:
         kwargs = dict(cfg.env.kwargs)
         kwargs.update(parse_kwargs(cfg.env.scenario, list(scenario_args)))
@@ -147,8 +142,13 @@ def apply_overrides(cfg: Config, over: dict[str, Any], scenario_args: Sequence[s
 
 
 def config_from_args(ns: argparse.Namespace) -> Config:
-    """Preset, then the user's overrides."""
-    return apply_overrides(preset(ns.preset or "paper"), overrides(ns), ns.scenario_args)
+    """Preset (for the scenario asked for), then the user's overrides."""
+    return config_from(ns.preset or "paper", overrides(ns), ns.scenario_args)
+
+
+def config_from(preset_name: str, over: dict[str, Any], scenario_args: Sequence[str] = ()) -> Config:
+    """The preset for the scenario ``over`` names (its tuning included), then ``over`` itself."""
+    return apply_overrides(preset(preset_name, over.get("env.scenario")), over, scenario_args)
 
 
 def describe(cfg: Config) -> str:

@@ -426,8 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             fail(f"unknown preset {args.preset!r}; valid: {', '.join(PRESETS)}")
         if args.updates < 1:
             fail(f"--updates must be ≥ 1, got {args.updates}")
-        base = preset(args.preset)
-        cfg = replace(base, env=replace(base.env, scenario=args.scenario))
+        cfg = preset(args.preset, args.scenario)
         try:
             result = world_model_data(cfg, sorted(args.steps), args.updates, args.test_episodes, args.seed)
         except ValueError as e:

@@ -50,8 +50,8 @@ from pathlib import Path
 import torch
 
 from .. import kernels, nvtx
-from ..cli import Parser, add_config_flags, apply_overrides, describe, fail, overrides
-from ..config import PRESETS, preset
+from ..cli import Parser, add_config_flags, config_from, describe, fail, overrides
+from ..config import PRESETS
 from ..steps import resolve_backend, resolve_device, resolve_kernels
 from . import flops
 from .warm import WarmTrainer, sync
@@ -386,7 +386,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     try:
         device = resolve_device(args.device)
         name = args.preset or ("paper" if device.type == "cuda" else "cpu")
-        cfg = apply_overrides(preset(name), overrides(args), args.scenario_args)
+        cfg = config_from(name, overrides(args), args.scenario_args)
         backends = args.backend or (["eager", "compile"] + (["cudagraphs"] if device.type == "cuda" else []))
         backends = list(dict.fromkeys(backends))  # a repeated name would overwrite its own figures
         for v in backends:  # refuse before any work: cudagraphs or Triton where they cannot run

@@ -129,7 +129,7 @@ SWEEP_SET = {"env.scenario", "train.seed"}
 
 def config_changes(cfg: Config) -> list[str]:
     """How a run's saved config differs from its own preset (e.g. flags passed after ``--``)."""
-    base = preset(cfg.preset)
+    base = preset(cfg.preset, cfg.env.scenario)
     base = resolve(replace(base, env=cfg.env, train=replace(base.train, seed=cfg.train.seed)),
                    env_spec(cfg.env).n_agents)
     return [line.replace("checkpoint", "run").replace("this run", "preset")

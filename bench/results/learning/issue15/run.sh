@@ -27,8 +27,9 @@ job() {  # variant env seed [train flags...]
 export -f job
 export STEPS RUNS
 # variant: train flags (the ablations of the paper's Table 5, then the leads of issue 15).  The grid
-# compares against the paper's entropy weight 3e-4, the cpu preset's until lead 1 made it 3e-3: so
-# every variant but ent3e-3 names it (the runs were made by 96d3e6b, where 3e-4 was the default)
+# compares against the paper's entropy weight 3e-4, the cpu preset's until lead 1 made it 3e-3 on
+# simple_spread: so every variant names its entropy (the runs were made by 96d3e6b, where 3e-4 was
+# the default everywhere)
 E="--ac.entropy 3e-4"
 declare -A FLAGS=(
   [base]="$E"
@@ -42,8 +43,11 @@ declare -A FLAGS=(
   [ent3e-3-noscale]="--ac.entropy 3e-3 --wm.action-scaling false"  # leads 1 + 4 together
   [wmlr]="$E --wm.lr 3e-5"                            # lead 3: the paper's world-model learning rate
   [ent1e-2]="--ac.entropy 1e-2"                       # lead 1, one step further: the dose-response
+  # the world model's side (the diagnosis: it resolves one agent's action effect poorly), over lead 1
+  [wmbatch24]="--ac.entropy 3e-3 --wm.batch-size 24 --replay.warmup 512"  # twice the sequences per update (8 per agent need 512 warm-up steps)
+  [latent32]="--ac.entropy 3e-3 --wm.latent-vars 32 --wm.latent-classes 32"  # the paper's 32 × 32 latent
 )
-ORDER=${ORDER:-"base:simple_spread ent3e-3:simple_spread wmreg:simple_spread uniform:simple_spread base:simple_tag noteam:simple_spread noscale:simple_spread ent3e-3-imag128:simple_spread ent3e-3-noscale:simple_spread uniform:simple_tag noteam:simple_tag noscale:simple_tag wmlr:simple_spread ent1e-2:simple_spread ent3e-3:simple_tag"}
+ORDER=${ORDER:-"base:simple_spread ent3e-3:simple_spread wmreg:simple_spread uniform:simple_spread base:simple_tag noteam:simple_spread noscale:simple_spread ent3e-3-imag128:simple_spread ent3e-3-noscale:simple_spread uniform:simple_tag noteam:simple_tag noscale:simple_tag wmlr:simple_spread ent1e-2:simple_spread ent3e-3:simple_tag wmbatch24:simple_spread latent32:simple_spread"}
 for item in $ORDER; do
   v=${item%%:*}; env=${item##*:}
   for seed in 0 1 2; do echo "$v $env $seed ${FLAGS[$v]}"; done
