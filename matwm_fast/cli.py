@@ -3,7 +3,8 @@
 Every field is a flag ``--<section>.<field>`` (dashes or underscores), its help text the field's
 docstring; the common ones have short aliases (``--steps``, ``--seed``, ``--device``, ...).  Only
 flags the user gave override the preset, so ``--preset cpu --seed 3`` means the cpu preset with
-seed 3.  Unknown flags are refused with the closest valid names.
+seed 3; the preset is the one for the scenario asked for (``config.SCENARIO_TUNING``).  Unknown
+flags are refused with the closest valid names.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def _type_of(default: Any):
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """Add --preset, the aliases, --scenario-arg and one flag per config field (default: unset)."""
-    p.add_argument("--preset", default=None, help=f"named preset: {', '.join(PRESETS)} (default paper)")
+    p.add_argument("--preset", default=None,
+                   help=f"named preset: {', '.join(PRESETS)} (default paper), tuned for the scenario")
     p.add_argument("--scenario-arg", "--env-arg", dest="scenario_args", action="append", default=[],
                    metavar="KEY=VALUE", help="a scenario parameter, e.g. num_good=2 (repeatable)")
     base = Config()
