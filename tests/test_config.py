@@ -42,6 +42,15 @@ def test_command_line_gets_the_tuning_of_the_scenario_it_names(alias):
     assert from_cli("--preset", "cpu").ac.entropy == 3e-4
 
 
+def test_cpu_world_model_batch_is_per_scenario():
+    """issue 15: twice the world-model sequences per update helped simple_spread; it needs a warm-up
+    long enough for 8 non-overlapping sequences per agent, which resolve() checks."""
+    spread, tag = preset("cpu", "simple_spread"), preset("cpu", "simple_tag")
+    assert (spread.wm.batch_size, spread.replay.warmup) == (24, 512)
+    assert (tag.wm.batch_size, tag.replay.warmup) == (12, 500)
+    assert resolve(spread, 3).wm.batch_per_agent == 8
+
+
 def test_user_flags_win_over_the_tuning():
     cfg = from_cli("--preset", "cpu", "--env", "simple_spread", "--ac.entropy", "1e-3")
     assert cfg.ac.entropy == 1e-3
