@@ -47,6 +47,9 @@ MATWM = [
     ("MATWM, entropy 3e-3, world-model batch 24 (the cpu preset's on simple_spread)", "issue15/wmbatch24"),
     ("MATWM, entropy 3e-3, latent 32 × 32 (the paper's)", "issue15/latent32"),
     ("MATWM, entropy 3e-3, world-model learning rate 1e-3", "issue15/wmlr1e-3"),
+    ("MATWM, entropy 3e-3, world-model batch 48", "issue15/wmbatch48"),
+    ("MATWM, entropy 3e-3, world-model batch 24, no action scaling", "issue15/wmbatch24-noscale"),
+    ("MATWM, entropy 3e-3, world-model batch 24, 128 imagined trajectories", "issue15/wmbatch24-imag128"),
     ("MATWM, code of stop 9 (fp32)", "simple_spread_20k"),
     ("MATWM, code of stop 9 (fp32), 3k steps", "."),
 ]

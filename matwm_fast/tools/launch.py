@@ -322,7 +322,7 @@ def add_flags(p) -> None:
     p.add_argument("--jobs", type=int, default=None, help="local: training subprocesses at a time (default 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch/OMP threads per training (default: local, CPU cores // jobs; ray, --cpus-per-trial; "
-                        "at least 1)")
+                        "at least 1), and of the sweep's own evaluation (default 1)")
     ray = p.add_argument_group("--launcher ray")
     ray.add_argument("--address", default=None,
                      help="the cluster: auto (the one this node belongs to) or HOST:PORT of its head "

@@ -127,3 +127,18 @@ def test_a_bad_flag_for_train_is_refused_once_before_anything_starts(tmp_path, c
     err = capsys.readouterr().err
     assert e.value.code == 2 and "unrecognized arguments: --wm.lrr" in err and "did you mean --wm.lr" in err
     assert not out.exists()
+
+
+def test_the_sweeps_evaluation_uses_one_thread_unless_told(tmp_path, monkeypatch):
+    # two threads acting on N rows only spin-wait beside other trainings (--aggregate-only is run beside them)
+    import torch
+
+    from matwm_fast.tools import sweep as sw
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    out = tmp_path / "runs"
+    base = ["--env", "simple_tag", "--preset", "smoke", "--out", str(out), "--aggregate-only"]
+    assert sw.main(base) == 1  # nothing to aggregate yet
+    assert sw.main([*base, "--threads", "3"]) == 1
+    assert calls == [1, 3]

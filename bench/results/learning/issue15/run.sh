@@ -47,9 +47,13 @@ declare -A FLAGS=(
   [wmbatch24]="--ac.entropy 3e-3 --wm.batch-size 24 --replay.warmup 512"  # twice the sequences per update (8 per agent need 512 warm-up steps)
   [latent32]="--ac.entropy 3e-3 --wm.latent-vars 32 --wm.latent-classes 32"  # the paper's 32 × 32 latent
   [wmlr1e-3]="--ac.entropy 3e-3 --wm.lr 1e-3"         # lead 3's learning rate the other way (3e-5 cost every seed)
-  [wmbatch48]="--ac.entropy 3e-3 --wm.batch-size 48 --replay.warmup 1024"  # wmbatch24's dose-response (started, not finished)
+  [wmbatch48]="--ac.entropy 3e-3 --wm.batch-size 48 --replay.warmup 1024"  # wmbatch24's dose-response
+  # wmbatch24 with the two leads that came closest over lead 1 alone (each shares or adds data the
+  # actor's update sees: one action column for all agents; twice the imagined trajectories)
+  [wmbatch24-noscale]="--ac.entropy 3e-3 --wm.batch-size 24 --replay.warmup 512 --wm.action-scaling false"
+  [wmbatch24-imag128]="--ac.entropy 3e-3 --wm.batch-size 24 --replay.warmup 512 --ac.imag-batch 128"
 )
-ORDER=${ORDER:-"base:simple_spread ent3e-3:simple_spread wmreg:simple_spread uniform:simple_spread base:simple_tag noteam:simple_spread noscale:simple_spread ent3e-3-imag128:simple_spread ent3e-3-noscale:simple_spread uniform:simple_tag noteam:simple_tag noscale:simple_tag wmlr:simple_spread ent1e-2:simple_spread ent3e-3:simple_tag wmbatch24:simple_spread latent32:simple_spread wmlr1e-3:simple_spread"}
+ORDER=${ORDER:-"base:simple_spread ent3e-3:simple_spread wmreg:simple_spread uniform:simple_spread base:simple_tag noteam:simple_spread noscale:simple_spread ent3e-3-imag128:simple_spread ent3e-3-noscale:simple_spread uniform:simple_tag noteam:simple_tag noscale:simple_tag wmlr:simple_spread ent1e-2:simple_spread ent3e-3:simple_tag wmbatch24:simple_spread latent32:simple_spread wmlr1e-3:simple_spread wmbatch48:simple_spread wmbatch24-noscale:simple_spread wmbatch24-imag128:simple_spread"}
 for item in $ORDER; do
   v=${item%%:*}; env=${item##*:}
   for seed in 0 1 2; do echo "$v $env $seed ${FLAGS[$v]}"; done
