@@ -220,7 +220,7 @@ def _run(args, argv: list[str], extra: list[str], train: bool, out: Path, result
         except (ImportError, ConnectionError) as e:  # Ray missing or its cluster unreachable
             fail(str(e))
         print(f"sweep: training done in {time.perf_counter() - t0:.1f} s")
-    # Evaluation acts on batches of N rows: a second thread gains ~1.15x on an idle 2-core machine
+    # Evaluation acts on batches of N rows: a second thread gains ~1.1x on an idle 2-core machine
     # (5-7 s per run's matchups), and beside other trainings it only spin-waits (issue 15, niced,
     # 2-core AMD EPYC: ~17 min per run's matchups with two threads, ~2.5 min with one).  So one
     # thread, as eval.py's default, unless --threads says otherwise.
