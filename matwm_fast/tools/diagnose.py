@@ -370,7 +370,8 @@ def build_parser() -> Parser:
     d.add_argument("--width", type=int, default=256, help="MLP width (default 256)")
     d.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     d.add_argument("--batch", type=int, default=384,
-                   help="batch size (default 384: the cpu preset's world-model batch when this was measured, 12 × 32 steps)")
+                   help="batch size (default 384: the cpu preset's world-model batch when this was measured, "
+                        "12 × 32 steps)")
     return p
 
 
