@@ -52,7 +52,7 @@ declare -A FLAGS=(
   # actor's update sees: one action column for all agents; twice the imagined trajectories)
   [wmbatch24-noscale]="--ac.entropy 3e-3 --wm.batch-size 24 --replay.warmup 512 --wm.action-scaling false"
   [wmbatch24-imag128]="--ac.entropy 3e-3 --wm.batch-size 24 --replay.warmup 512 --ac.imag-batch 128"
-  # batch 24 on simple_tag, whose cpu preset keeps the paper's entropy (started at the end of a session)
+  # batch 24 on simple_tag, whose cpu preset keeps the paper's entropy (seeds 0 and 1 resumed from a checkpoint)
   [wmbatch24-ent3e-4]="--ac.entropy 3e-4 --wm.batch-size 24 --replay.warmup 512"
   # batch 24 with the paper's imagination horizon for three agents (12; the cpu preset has 8)
   [wmbatch24-h12]="--ac.entropy 3e-3 --wm.batch-size 24 --replay.warmup 512 --ac.horizon 12"
