@@ -85,9 +85,10 @@ class WorldModelConfig:
     """Agent k's action a enters the world model as index k·A + a (paper §4.2).  Off (the paper's
     ablation): index a, the same action columns for every agent."""
     batch_size: int = 16
-    """World-model sequences per update, in total over all agents (split equally)."""
+    """World-model sequences per update, in total over all agents, split equally: batch_size // agents
+    from each (SPEC §1), and what that totals written back (the paper's 16 runs as 15 on 3 agents)."""
     batch_per_agent: int = field(default=0, metadata=DERIVED)
-    """Sequences drawn from each agent's buffer per update: batch_size / agents (derived)."""
+    """Sequences drawn from each agent's buffer per update: batch_size // agents (derived)."""
     seq_len: int = 64
     """Length of each world-model training sequence."""
     lr: float = 3e-5
@@ -146,6 +147,10 @@ class ReplayConfig:
 class TrainConfig:
     wm_every: int = 1
     """World-model update every this many env steps (after warm-up)."""
+    wm_updates: int = 1
+    """World-model updates at each of those env steps, each on a batch of its own (the paper: 1).
+    More updates per env step, not more sequences per update: issue 15's test of whether the
+    world model is short of updates or of data at 20k steps."""
     agent_every: int = 1
     """Actor-critic update every this many env steps (after warm-up)."""
     act_context: int = 16
@@ -164,6 +169,11 @@ class RunConfig:
     """Step-function backend: eager, compile, cudagraphs, auto (cudagraphs on CUDA, eager on the CPU)."""
     kernels: str = "auto"
     """Kernel implementation: ref, triton, auto (Triton under eager on CUDA, else the reference ops)."""
+    rollout_graph: str = "auto"
+    """What a compiled backend makes one graph of in imagination: ``whole`` (the rollout with its H
+    steps unrolled: fewest launches and guard checks, compilation growing with H), ``step`` (the
+    prefill, one decode step run H times, the last state: compilation independent of H), or auto
+    (step on CUDA, where the whole rollout took minutes to compile; whole on the CPU)."""
     amp: str = "auto"
     """Precision of the world model and imagination: bf16 autocast, fp32, or auto (bf16 on CUDA)."""
     threads: int = 1
@@ -338,8 +348,9 @@ RULES: dict[str, tuple] = {
     "replay.capacity": _int(1), "replay.priority_decay": _num(0, 1, lo_open=True), "replay.warmup": _int(1),
     "train.wm_every": _int(1), "train.agent_every": _int(1), "train.act_context": _int(1),
     "train.seed": _int(0, 2**32 - 1),  # numpy's seeding range
-    "run.steps": _int(1), "run.device": ("device",), "run.backend": _choice("eager", "compile", "cudagraphs", "auto"),
+    "train.wm_updates": _int(1), "run.steps": _int(1), "run.device": ("device",), "run.backend": _choice("eager", "compile", "cudagraphs", "auto"),
     "run.kernels": _choice("ref", "triton", "auto"), "run.amp": _choice("auto", "bf16", "fp32"),
+    "run.rollout_graph": _choice("whole", "step", "auto"),
     "run.threads": _int(0), "run.log_every": _int(1), "run.checkpoint_every": _int(0),
     "run.keep_checkpoints": _int(1), "run.eval_every": _int(0), "run.eval_episodes": _int(1),
 }
@@ -385,11 +396,10 @@ def validate(cfg: Config, n_agents: int) -> None:
     and says what is allowed."""
     check_fields(cfg)
     wm, ac, rp, tr = cfg.wm, cfg.ac, cfg.replay, cfg.train
-    if wm.batch_size % n_agents != 0:
-        lo = max(n_agents, wm.batch_size // n_agents * n_agents)
+    if wm.batch_size < n_agents:
         raise ValueError(
-            f"wm.batch_size={wm.batch_size} is not divisible by the {n_agents} agents of "
-            f"{cfg.env.scenario}; use a multiple of {n_agents}, e.g. {lo} or {lo + n_agents}")
+            f"wm.batch_size={wm.batch_size} is below the {n_agents} agents of {cfg.env.scenario}: each agent "
+            f"needs at least one sequence; use {n_agents} or more")
     if wm.batch_per_agent not in (0, wm.batch_size // n_agents):
         raise ValueError(f"wm.batch_per_agent={wm.batch_per_agent} is derived (wm.batch_size / agents = "
                          f"{wm.batch_size // n_agents}); set wm.batch_size instead")
@@ -442,7 +452,8 @@ def resolve(cfg: Config, n_agents: int) -> Config:
     that runs (idempotent: resolving a resolved config changes nothing)."""
     validate(cfg, n_agents)
     batch, horizon = imagination_size(n_agents, cfg.ac)
-    return replace(cfg, wm=replace(cfg.wm, batch_per_agent=cfg.wm.batch_size // n_agents),
+    per_agent = cfg.wm.batch_size // n_agents  # SPEC §1: "16 // 4 = 4 per agent"; 16 // 3 = 5
+    return replace(cfg, wm=replace(cfg.wm, batch_size=per_agent * n_agents, batch_per_agent=per_agent),
                    ac=replace(cfg.ac, imag_batch=batch, horizon=horizon))
 
 

@@ -32,7 +32,8 @@ from . import kernels
 from .acting import policy_step
 from .actor_critic import ActorCritic
 from .config import ActorCriticConfig, RunConfig
-from .imagination import ImagCaches, ImagNoise, Rollout
+from . import imagination as imag
+from .imagination import EAGER, ImagCaches, ImagNoise, Pieces, Rollout
 from .imagination import imagine as _imagine
 from .losses import actor_critic_loss, world_model_loss
 from .nn import ema_update, per_agent_grad_clip
@@ -50,11 +51,12 @@ class Runtime:
     backend: str  # eager | compile | cudagraphs
     kernels: str  # ref | triton: what every kernel call of the model runs
     amp: torch.dtype | None  # autocast dtype of the world model and imagination; None = float32
+    rollout_graph: str = "whole"  # whole | step: what a compiled backend makes one graph of in imagination
 
     def describe(self) -> dict:
         """What ran, for config.json and logs."""
         return {"device": str(self.device), "backend": self.backend, "kernels": self.kernels,
-                "amp": {None: "fp32", torch.bfloat16: "bf16"}[self.amp]}
+                "amp": {None: "fp32", torch.bfloat16: "bf16"}[self.amp], "rollout_graph": self.rollout_graph}
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -122,10 +124,22 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if name == "bf16" else None
 
 
+def resolve_rollout_graph(name: str, device: torch.device) -> str:
+    """``auto``: one graph per piece on CUDA, where the first GPU run (bench/results/gpu/) could
+    not compile the unrolled rollout within minutes; the whole rollout on the CPU, where a 20k-step
+    run amortises its compilation and saves H guard checks per env step."""
+    if name == "auto":
+        return "step" if device.type == "cuda" else "whole"
+    if name not in ("whole", "step"):
+        raise ValueError(f"--run.rollout-graph {name!r}: valid: whole, step, auto")
+    return name
+
+
 def resolve_runtime(run: RunConfig) -> Runtime:
     device = resolve_device(run.device)
     backend = resolve_backend(run.backend, device)
-    return Runtime(device, backend, resolve_kernels(run.kernels, device, backend), resolve_amp(run.amp, device))
+    return Runtime(device, backend, resolve_kernels(run.kernels, device, backend), resolve_amp(run.amp, device),
+                   resolve_rollout_graph(run.rollout_graph, device))
 
 
 def autocast(device: torch.device, amp: torch.dtype | None):
@@ -161,9 +175,31 @@ def wm_opt_step(wm: WorldModel, opt: torch.optim.Optimizer, grad_clip: float) ->
 
 
 def imagine(wm: WorldModel, ac: ActorCritic, obs: Tensor, act: Tensor, first: Tensor, agents: Tensor, horizon: int,
-            caches: ImagCaches, noise: ImagNoise | None, amp: torch.dtype | None) -> Rollout:
+            caches: ImagCaches, noise: ImagNoise | None, amp: torch.dtype | None, pieces: Pieces = EAGER) -> Rollout:
     with torch.no_grad(), autocast(obs.device, amp):
-        return _imagine(wm, ac, obs, act, first, agents, horizon, caches, noise)
+        return _imagine(wm, ac, obs, act, first, agents, horizon, caches, noise, pieces)
+
+
+# imagination's pieces, each under no_grad and autocast of its own: what the ``step`` rollout
+# graph compiles (one function, one code object and one Dynamo cache each)
+def imagine_prefill(*args, amp: torch.dtype | None):
+    with torch.no_grad(), autocast(args[1].device, amp):
+        return imag.prefill(*args)
+
+
+def imagine_step(*args, amp: torch.dtype | None):
+    with torch.no_grad(), autocast(args[2].device, amp):
+        return imag.step(*args)
+
+
+def imagine_state(*args, amp: torch.dtype | None):
+    with torch.no_grad(), autocast(args[1].device, amp):
+        return imag.state(*args)
+
+
+def rollout_pieces(rt: Runtime, compile_fn: Callable) -> Pieces:
+    """The ``step`` rollout graph: :func:`imagine` strings together the compiled pieces."""
+    return Pieces(*(partial(compile_fn(f), amp=rt.amp) for f in (imagine_prefill, imagine_step, imagine_state)))
 
 
 def ac_loss(ac: ActorCritic, states: Tensor, actions: Tensor, rewards: Tensor, continues: Tensor,
@@ -237,5 +273,6 @@ def compile_steps(rt: Runtime) -> Steps:
     if rt.backend == "eager":
         return Steps(wm_loss, wm_opt_step, imagine, ac_loss, ac_opt_step, policy_step)
     c = partial(torch.compile, fullgraph=True, dynamic=False, options=compile_options(rt))
-    return Steps(wm_loss=c(wm_loss), wm_opt_step=c(wm_opt_step), imagine=c(imagine), ac_loss=c(ac_loss),
+    rollout = c(imagine) if rt.rollout_graph == "whole" else partial(imagine, pieces=rollout_pieces(rt, c))
+    return Steps(wm_loss=c(wm_loss), wm_opt_step=c(wm_opt_step), imagine=rollout, ac_loss=c(ac_loss),
                  ac_opt_step=c(ac_opt_step), act=c(policy_step))

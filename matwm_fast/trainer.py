@@ -67,6 +67,13 @@ class Trainer:
         self.wm_opt = torch.optim.Adam(self.wm.parameters(), lr=lr(cfg.wm.lr), eps=cfg.wm.adam_eps, capturable=graphs)
         self.ac_opt = torch.optim.Adam([{"params": self.ac.actor_params()}, {"params": self.ac.critic_params()}],
                                        lr=lr(cfg.ac.lr), eps=cfg.ac.adam_eps, capturable=graphs)
+        # every gradient in a buffer of its own, allocated once, that backward accumulates into in
+        # place.  Left to autograd, a parameter's first .grad is the backward graph's output itself;
+        # under CUDA graphs that tensor lives in the graph's memory pool and the next replay
+        # overwrites it (the first GPU run failed so at its second update: bench/results/gpu/)
+        for group in (*self.wm_opt.param_groups, *self.ac_opt.param_groups):
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
         self.replay = ReplayBuffer(n, spec.obs_dim, cfg.replay.capacity, self.device, seed=cfg.train.seed + 1)
         self.queues = ContextQueues(n, spec.obs_dim, cfg.train.act_context, self.device)
         self.caches = ImagCaches.allocate(self.wm, n * cfg.ac.imag_batch, cfg.ac.context_len, cfg.ac.horizon,
@@ -160,14 +167,16 @@ class Trainer:
         metrics: dict[str, Tensor] = {}
         cfg = self.cfg
         if self.step % cfg.train.wm_every == 0:
-            with phase("replay_sample"):
-                batch = self.replay.sample_sequences(cfg.wm.batch_per_agent, cfg.wm.seq_len, cfg.replay.priority_decay)
-            with phase("wm_update"):
-                wm_m = self.wm_update(batch)
-            self._flag_nonfinite(wm_m["total"].reshape(1), 0)
+            for _ in range(cfg.train.wm_updates):  # each on a fresh batch; the row shows the last
+                with phase("replay_sample"):
+                    batch = self.replay.sample_sequences(cfg.wm.batch_per_agent, cfg.wm.seq_len,
+                                                         cfg.replay.priority_decay)
+                with phase("wm_update"):
+                    wm_m = self.wm_update(batch)
+                self._flag_nonfinite(wm_m["total"].reshape(1), 0)
             metrics.update({f"shared_wm_{k}_loss" if k != "grad_norm" else "shared_wm_grad_norm": v
                             for k, v in wm_m.items()})
-            rows = batch.agent.shape[0]  # host-known shapes: counted without a sync
+            rows = batch.agent.shape[0] * cfg.train.wm_updates  # host-known shapes: counted without a sync
             metrics["wm_sequences"] = self.counters["wm_sequences"].fill_(rows)
             metrics["wm_sequences_per_agent"] = self.counters["wm_sequences_per_agent"].fill_(rows // self.n)
         if self.step % cfg.train.agent_every == 0:

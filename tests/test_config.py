@@ -3,7 +3,7 @@
 import pytest
 
 from matwm_fast.cli import config_from_args
-from matwm_fast.config import PRESETS, SCENARIO_TUNING, RULES, check_fields, preset, resolve
+from matwm_fast.config import PRESETS, SCENARIO_TUNING, RULES, check_fields, preset, resolve, with_fields
 from matwm_fast.env import SCENARIOS, env_spec
 from matwm_fast.train import build_parser
 
@@ -49,6 +49,20 @@ def test_cpu_world_model_batch_is_per_scenario():
     assert (spread.wm.batch_size, spread.replay.warmup) == (24, 512)
     assert (tag.wm.batch_size, tag.replay.warmup) == (12, 500)
     assert resolve(spread, 3).wm.batch_per_agent == 8
+
+
+def test_world_model_batch_splits_by_floor_division_and_writes_back_what_runs():
+    """SPEC §1: 16 sequences, 16 // agents from each agent's buffer.  The paper preset refused
+    simple_spread's 3 agents until the first GPU run (2026-11-27) met it; now it runs 5 per agent,
+    and the config that is logged says 15, the total that ran."""
+    spread = resolve(preset("paper", "simple_spread"), 3)
+    assert (spread.wm.batch_size, spread.wm.batch_per_agent) == (15, 5)
+    assert resolve(spread, 3) == spread  # idempotent: the resolved config is what the trainer checks
+    tag = resolve(preset("paper", "simple_tag"), 4)
+    assert (tag.wm.batch_size, tag.wm.batch_per_agent) == (16, 4)
+    assert resolve(preset("smoke", "simple_spread"), 3).wm.batch_size == 3  # 4 // 3 = 1 per agent
+    with pytest.raises(ValueError, match="wm.batch_size=2 is below the 3 agents"):
+        resolve(with_fields(preset("smoke"), {"wm.batch_size": 2}), 3)
 
 
 def test_user_flags_win_over_the_tuning():

@@ -38,9 +38,9 @@ BAD = [
     (["--preset", "smoke", "--scenario-arg", "num_goood=2"],
      "simple_tag has no parameter 'num_goood'; valid: num_good, num_adversaries"),
     (["--preset", "smoke", "--backend", "fast"], "--run.backend 'fast': valid: eager, compile, cudagraphs, auto"),
-    # impossible configs: 4 world-model sequences cannot be split over 3 agents ...
-    (["--preset", "smoke", "--scenario", "simple_spread"],
-     "wm.batch_size=4 is not divisible by the 3 agents of simple_spread; use a multiple of 3, e.g. 3 or 6"),
+    # impossible configs: 2 world-model sequences leave one of 3 agents without one ...
+    (["--preset", "smoke", "--scenario", "simple_spread", "--wm.batch-size", "2"],
+     "wm.batch_size=2 is below the 3 agents of simple_spread: each agent needs at least one sequence; use 3 or more"),
     (["--preset", "smoke", "--threads", "-1"], "--run.threads -1: must be an integer ≥ 0"),
     # ... and 40 context + 3 imagined steps do not fit the smoke transformer's 16 positions
     (["--preset", "smoke", "--ac.context-len", "40"],

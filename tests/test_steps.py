@@ -10,8 +10,8 @@ from matwm_fast.imagination import ImagNoise
 from matwm_fast.trainer import build
 
 
-def trainer(backend: str):
-    tr = build(preset("smoke"), device="cpu", backend=backend)
+def trainer(backend: str, **run):
+    tr = build(preset("smoke"), device="cpu", backend=backend, **run)
     while not tr.warm:
         tr.env_step()
     return tr
@@ -62,6 +62,30 @@ def test_imagination_matches_under_same_draws(pair):
     close(a.rewards, b.rewards)
 
 
+def test_the_step_rollout_graph_equals_eager_and_does_not_recompile(pair):
+    """``rollout_graph=step`` (CUDA's default): the prefill, one decode step run H times and the
+    last state as three graphs.  Same rollout as eager under the same draws, and its H decode
+    calls (a different cache slot each) reuse one graph."""
+    eager = pair[0]
+    step = trainer("compile", rollout_graph="step")
+    assert step.rt.rollout_graph == "step" and pair[1].rt.rollout_graph == "whole"  # the CPU's auto
+    step.wm.load_state_dict(eager.wm.state_dict())
+    step.ac.load_state_dict(eager.ac.state_dict())
+    ctx = eager.replay.sample_contexts(eager.cfg.ac.imag_batch, eager.cfg.ac.context_len)
+    noise = noise_for(eager)
+    a, b = eager.imagine(ctx, noise), step.imagine(ctx, noise)
+    assert torch.equal(a.actions, b.actions) and torch.equal(a.continues, b.continues)
+    close(a.states, b.states)
+    close(a.rewards, b.rewards)
+    step.imagine(ctx)  # compiles the variant that draws its own noise, as training does
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        for _ in range(2):
+            step.imagine(ctx)  # fresh draws, other cache slots: no recompile
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+
+
 def test_actor_critic_update_matches(pair):
     eager, comp = pair
     ctx = eager.replay.sample_contexts(eager.cfg.ac.imag_batch, eager.cfg.ac.context_len)
@@ -93,6 +117,26 @@ def test_no_recompile_across_env_steps(pair):
     # steady state traces nothing new: no new graphs, no new graph breaks
     assert counters["stats"]["unique_graphs"] == graphs
     assert sum(counters["graph_break"].values()) == breaks
+
+
+def _grad_buffers(tr) -> dict[int, int]:
+    return {id(p): p.grad.data_ptr() for g in (*tr.wm_opt.param_groups, *tr.ac_opt.param_groups)
+            for p in g["params"]}
+
+
+def test_gradients_live_in_buffers_allocated_once(pair):
+    """Backward accumulates into one buffer per parameter, made with the trainer, never into the
+    tensor autograd would hand over: under CUDA graphs that is the backward graph's own output,
+    which its next replay overwrites (the first GPU run, 2026-11-27, failed so at its second
+    update).  The buffers exist before any update and are the same storage after updates."""
+    fresh = trainer("eager")
+    assert all(p.grad is not None for g in fresh.wm_opt.param_groups for p in g["params"])
+    for tr in (fresh, pair[1]):  # eager and compiled backward alike
+        before = _grad_buffers(tr)
+        for _ in range(2):
+            tr.train_step()
+        assert _grad_buffers(tr) == before
+        assert any(p.grad.abs().sum() > 0 for p in tr.wm.parameters())  # the buffers are the ones written
 
 
 def test_optimizer_step_is_torchs_step():

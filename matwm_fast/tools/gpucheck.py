@@ -25,8 +25,11 @@ time never stops the next one.
 This module is the runner (plan, clock, subprocesses, results, CLI); what each stage runs and how
 it judges the outcome is :mod:`matwm_fast.tools.gpustages`.
 
-Caps (seconds, :data:`GPU_CAPS`): env 10, tests 120, speed 210, train 85, ncu 55 — 480 in all, so
-a whole run fits in 8 minutes of a 10-minute device call.  A stage's deadline is the sum of the
+Caps (seconds, :data:`GPU_CAPS`): env 10, tests 140, speed 240, train 60, ncu 50 — 500 in all, so
+a whole run fits a 540-second device call.  The first GPU run (bench/results/gpu/, 2026-11-27) spent
+them on compilation: every compiled process ran out of time, so each cold compile is now paid once
+(``cudagraphs`` then ``train``, ``compile`` then ``ncu`` share their Inductor graphs), the rollout
+compiles per step on CUDA (``run.rollout_graph``), and ``cudagraphs`` goes before ``compile``.  A stage's deadline is the sum of the
 caps up to it: it may use what earlier stages left unused, never what later ones are owed.  All
 processes share Inductor's cache directory, so later stages reuse what earlier ones compiled, and
 compile with as many threads as the machine has cores.
@@ -58,7 +61,7 @@ from .gpustages import RUNNERS
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: stages run its tests and modules
 STAGES = ("env", "tests", "speed", "train", "ncu")
-GPU_CAPS = {"env": 10, "tests": 120, "speed": 210, "train": 85, "ncu": 55}
+GPU_CAPS = {"env": 10, "tests": 140, "speed": 240, "train": 60, "ncu": 50}
 # the CPU rehearsal's caps only catch a hang: a fresh Inductor cache costs ~100 s of compilation there
 REHEARSAL_CAPS = {"env": 60, "tests": 300, "speed": 600, "train": 180, "ncu": 240}
 LOG_TAIL = 1 << 20  # bytes of each command's output kept in log.txt
@@ -93,7 +96,8 @@ def plan(rehearse: bool) -> Plan:
     if rehearse:
         return Plan(True, "smoke", "cpu", (("eager:ref", 1), ("eager:triton", 1), ("compile", 4)), ("cudagraphs",),
                     speed_steps=2, speed_warmup=1, train_steps=60, log_every=10, caps=dict(REHEARSAL_CAPS))
-    return Plan(False, "paper", "cuda", (("eager:ref", 30), ("eager:triton", 30), ("compile", 80), ("cudagraphs", 70)),
+    # cudagraphs first: what training runs on CUDA, and the train stage reuses its compiled graphs
+    return Plan(False, "paper", "cuda", (("eager:ref", 25), ("eager:triton", 25), ("cudagraphs", 100), ("compile", 90)),
                 (), speed_steps=20, speed_warmup=3, train_steps=1500, log_every=100, caps=dict(GPU_CAPS))
 
 
@@ -229,6 +233,10 @@ def summary(res: dict) -> str:
                        f"{f['phases_ms']['ac_update']:.2f} | {f['imagined_steps_per_s']:,.0f} | "
                        f"{'-' if frac is None else f'{100 * frac:.1f}%'} | {f['peak_memory_mib']:,.0f} | "
                        f"{f['warmup_s']:.1f} | {r['seconds']:.0f} |")
+        firsts = [f"- `{v}`: " + ", ".join(f"{k} {x:.1f}" for k, x in r["figures"]["first_step_s"].items())
+                  for v, r in speed["variants"].items() if (r.get("figures") or {}).get("first_step_s")]
+        if firsts:
+            out += ["", "Seconds of each phase of the first training step (compilation and capture):", ""] + firsts
         if speed.get("tables_md"):
             out += ["", "<details><summary>per-phase tables</summary>", "", speed["tables_md"], "</details>"]
     for name, r in st.items():  # what went wrong: failing tests, the end of each failed command's output

@@ -221,7 +221,8 @@ def check_rows(rows: list[dict], cfg) -> tuple[dict, list[str]]:
     from ..env import env_spec
 
     spec = env_spec(cfg.env)
-    want = {"wm_sequences": cfg.wm.batch_size, "imagined_steps": spec.n_agents * cfg.ac.imag_batch * cfg.ac.horizon}
+    want = {"wm_sequences": cfg.wm.batch_size * cfg.train.wm_updates,
+            "imagined_steps": spec.n_agents * cfg.ac.imag_batch * cfg.ac.horizon}
     problems = [] if rows else ["no row after warm-up"]
     if cfg.preset == "paper" and cfg.env.scenario == "simple_tag" and want != SPEC_BUDGET:
         problems.append(f"budget {want} is not SPEC §1's {SPEC_BUDGET}")

@@ -166,8 +166,10 @@ class BackendRun:
         w = WarmTrainer.build(cfg, warmup_steps, backend=self.backend, device=str(device),
                               kernels=kern or cfg.run.kernels)
         self.tr, self.fill_s, self.warmup_s, self.cfg = w.tr, w.fill_s, w.warmup_s, w.tr.cfg
+        self.first_step_s = w.first_step_s
+        first = ", ".join(f"{k} {v:.1f}" for k, v in w.first_step_s.items())
         log(f"[{variant}] {self.tr.rt.describe()}: replay filled in {self.fill_s:.1f} s; {warmup_steps} warm-up "
-            f"steps in {self.warmup_s:.1f} s (compilation included)")
+            f"steps in {self.warmup_s:.1f} s (compilation included; the first step's phases, s: {first or '-'})")
         self.timer = PhaseTimer(device)
         self.step_s: list[float] = []
 
@@ -214,7 +216,7 @@ class BackendRun:
         return {
             "backend": self.backend, "runtime": tr.rt.describe(), "budget": budget,
             "steps": steps, "warmup_steps": self.warmup_steps,
-            "fill_s": round(self.fill_s, 3), "warmup_s": round(self.warmup_s, 3),
+            "fill_s": round(self.fill_s, 3), "warmup_s": round(self.warmup_s, 3), "first_step_s": self.first_step_s,
             "step_ms": 1e3 * mean, "step_ms_median": 1e3 * statistics.median(step_s),
             "step_ms_min": 1e3 * min(step_s), "step_ms_std": 1e3 * (statistics.stdev(step_s) if steps > 1 else 0.0),
             "step_ms_each": [round(1e3 * t, 3) for t in step_s],  # stalls of a shared machine show here

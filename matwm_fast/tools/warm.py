@@ -8,11 +8,13 @@ are timed separately and never inside a measurement.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from .. import nvtx
 from ..config import Config
 from ..imagination import Rollout
 from ..replay import Batch
@@ -29,6 +31,8 @@ class WarmTrainer:
     tr: Trainer
     fill_s: float  # seconds to fill the replay past warm-up
     warmup_s: float  # seconds of the warm-up training steps (compilation included)
+    # seconds of each phase of the first training step: where compilation and capture went
+    first_step_s: dict[str, float] = field(default_factory=dict)
 
     @staticmethod
     def build(cfg: Config, warmup_steps: int = 3, **run) -> "WarmTrainer":
@@ -38,11 +42,16 @@ class WarmTrainer:
         while not tr.warm:  # random actions until every buffer holds replay.warmup transitions
             tr.env_step()
         fill_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(warmup_steps):  # compilation, CUDA-graph capture, allocator warm-up
-            tr.train_step()
+        t0, first = time.perf_counter(), {}
+        for i in range(warmup_steps):  # compilation, CUDA-graph capture, allocator warm-up
+            if i == 0:
+                nvtx.set_listener(lambda name: _timed(name, first, tr.device))
+            try:
+                tr.train_step()
+            finally:
+                nvtx.set_listener(None)
         sync(tr.device)
-        return WarmTrainer(tr, fill_s, time.perf_counter() - t0)
+        return WarmTrainer(tr, fill_s, time.perf_counter() - t0, {k: round(v, 3) for k, v in first.items()})
 
     def fixed_inputs(self) -> tuple[Batch, Batch, Rollout]:
         """A world-model batch, imagination contexts and a private copy of one rollout, sampled
@@ -54,6 +63,17 @@ class WarmTrainer:
         roll = Rollout(*(t.clone() for t in (roll.states, roll.actions, roll.rewards, roll.continues)))
         sync(tr.device)
         return batch, ctx, roll
+
+
+@contextlib.contextmanager
+def _timed(name: str, into: dict[str, float], device: torch.device):
+    """Host seconds of one phase, device work included (a sync at its end: warm-up only)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        sync(device)
+        into[name] = into.get(name, 0.0) + time.perf_counter() - t0
 
 
 def with_run(cfg: Config, **run) -> Config:

@@ -69,9 +69,20 @@ def test_two_hot_ref_leading_dims():
 # twohot_ce forward / backward vs float64                                        #
 # ----------------------------------------------------------------------------- #
 def _loss64(logits, target, bins):
+    """The float64 reference on the logits' device: targets and bins follow the logits there (on
+    CUDA a CPU ``bins`` is a device mismatch, which the CPU alone never shows)."""
     x = logits.detach().double().requires_grad_(True)
-    loss = kernels.twohot_ce_ref(x, target.double(), bins.double())
+    loss = kernels.twohot_ce_ref(x, target.to(x.device).double(), bins.to(x.device).double())
     return x, loss
+
+
+def test_reference_helper_puts_every_input_on_the_logits_device(monkeypatch):
+    """What failed on the first GPU (2026-11-27): callers pass the module's CPU ``BINS`` with CUDA
+    logits.  Meta tensors stand in for a second device, so this runs on the CPU."""
+    seen = []
+    monkeypatch.setattr(kernels, "twohot_ce_ref", lambda *a: seen.append([t.device.type for t in a]) or a[0].sum(-1))
+    _loss64(torch.randn(3, 255, device="meta"), _targets(3, BINS), BINS)
+    assert seen == [["meta", "meta", "meta"]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

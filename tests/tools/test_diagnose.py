@@ -167,7 +167,7 @@ def test_wm_data_cli_trains_and_scores_reproducibly(tmp_path, capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["wm-data", "--scenario", "simple_tag", "--preset", "gpu", "--steps", "10"], "unknown preset 'gpu'; valid: paper, cpu, smoke"),
     (["wm-data", "--scenario", "simple_tag", "--steps", "10", "--updates", "0"], "--updates must be ≥ 1, got 0"),
-    (["wm-data", "--scenario", "simple_spread", "--preset", "smoke", "--steps", "10"], "wm.batch_size=4 is not divisible"),
+    (["wm-data", "--scenario", "simple_spread", "--preset", "smoke", "--steps", "0"], "--steps must be ≥ 1, got 0"),
     (["reward-data", "--scenario", "simple_sprad", "--steps", "10"], "unknown scenario 'simple_sprad'; valid: simple_tag"),
     (["reward-data", "--scenario", "simple_spread", "--steps", "0"], "--steps must be ≥ 1, got 0"),
     (["model", "/nonexistent/run", "--contexts", "0"], "--contexts must be ≥ 1, got 0"),

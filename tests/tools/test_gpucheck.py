@@ -96,6 +96,8 @@ def test_rehearsal_speed_variants(rehearsal):
     for name in kernels:
         f = v[name]["figures"]
         assert f["step_ms"] > 0 and f["imagined_steps_per_s"] > 0 and f["warmup_s"] >= 0
+        # where the compilation went: every update phase of the first training step, timed
+        assert {"wm_update", "imagine", "ac_update"} <= set(f["first_step_s"]) and f["first_step_s"]["imagine"] > 0
         assert 0 < f["peak_fraction"]["imagine"] < 1
     # the cudagraphs stage becomes a check that it is refused, clearly, before any work
     assert v["cudagraphs"]["status"] == "refused as expected" and v["cudagraphs"]["exit"] == 2
@@ -196,12 +198,13 @@ def test_no_gpu_without_rehearse_is_refused(tmp_path):
     assert not (tmp_path / "results.json").exists()  # refused before anything ran
 
 
-def test_gpu_plan_fits_eight_minutes():
-    """The budget bench/README.md and the README state: 480 s of caps, the paper preset on CUDA,
-    the four speed variants; the rehearsal swaps cudagraphs for its refusal."""
+def test_gpu_plan_fits_a_540_second_device_call():
+    """The budget bench/README.md and the README state: 500 s of caps, the paper preset on CUDA,
+    the four speed variants with cudagraphs (whose graphs the train stage reuses) before compile;
+    the rehearsal swaps cudagraphs for its refusal."""
     p = gpucheck.plan(rehearse=False)
-    assert sum(p.caps.values()) == 480 and list(p.caps) == list(gpucheck.STAGES)
-    assert [v for v, _ in p.variants] == ["eager:ref", "eager:triton", "compile", "cudagraphs"] and not p.refused
+    assert sum(p.caps.values()) == 500 and list(p.caps) == list(gpucheck.STAGES)
+    assert [v for v, _ in p.variants] == ["eager:ref", "eager:triton", "cudagraphs", "compile"] and not p.refused
     assert p.args()[:6] == ["--preset", "paper", "--scenario", "simple_tag", "--device", "cuda"]
     assert p.train_steps == 1500
     r = gpucheck.plan(rehearse=True)
