@@ -244,8 +244,9 @@ class Steps:
     act: Callable  # acting.policy_step: static shapes, so one graph serves every queue length
 
 
-def compile_options(rt: Runtime) -> dict:
-    """Inductor's options for every compiled step function (and the tests that compile one)."""
+def compile_options(rt: Runtime, optimizer: bool = False) -> dict:
+    """Inductor's options for every compiled step function (and the tests that compile one);
+    ``optimizer``: for the clip-Adam-EMA pieces."""
     return {
         # Inductor guards every indirect load (embeddings, gathers, cache slots) with a bounds
         # check; ours are in range by construction (positions < max_len by validation, actions
@@ -253,8 +254,11 @@ def compile_options(rt: Runtime) -> dict:
         "assert_indirect_indexing": False,
         "triton.cudagraphs": rt.backend == "cudagraphs",
         # on the CPU the graph's wrapper in C++ rather than Python: a rollout launches hundreds
-        # of small kernels, and the Python calls between them cost ~10 % of it (README)
-        "cpp_wrapper": rt.device.type == "cpu",
+        # of small kernels, and the Python calls between them cost ~10 % of it (README).  Not for
+        # the optimiser steps: one kernel group per parameter made a C++ wrapper that took 175 s
+        # to compile against 62 s, and ran no faster (2.54 against 2.38 ms, cpu preset's world
+        # model, bench/results/cpu-rollout-graph.md)
+        "cpp_wrapper": rt.device.type == "cpu" and not optimizer,
         # Inductor's own random numbers are graph-safe Philox draws, one scalar call per element:
         # cheap on a GPU, but on the CPU the rollout's uniforms then cost more than the sampling
         # they feed (1.75 ms of a 40 ms cpu-preset rollout for one [2048, 16] draw); aten's
@@ -264,8 +268,8 @@ def compile_options(rt: Runtime) -> dict:
 
 
 def compile_steps(rt: Runtime) -> Steps:
-    """``eager``: the functions above.  ``compile``: each loss and the rollout as one graph
-    (``fullgraph``: a graph break is an error), static shapes (positions and cache slots are
+    """``eager``: the functions above.  ``compile``: each loss as one graph, the rollout as one or
+    as one per piece (``run.rollout_graph``; ``fullgraph``: a graph break is an error), static shapes (positions and cache slots are
     device tensors), so nothing recompiles between env steps.  ``cudagraphs``: the same through
     Inductor's CUDA-graph trees (captured once, replayed; Adam ``capturable`` with tensor learning
     rates; random numbers from Inductor's graph-safe Philox, fresh on every replay).  The
@@ -273,6 +277,7 @@ def compile_steps(rt: Runtime) -> Steps:
     if rt.backend == "eager":
         return Steps(wm_loss, wm_opt_step, imagine, ac_loss, ac_opt_step, policy_step)
     c = partial(torch.compile, fullgraph=True, dynamic=False, options=compile_options(rt))
+    c_opt = partial(torch.compile, fullgraph=True, dynamic=False, options=compile_options(rt, optimizer=True))
     rollout = c(imagine) if rt.rollout_graph == "whole" else partial(imagine, pieces=rollout_pieces(rt, c))
-    return Steps(wm_loss=c(wm_loss), wm_opt_step=c(wm_opt_step), imagine=rollout, ac_loss=c(ac_loss),
-                 ac_opt_step=c(ac_opt_step), act=c(policy_step))
+    return Steps(wm_loss=c(wm_loss), wm_opt_step=c_opt(wm_opt_step), imagine=rollout, ac_loss=c(ac_loss),
+                 ac_opt_step=c_opt(ac_opt_step), act=c(policy_step))

@@ -56,8 +56,11 @@ declare -A FLAGS=(
   [wmbatch24-ent3e-4]="--ac.entropy 3e-4 --wm.batch-size 24 --replay.warmup 512"
   # batch 24 with the paper's imagination horizon for three agents (12; the cpu preset has 8)
   [wmbatch24-h12]="--ac.entropy 3e-3 --wm.batch-size 24 --replay.warmup 512 --ac.horizon 12"
+  # batch 24 with two world-model updates per env step, each on its own batch: more updates, not
+  # more sequences per update (batch 48 was that, and worse); made by commit e85bed0
+  [wmbatch24-wmupd2]="--ac.entropy 3e-3 --wm.batch-size 24 --replay.warmup 512 --train.wm-updates 2"
 )
-ORDER=${ORDER:-"base:simple_spread ent3e-3:simple_spread wmreg:simple_spread uniform:simple_spread base:simple_tag noteam:simple_spread noscale:simple_spread ent3e-3-imag128:simple_spread ent3e-3-noscale:simple_spread uniform:simple_tag noteam:simple_tag noscale:simple_tag wmlr:simple_spread ent1e-2:simple_spread ent3e-3:simple_tag wmbatch24:simple_spread latent32:simple_spread wmlr1e-3:simple_spread wmbatch48:simple_spread wmbatch24-noscale:simple_spread wmbatch24-imag128:simple_spread wmbatch24-ent3e-4:simple_tag wmbatch24-h12:simple_spread"}
+ORDER=${ORDER:-"base:simple_spread ent3e-3:simple_spread wmreg:simple_spread uniform:simple_spread base:simple_tag noteam:simple_spread noscale:simple_spread ent3e-3-imag128:simple_spread ent3e-3-noscale:simple_spread uniform:simple_tag noteam:simple_tag noscale:simple_tag wmlr:simple_spread ent1e-2:simple_spread ent3e-3:simple_tag wmbatch24:simple_spread latent32:simple_spread wmlr1e-3:simple_spread wmbatch48:simple_spread wmbatch24-noscale:simple_spread wmbatch24-imag128:simple_spread wmbatch24-ent3e-4:simple_tag wmbatch24-h12:simple_spread wmbatch24-wmupd2:simple_spread"}
 for item in $ORDER; do
   v=${item%%:*}; env=${item##*:}
   for seed in 0 1 2; do echo "$v $env $seed ${FLAGS[$v]}"; done
