@@ -198,7 +198,7 @@ def test_amp_rule():
     assert steps.resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
     assert steps.resolve_amp("fp32", torch.device("cuda")) is None
     rt = steps.resolve_runtime(RunConfig(device="cpu", amp="bf16"))
-    assert rt.describe() == {"device": "cpu", "backend": "eager", "kernels": "ref", "amp": "bf16"}
+    assert rt.describe() == {"device": "cpu", "backend": "eager", "kernels": "ref", "amp": "bf16", "rollout_graph": "whole"}
     assert rt.cache_dtype is torch.bfloat16
 
 

@@ -67,7 +67,7 @@ def test_paper_config_json_records_the_sizes_that_ran(tmp_path):
     from matwm_fast.steps import cpu_has_fast_bf16
 
     amp = "bf16" if cpu_has_fast_bf16() else "fp32"  # auto: native bf16 matmuls or not
-    assert cfg["runtime"] == {"device": "cpu", "backend": "eager", "kernels": "ref", "amp": amp}
+    assert cfg["runtime"] == {"device": "cpu", "backend": "eager", "kernels": "ref", "amp": amp, "rollout_graph": "whole"}
     from matwm_fast.config import load_config, preset
 
     assert preset("paper").ac.imag_batch == 0 and load_config(cfg).ac.imag_batch == 768

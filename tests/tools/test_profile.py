@@ -69,7 +69,7 @@ def test_json_report(quick):
     assert r["env_steps_per_s"] == pytest.approx(1e3 / r["step_ms"])
     assert r["imagined_steps_per_s"] == pytest.approx(72 * 1e3 / r["step_ms"])
     assert r["peak_memory_mib"] > 0 and r["steps"] == 3
-    assert r["runtime"] == {"device": "cpu", "backend": "eager", "kernels": "ref", "amp": "fp32"}
+    assert r["runtime"] == {"device": "cpu", "backend": "eager", "kernels": "ref", "amp": "fp32", "rollout_graph": "whole"}
     assert "backend eager" in (out / "p.md").read_text()
     assert (out / "trace" / "trace-eager.json").stat().st_size > 0
 
