@@ -182,24 +182,25 @@ def imagine(wm: WorldModel, ac: ActorCritic, obs: Tensor, act: Tensor, first: Te
 
 # imagination's pieces, each under no_grad and autocast of its own: what the ``step`` rollout
 # graph compiles (one function, one code object and one Dynamo cache each)
-def imagine_prefill(*args, amp: torch.dtype | None):
-    with torch.no_grad(), autocast(args[1].device, amp):
+def imagine_prefill(*args, device: torch.device, amp: torch.dtype | None):
+    with torch.no_grad(), autocast(device, amp):
         return imag.prefill(*args)
 
 
-def imagine_step(*args, amp: torch.dtype | None):
-    with torch.no_grad(), autocast(args[2].device, amp):
+def imagine_step(*args, device: torch.device, amp: torch.dtype | None):
+    with torch.no_grad(), autocast(device, amp):
         return imag.step(*args)
 
 
-def imagine_state(*args, amp: torch.dtype | None):
-    with torch.no_grad(), autocast(args[1].device, amp):
+def imagine_state(*args, device: torch.device, amp: torch.dtype | None):
+    with torch.no_grad(), autocast(device, amp):
         return imag.state(*args)
 
 
 def rollout_pieces(rt: Runtime, compile_fn: Callable) -> Pieces:
     """The ``step`` rollout graph: :func:`imagine` strings together the compiled pieces."""
-    return Pieces(*(partial(compile_fn(f), amp=rt.amp) for f in (imagine_prefill, imagine_step, imagine_state)))
+    return Pieces(*(partial(compile_fn(f), device=rt.device, amp=rt.amp)
+                    for f in (imagine_prefill, imagine_step, imagine_state)))
 
 
 def ac_loss(ac: ActorCritic, states: Tensor, actions: Tensor, rewards: Tensor, continues: Tensor,
@@ -269,10 +270,11 @@ def compile_options(rt: Runtime, optimizer: bool = False) -> dict:
 
 def compile_steps(rt: Runtime) -> Steps:
     """``eager``: the functions above.  ``compile``: each loss as one graph, the rollout as one or
-    as one per piece (``run.rollout_graph``; ``fullgraph``: a graph break is an error), static shapes (positions and cache slots are
-    device tensors), so nothing recompiles between env steps.  ``cudagraphs``: the same through
-    Inductor's CUDA-graph trees (captured once, replayed; Adam ``capturable`` with tensor learning
-    rates; random numbers from Inductor's graph-safe Philox, fresh on every replay).  The
+    as one per piece (``run.rollout_graph``; ``fullgraph``: a graph break is an error), static
+    shapes (positions and cache slots are device tensors), so nothing recompiles between env steps.
+    ``cudagraphs``: the same through Inductor's CUDA-graph trees (captured once, replayed; Adam
+    ``capturable`` with tensor learning rates; random numbers from Inductor's graph-safe Philox,
+    fresh on every replay).  The
     optimiser pieces are whole graphs too: clip, Adam and EMA in one (:func:`optimizer_step`)."""
     if rt.backend == "eager":
         return Steps(wm_loss, wm_opt_step, imagine, ac_loss, ac_opt_step, policy_step)
