@@ -346,9 +346,9 @@ RULES: dict[str, tuple] = {
     "ac.lr": _num(0, 1e30, lo_open=True), "ac.adam_eps": _num(0, 1, lo_open=True),
     "ac.grad_clip": _num(0, 1e30, lo_open=True),
     "replay.capacity": _int(1), "replay.priority_decay": _num(0, 1, lo_open=True), "replay.warmup": _int(1),
-    "train.wm_every": _int(1), "train.agent_every": _int(1), "train.act_context": _int(1),
+    "train.wm_every": _int(1), "train.wm_updates": _int(1), "train.agent_every": _int(1), "train.act_context": _int(1),
     "train.seed": _int(0, 2**32 - 1),  # numpy's seeding range
-    "train.wm_updates": _int(1), "run.steps": _int(1), "run.device": ("device",), "run.backend": _choice("eager", "compile", "cudagraphs", "auto"),
+    "run.steps": _int(1), "run.device": ("device",), "run.backend": _choice("eager", "compile", "cudagraphs", "auto"),
     "run.kernels": _choice("ref", "triton", "auto"), "run.amp": _choice("auto", "bf16", "fp32"),
     "run.rollout_graph": _choice("whole", "step", "auto"),
     "run.threads": _int(0), "run.log_every": _int(1), "run.checkpoint_every": _int(0),

@@ -34,7 +34,6 @@ from .actor_critic import ActorCritic
 from .config import ActorCriticConfig, RunConfig
 from . import imagination as imag
 from .imagination import EAGER, ImagCaches, ImagNoise, Pieces, Rollout
-from .imagination import imagine as _imagine
 from .losses import actor_critic_loss, world_model_loss
 from .nn import ema_update, per_agent_grad_clip
 from .world_model import WorldModel
@@ -177,7 +176,7 @@ def wm_opt_step(wm: WorldModel, opt: torch.optim.Optimizer, grad_clip: float) ->
 def imagine(wm: WorldModel, ac: ActorCritic, obs: Tensor, act: Tensor, first: Tensor, agents: Tensor, horizon: int,
             caches: ImagCaches, noise: ImagNoise | None, amp: torch.dtype | None, pieces: Pieces = EAGER) -> Rollout:
     with torch.no_grad(), autocast(obs.device, amp):
-        return _imagine(wm, ac, obs, act, first, agents, horizon, caches, noise, pieces)
+        return imag.imagine(wm, ac, obs, act, first, agents, horizon, caches, noise, pieces)
 
 
 # imagination's pieces, each under no_grad and autocast of its own: what the ``step`` rollout
