@@ -213,8 +213,8 @@ def draw_panel(ax, groups: list[tuple[str, list[Run]]], col: str, band: str = "m
                         color="C2", label=e.label)
 
 
-def draw(runs: list[Run], metric: str, out: Path, band: str = "minmax", teams: bool = True,
-         title: str | None = None, extras: dict[str, list[Level | Marker]] | None = None) -> Path:
+def figure(runs: list[Run], metric: str, band: str = "minmax", teams: bool = True,
+           title: str | None = None, extras: dict[str, list[Level | Marker]] | None = None):
     """The figure: one panel per :func:`panels` entry; ``extras`` adds reference levels and
     markers to the panels of those keys (``all``, a team name)."""
     import matplotlib
@@ -239,9 +239,19 @@ def draw(runs: list[Run], metric: str, out: Path, band: str = "minmax", teams: b
             ax.legend(fontsize=7 if extras else 8)
     spread = "min–max" if band == "minmax" else "interquartile range"
     several = any(len(m) > 1 for _, m in groups)
+    # wrapped at the figure's edges: a sweep's title is longer than one panel is wide
     fig.suptitle(title or (f"{metric}: median across seeds, shaded {spread}" if several else f"{metric} vs env steps"),
-                 fontsize=10)
+                 fontsize=10, wrap=True)
     fig.tight_layout()
+    return fig
+
+
+def draw(runs: list[Run], metric: str, out: Path, band: str = "minmax", teams: bool = True,
+         title: str | None = None, extras: dict[str, list[Level | Marker]] | None = None) -> Path:
+    """:func:`figure` written to ``out`` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(runs, metric, band, teams, title, extras)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -188,3 +188,22 @@ def test_reference_levels_and_markers_are_drawn_on_their_panels(tmp_path):
     assert png_size(out)[0] == 1650
     with pytest.raises(ValueError, match="no panel 'prey' to draw on; panels: all, adversary, agent"):
         plot.draw(runs, "eval_return_mean", tmp_path / "x.png", extras={"prey": []})
+
+
+def test_a_title_wider_than_its_panel_wraps_inside_the_figure(tmp_path):
+    """The sweep titles a one-panel figure with its scenario, seeds and band: longer than the
+    panel's 5.5 inches at 10 pt, so unwrapped it ran off both edges of the PNG."""
+    import matplotlib.pyplot as plt
+
+    runs = [plot.Run(fake_run(tmp_path, f"s{i}", [0, 1, 2], seed=i, evals=[1, 2, 3])) for i in range(2)]
+    title = "simple_spread: greedy evaluation return, median across 3 seeds, min–max shaded " * 2
+    fig = plot.figure(runs, "eval_return_mean", teams=False, title=title)
+    try:
+        fig.canvas.draw()
+        box, page = fig._suptitle.get_window_extent(fig.canvas.get_renderer()), fig.bbox
+        assert box.x0 >= page.x0 and box.x1 <= page.x1 and box.y1 <= page.y1, (box, page)
+        assert box.height > 2 * 10  # on more than one line (10 pt at 100 dpi is about 14 px)
+        top_of_panel = fig.axes[0].get_window_extent().y1
+        assert box.y0 >= top_of_panel - 1, "the wrapped title overlaps the panel"
+    finally:
+        plt.close(fig)
