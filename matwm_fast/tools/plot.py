@@ -249,9 +249,9 @@ def figure(runs: list[Run], metric: str, band: str = "minmax", teams: bool = Tru
 def draw(runs: list[Run], metric: str, out: Path, band: str = "minmax", teams: bool = True,
          title: str | None = None, extras: dict[str, list[Level | Marker]] | None = None) -> Path:
     """:func:`figure` written to ``out`` as a PNG."""
+    fig = figure(runs, metric, band, teams, title, extras)  # first: it picks the file-only backend
     import matplotlib.pyplot as plt
 
-    fig = figure(runs, metric, band, teams, title, extras)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
