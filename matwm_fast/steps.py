@@ -273,8 +273,8 @@ def compile_steps(rt: Runtime) -> Steps:
     shapes (positions and cache slots are device tensors), so nothing recompiles between env steps.
     ``cudagraphs``: the same through Inductor's CUDA-graph trees (captured once, replayed; Adam
     ``capturable`` with tensor learning rates; random numbers from Inductor's graph-safe Philox,
-    fresh on every replay).  The
-    optimiser pieces are whole graphs too: clip, Adam and EMA in one (:func:`optimizer_step`)."""
+    fresh on every replay).  The optimiser pieces are whole graphs too: clip, Adam and EMA in one
+    (:func:`optimizer_step`)."""
     if rt.backend == "eager":
         return Steps(wm_loss, wm_opt_step, imagine, ac_loss, ac_opt_step, policy_step)
     c = partial(torch.compile, fullgraph=True, dynamic=False, options=compile_options(rt))
