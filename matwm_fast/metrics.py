@@ -11,6 +11,7 @@ resumes exactly and ``plot``/``sweep`` read what was whole.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import math
 import sys
@@ -23,6 +24,9 @@ import torch
 
 Tensor = torch.Tensor
 FILES = ("metrics.jsonl", "metrics.csv")
+# a finished run's rows as archived under bench/results: gzip keeps the committed tree small enough
+# to travel to a lent GPU with its wheels (the device tool's 64 MiB), and the rows exactly as written
+ARCHIVED = "metrics.jsonl.gz"
 
 
 # ----------------------------------------------------------------------------- files
@@ -48,12 +52,23 @@ def repair(run_dir: Path | str) -> list[str]:
     return notes
 
 
+def metrics_file(run_dir: Path | str) -> Path | None:
+    """The run's rows: ``metrics.jsonl`` as training writes it, else an archived
+    ``metrics.jsonl.gz``; None when there are neither."""
+    for name in ("metrics.jsonl", ARCHIVED):
+        if (path := Path(run_dir) / name).exists():
+            return path
+    return None
+
+
 def read_metrics(run_dir: Path | str) -> list[dict]:
-    """All whole rows of a run's ``metrics.jsonl`` (a torn last line is skipped with a warning)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a matwm_fast run directory?")
-    lines = path.read_text(errors="replace").split("\n")
+    """All whole rows of a run's ``metrics.jsonl`` (or its archived ``metrics.jsonl.gz``; a torn
+    last line is skipped with a warning)."""
+    path = metrics_file(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"{Path(run_dir) / 'metrics.jsonl'} not found: is {run_dir} a matwm_fast run directory?")
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    lines = data.decode(errors="replace").split("\n")
     rows = []
     for i, line in enumerate(lines):
         if not line.strip():

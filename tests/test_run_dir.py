@@ -5,6 +5,7 @@ cleanly, saying how to go on."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -118,6 +119,21 @@ def test_readers_skip_a_torn_last_line(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == '{"env_step": 5, "x": 1}\n'
     (tmp_path / "metrics.jsonl").write_text('{"env_step": 5}\nnot json\n{"env_step": 15}\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
+        read_metrics(tmp_path)
+
+
+def test_an_archived_run_reads_the_rows_it_wrote(tmp_path):
+    from matwm_fast.tools.sweep_results import read_rows
+
+    rows = [{"env_step": 100, "eval_return_mean": -20.5}, {"env_step": 200, "x": [1, 2]}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_metrics(tmp_path) == rows
+    (tmp_path / "metrics.jsonl.gz").write_bytes(gzip.compress((tmp_path / "metrics.jsonl").read_bytes()))
+    (tmp_path / "metrics.jsonl").unlink()
+    assert read_metrics(tmp_path) == read_rows(tmp_path) == rows
+    (tmp_path / "metrics.jsonl.gz").unlink()
+    assert read_rows(tmp_path) == []
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl not found"):
         read_metrics(tmp_path)
 
 

@@ -16,7 +16,7 @@ from .. import checkpoint as ck
 from ..config import LEARNED, Config, load_config, preset, resolve
 from ..env import env_spec
 from ..eval import Policy
-from ..metrics import read_metrics
+from ..metrics import metrics_file, read_metrics
 from ..play import evaluate
 from ..trainer import config_diff
 
@@ -29,7 +29,7 @@ def run_dir(out: Path, env: str, seed: int) -> Path:
 
 
 def read_rows(d: Path) -> list[dict]:
-    return read_metrics(d) if (Path(d) / "metrics.jsonl").exists() else []
+    return read_metrics(d) if metrics_file(d) is not None else []
 
 
 def has_checkpoint(d: Path) -> bool:

@@ -209,3 +209,20 @@ def test_gpu_plan_fits_a_540_second_device_call():
     assert p.train_steps == 1500
     r = gpucheck.plan(rehearse=True)
     assert "cudagraphs" not in dict(r.variants) and r.refused == ("cudagraphs",) and r.preset == "smoke"
+
+
+# what travels to a lent GPU: the tracked tree plus the wheels the image lacks, 64 MiB in all (the
+# device tool's limit).  The wheels are 16 MiB (pygame-ce 12 of them, bash ../shared/tools/
+# device-wheels.sh, 2026-11-28); half the limit for the tree leaves 16 MiB spare.  On 2026-11-28
+# a tree of 50 MiB (plain-text metric rows under bench/results) was refused with its wheels.
+TREE_BUDGET_MIB = 32
+
+
+def test_the_tree_that_travels_to_a_gpu_leaves_room_for_its_wheels():
+    proc = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip("not a git checkout")
+    sizes = {p: (ROOT / p).stat().st_size for p in proc.stdout.decode().split("\0") if p and (ROOT / p).is_file()}
+    total = sum(sizes.values()) / 2**20
+    largest = sorted(sizes, key=sizes.get)[-5:]
+    assert total <= TREE_BUDGET_MIB, f"tracked files {total:.1f} MiB > {TREE_BUDGET_MIB} MiB; largest: {largest}"

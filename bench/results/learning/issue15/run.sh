@@ -76,4 +76,9 @@ for item in $ORDER; do
   python -m matwm_fast.sweep --env "$env" --seeds 0 1 2 --preset cpu --steps "$STEPS" --eval-every 1000 \
     --eval-episodes 50 --out $RUNS/$v --results bench/results/learning/issue15/$v/$env --aggregate-only \
     -- --threads 1 --backend compile ${FLAGS[$v]}
+  for seed in 0 1 2; do  # each seed's record; rows gzipped (read as they are by plot and sweep)
+    src=$RUNS/$v/$env/seed$seed dst=bench/results/learning/issue15/$v/$env/seed$seed
+    mkdir -p "$dst" && cp "$src"/{config.json,matchups.json} "$dst"/
+    gzip -9 -n -c "$src/metrics.jsonl" > "$dst/metrics.jsonl.gz"
+  done
 done
