@@ -34,6 +34,10 @@ caps up to it: it may use what earlier stages left unused, never what later ones
 processes share Inductor's cache directory, so later stages reuse what earlier ones compiled, and
 compile with as many threads as the machine has cores.
 
+The second GPU run (an H200, 2026-11-28) ran out of time compiling in the same places, so
+``--compile-cache FILE`` carries Inductor's cache from one lent GPU to the next
+(:mod:`matwm_fast.tools.compile_cache`): restored before the stages, packed to ``--out`` after them.
+
 ``--rehearse`` runs the same stages on the CPU at the ``smoke`` preset, with the kernels in
 Triton's interpreter and the ``cudagraphs`` variant replaced by a check that it is refused clearly;
 ``tests/tools/test_gpucheck.py`` runs it in CI so this script cannot rot between GPUs.
@@ -57,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cli import fail
+from . import compile_cache
 from .gpustages import RUNNERS
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: stages run its tests and modules
@@ -66,7 +71,8 @@ GPU_CAPS = {"env": 10, "tests": 140, "speed": 240, "train": 60, "ncu": 50}
 REHEARSAL_CAPS = {"env": 60, "tests": 300, "speed": 600, "train": 180, "ncu": 240}
 LOG_TAIL = 1 << 20  # bytes of each command's output kept in log.txt
 # what a check writes to --out (a device call returns at most 8 files)
-OUTPUTS = ("results.json", "summary.md", "log.txt", "train_metrics.jsonl", "ncu.txt", "imagine.ncu-rep")
+OUTPUTS = ("results.json", "summary.md", "log.txt", "train_metrics.jsonl", "ncu.txt", "imagine.ncu-rep",
+           compile_cache.ARCHIVE)
 
 
 @dataclass
@@ -105,11 +111,14 @@ def plan(rehearse: bool) -> Plan:
 class Check:
     """Runs the stages against a shared clock and keeps ``results.json``/``summary.md`` current."""
 
-    def __init__(self, p: Plan, out: Path, work: Path, stages: list[str], commit: str | None, threads: int):
-        self.p, self.out, self.work, self.commit, self.threads = p, out, work, commit, threads
+    def __init__(self, p: Plan, out: Path, work: Path, stages: list[str], commit: str | None, threads: int,
+                 cache: Path | None = None):
+        self.p, self.out, self.work, self.commit, self.threads, self.cache = p, out, work, commit, threads, cache
         self.t0, self.deadline = time.perf_counter(), 0.0
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                     "PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_COMPILE_THREADS": str(threads)}
+        if cache is not None:  # a cache of this check's own, restored from and packed to an archive
+            self.env["TORCHINDUCTOR_CACHE_DIR"] = str(self.work / "inductor")
         if p.rehearse:  # Triton in its interpreter; one OpenMP thread on a shared CPU
             self.env |= {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
         else:  # natively on CUDA, whatever the caller's shell says
@@ -120,6 +129,8 @@ class Check:
                         "stages": {s: {"status": "pending", "cap_s": p.caps[s]} for s in stages}}
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
+        if cache is not None and cache.exists() and cache.resolve() == (out / compile_cache.ARCHIVE).resolve():
+            self.cache = cache.replace(self.work / compile_cache.ARCHIVE)  # the last check's, about to be replaced
         for name in OUTPUTS:  # nothing of an earlier check may pass for this one's
             (self.out / name).unlink(missing_ok=True)
         (self.out / "log.txt").write_text("")
@@ -137,6 +148,28 @@ class Check:
             tmp = self.out / f".{name}.tmp"
             tmp.write_text(text)
             tmp.replace(self.out / name)  # a reader never sees half a file
+
+    def restore_cache(self) -> None:
+        """Unpack ``--compile-cache`` (what an earlier check compiled); a bad archive costs only its
+        graphs: the check goes on cold rather than lose a lent GPU's minutes."""
+        cache_dir = Path(self.env["TORCHINDUCTOR_CACHE_DIR"])
+        try:
+            rec = compile_cache.restore(self.cache, cache_dir)
+        except compile_cache.CacheError as e:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            rec = {"restored": False, "note": f"refused, compiling cold: {e}"}
+        self.results["compile_cache"] = {"archive": str(self.cache), "restore": rec}
+        print(f"[gpucheck] compile cache: {_cache_note(self.results['compile_cache'])}", flush=True)
+        self.save()
+
+    def pack_cache(self) -> None:
+        """Everything compiled so far, to ``--out`` for the next check (also after an interrupt)."""
+        t0 = time.perf_counter()
+        rec = compile_cache.pack(Path(self.env["TORCHINDUCTOR_CACHE_DIR"]), self.out / compile_cache.ARCHIVE,
+                                 skip=() if self.p.rehearse else compile_cache.bundled_skip())
+        self.results["compile_cache"]["pack"] = rec | {"seconds": round(time.perf_counter() - t0, 1)}
+        print(f"[gpucheck] compile cache: {_cache_note(self.results['compile_cache'])}", flush=True)
+        self.save()
 
     def stage(self, name: str, fn) -> None:
         rec = self.results["stages"][name]
@@ -193,6 +226,15 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
+def _cache_note(rec: dict) -> str:
+    r, p = rec["restore"], rec.get("pack")
+    note = (f"restored {r['files']} files ({r['mib']} MiB) from {rec['archive']}" if r["restored"] else r["note"])
+    if p:
+        note += (f"; packed {p['files']} files ({p['raw_mib']} MiB, {p['mib']} MiB compressed) to "
+                 f"{compile_cache.ARCHIVE}" + (f", {p['left_out']} left out (over budget)" if p["left_out"] else ""))
+    return note
+
+
 class Interrupted(Exception):
     """SIGTERM/SIGINT to the check (the device call's time limit): stop, keep what was measured."""
 
@@ -217,6 +259,8 @@ def summary(res: dict) -> str:
            f"Command: `{res['command']}`", "", "| stage | status | seconds | cap | note |", "|---|---|---:|---:|---|"]
     out += [f"| {n} | {r['status']} | {r.get('seconds', '')} | {r['cap_s']} | {r.get('note') or ''} |"
             for n, r in st.items()]
+    if res.get("compile_cache"):
+        out += ["", f"Compile cache: {_cache_note(res['compile_cache'])}."]
     speed = (st.get("speed") or {}).get("result") or {}
     if speed.get("variants"):
         out += ["", "## Speed", "", "| variant | status | kernels | amp | ms/step | median | imagine ms | wm_update ms | "
@@ -268,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the commit under test, recorded when the checkout has no .git (the device machine's copy)")
     p.add_argument("--compile-threads", type=int, default=os.cpu_count() or 1,
                    help="Inductor's compile threads (default: the machine's cores)")
+    p.add_argument("--compile-cache", type=Path, default=None, metavar="FILE.tar.gz",
+                   help=f"an earlier check's {compile_cache.ARCHIVE}: restored into this check's own Inductor cache "
+                        f"(absent: a cold start), which is packed to --out/{compile_cache.ARCHIVE} at the end "
+                        "(default: Inductor's usual cache, nothing packed)")
     return p
 
 
@@ -293,9 +341,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             fail("no CUDA device here; valid here: --rehearse (the same stages on the CPU at the smoke preset)")
+    if args.compile_cache is not None and args.compile_cache.exists() and not args.compile_cache.is_file():
+        fail(f"--compile-cache {args.compile_cache}: not a file; expected an earlier check's {compile_cache.ARCHIVE}")
     stages = [s for s in STAGES if s in args.stages]
     work = args.work or Path(tempfile.mkdtemp(prefix="gpucheck-"))
-    c = Check(p, args.out, work, stages, args.commit, args.compile_threads)
+    c = Check(p, args.out, work, stages, args.commit, args.compile_threads, args.compile_cache)
 
     def interrupt(signum, _frame):
         raise Interrupted(signum)
@@ -304,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         c.save()
+        if c.cache is not None:
+            c.restore_cache()
         for s in stages:
             c.stage(s, RUNNERS[s])
         c.results["finished"] = True
@@ -312,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[gpucheck] interrupted by signal {e}: results so far in {args.out}", file=sys.stderr)
         code = 128 + int(e.args[0])
     finally:
+        if c.cache is not None and "compile_cache" in c.results:
+            c.pack_cache()
         for s, h in old.items():
             signal.signal(s, h)
         if args.work is None:
