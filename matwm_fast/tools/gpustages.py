@@ -49,7 +49,7 @@ def stage_env(c: Check, rec: dict):
         info["git_commit"] = c.commit
     info |= {"commit_given": c.commit, "cpu_cores": os.cpu_count(), "inductor_compile_threads": c.threads,
              "triton_interpret": c.env.get("TRITON_INTERPRET") == "1",  # as the stages' processes run
-             "packages": _versions(), "ncu": shutil.which("ncu"), "inductor_cache": _inductor_cache()}
+             "packages": _versions(), "ncu": shutil.which("ncu"), "inductor_cache": _inductor_cache(c.env)}
     if dev.type == "cuda":
         pr = torch.cuda.get_device_properties(dev)
         info |= {"gpu": pr.name, "sm": f"{pr.major}.{pr.minor}", "sms": pr.multi_processor_count,
@@ -77,13 +77,14 @@ def _versions() -> dict:
     return out
 
 
-def _inductor_cache() -> str | None:
-    """The directory every stage's Inductor compiles into and reads back from (one per machine)."""
+def _inductor_cache(env: dict) -> str | None:
+    """The directory every stage's Inductor compiles into and reads back from: the check's own
+    with ``--compile-cache``, else the machine's."""
     try:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
     except ImportError:  # a torch that keeps it elsewhere: recorded as unknown
-        return os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+        return env.get("TORCHINDUCTOR_CACHE_DIR")
+    return env.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
 
 
 def _first_line(cmd: list[str], last: bool = False) -> str | None:

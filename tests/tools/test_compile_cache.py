@@ -120,8 +120,10 @@ def test_the_check_restores_its_archive_and_packs_its_cache_to_out(tmp_path):
     cc.pack(tmp_path / "earlier", tmp_path / "given.tar.gz")
     proc, out = gpucheck_env(tmp_path, "--compile-cache", str(tmp_path / "given.tar.gz"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rec = json.loads((out / "results.json").read_text())["compile_cache"]
+    res = json.loads((out / "results.json").read_text())
+    rec = res["compile_cache"]
     assert rec["restore"]["files"] == 1 and rec["pack"]["files"] >= 1
+    assert res["stages"]["env"]["result"]["inductor_cache"] == str(tmp_path / "work" / "inductor")
     with tarfile.open(out / cc.ARCHIVE) as tar:
         assert tar.extractfile("fxgraph/xy/entry").read() == b"compiled before"
     assert "Compile cache: restored 1 files" in (out / "summary.md").read_text()
