@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -102,9 +103,10 @@ def stage_tests(c: Check, rec: dict):
     result, status = {}, "ok"
     for name, sel in runs.items():
         xml = c.work / f"junit-{name}.xml"
-        rc, secs, text = c.sh(f"tests-{name}", _py("-m", "pytest", *sel, "-q", "-p", "no:cacheprovider", "-rfEs",
+        # -v: a line per finished test, so a run cut at its cap (no JUnit report) still says what ran
+        rc, secs, text = c.sh(f"tests-{name}", _py("-m", "pytest", *sel, "-v", "-p", "no:cacheprovider", "-rfEs",
                                                     f"--junitxml={xml}"))
-        r = junit(xml) | {"exit": rc, "seconds": round(secs, 1)}
+        r = (junit(xml) or progress(text)) | {"exit": rc, "seconds": round(secs, 1)}
         if rc != 0:
             status, r["tail"] = worst(status, "timeout" if rc is None else "failed"), text[-3000:]
         result[name] = r
@@ -116,8 +118,31 @@ def stage_tests(c: Check, rec: dict):
             status = worst(status, "failed")
             result["not_run"] = {"gpu_tests_passed": result["gpu"].get("passed", 0), "triton_skips": triton_skipped}
     note = "; ".join(f"{k}: {v.get('passed', 0)} passed, {v.get('failed', 0)} failed, {v.get('skipped', 0)} skipped"
-                     for k, v in result.items())
+                     + (f" (cut during {v['cut_during']})" if v.get("cut_during") else "") for k, v in result.items())
     return status, note, result
+
+
+_VERBOSE = re.compile(r"^(\S+::\S+)(?: (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b)?")
+
+
+def progress(text: str) -> dict:
+    """Counts from ``pytest -v``'s lines, for a run stopped before it wrote its JUnit report; the
+    test it was in when stopped (named, without a result, on the last such line)."""
+    out = {"passed": 0, "failed": 0, "skipped": 0, "failures": [], "skips": {}, "partial": True, "cut_during": None}
+    for line in text.splitlines():
+        m = _VERBOSE.match(line)
+        if not m:
+            continue
+        test, result = m.groups()
+        out["cut_during"] = None if result else test
+        if result in ("PASSED", "XFAIL", "XPASS"):
+            out["passed"] += 1
+        elif result in ("FAILED", "ERROR"):
+            out["failed"] += 1
+            out["failures"].append({"test": test, "message": result})
+        elif result == "SKIPPED":
+            out["skipped"] += 1
+    return out
 
 
 def junit(path: Path) -> dict:

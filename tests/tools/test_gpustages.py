@@ -48,6 +48,20 @@ def test_junit_counts(tmp_path):
     assert gpustages.junit(tmp_path / "none.xml") == {}
 
 
+def test_a_test_run_cut_at_its_cap_still_says_what_ran():
+    text = ("============ test session starts ============\n"
+            "tests/test_gpu.py::test_bf16_world_model_loss_close_to_fp32 PASSED        [ 33%]\n"
+            "tests/test_gpu.py::test_triton_imagination_equals_reference_on_cuda FAILED [ 66%]\n"
+            "tests/test_gpu.py::test_cudagraphs_steps_run_without_recompiling_and_with_fresh_noise ")
+    r = gpustages.progress(text)
+    assert (r["passed"], r["failed"], r["skipped"], r["partial"]) == (1, 1, 0, True)
+    assert r["failures"] == [{"test": "tests/test_gpu.py::test_triton_imagination_equals_reference_on_cuda",
+                              "message": "FAILED"}]
+    assert r["cut_during"] == "tests/test_gpu.py::test_cudagraphs_steps_run_without_recompiling_and_with_fresh_noise"
+    finished = gpustages.progress(text + "PASSED [100%]\nFAILED tests/test_gpu.py::x - boom\n")
+    assert finished["passed"] == 2 and finished["cut_during"] is None  # the summary line is not a test
+
+
 class FakeCheck:
     """Just what ``stage_tests`` uses of a Check: a plan, a work folder, ``sh`` and ``save``;
     ``sh`` writes the JUnit report that pytest would have written."""
