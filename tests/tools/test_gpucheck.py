@@ -227,3 +227,34 @@ def test_the_tree_that_travels_to_a_gpu_leaves_room_for_its_wheels():
     total = sum(sizes.values()) / 2**20
     largest = sorted(sizes, key=sizes.get)[-5:]
     assert total <= TREE_BUDGET_MIB, f"tracked files {total:.1f} MiB > {TREE_BUDGET_MIB} MiB; largest: {largest}"
+
+
+def device_script(tmp: Path, *args: str, out: bool = True) -> subprocess.CompletedProcess:
+    """``bench/gpu.sh`` as the device tool runs it: ``$OUT`` set, this interpreter as ``python3``."""
+    env = {**subprocess_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GPU_SH_WORK": str(tmp / "machine")}
+    if out:
+        env["OUT"] = str(tmp / "out")
+    return subprocess.run(["bash", "bench/gpu.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_device_script_runs_the_check_and_keeps_its_compile_cache(tmp_path):
+    proc = device_script(tmp_path, "check", "abc123", "--rehearse", "--stages", "env")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["stages"]["env"]["status"] == "ok" and res["stages"]["env"]["result"]["commit_given"] == "abc123"
+    assert (tmp_path / "out" / compile_cache.ARCHIVE).is_file()  # comes back with the results
+    assert (tmp_path / "machine" / compile_cache.ARCHIVE).is_file()  # and stays for a rerun on this machine
+
+
+@pytest.mark.parametrize("args, says", [((), "usage"), (("spread", "soon"), "spread SECONDS"),
+                                        (("rerun", "abc123"), "rerun SHA STAGE"), (("check",), "check SHA")])
+def test_the_device_script_refuses_bad_input(tmp_path, args, says):
+    proc = device_script(tmp_path, *args)
+    assert proc.returncode == 2 and says in proc.stderr
+
+
+def test_the_device_script_needs_the_device_tools_out(tmp_path):
+    proc = device_script(tmp_path, "check", "abc123", out=False)
+    assert proc.returncode != 0 and "$OUT" in proc.stderr
