@@ -66,8 +66,9 @@ declare -A FLAGS=(
   # lead 2: at 0.985 the values sit near -55 and the return range (11-21) dwarfs one action's
   # effect; at 0.95 (a 20-step horizon, inside a 25-step episode) the range shrinks, the effect not
   [wmbatch24-gamma95]="--ac.entropy 3e-3 --wm.batch-size 24 --replay.warmup 512 --ac.gamma 0.95"
+  [wmbatch24-gamma90]="--ac.entropy 3e-3 --wm.batch-size 24 --replay.warmup 512 --ac.gamma 0.9"  # a 10-step horizon
 )
-ORDER=${ORDER:-"base:simple_spread ent3e-3:simple_spread wmreg:simple_spread uniform:simple_spread base:simple_tag noteam:simple_spread noscale:simple_spread ent3e-3-imag128:simple_spread ent3e-3-noscale:simple_spread uniform:simple_tag noteam:simple_tag noscale:simple_tag wmlr:simple_spread ent1e-2:simple_spread ent3e-3:simple_tag wmbatch24:simple_spread latent32:simple_spread wmlr1e-3:simple_spread wmbatch48:simple_spread wmbatch24-noscale:simple_spread wmbatch24-imag128:simple_spread wmbatch24-ent3e-4:simple_tag wmbatch24-h12:simple_spread wmbatch24-wmupd2:simple_spread wmbatch24-wmreg:simple_spread wmbatch24-uniform:simple_spread wmbatch24-gamma95:simple_spread"}
+ORDER=${ORDER:-"base:simple_spread ent3e-3:simple_spread wmreg:simple_spread uniform:simple_spread base:simple_tag noteam:simple_spread noscale:simple_spread ent3e-3-imag128:simple_spread ent3e-3-noscale:simple_spread uniform:simple_tag noteam:simple_tag noscale:simple_tag wmlr:simple_spread ent1e-2:simple_spread ent3e-3:simple_tag wmbatch24:simple_spread latent32:simple_spread wmlr1e-3:simple_spread wmbatch48:simple_spread wmbatch24-noscale:simple_spread wmbatch24-imag128:simple_spread wmbatch24-ent3e-4:simple_tag wmbatch24-h12:simple_spread wmbatch24-wmupd2:simple_spread wmbatch24-wmreg:simple_spread wmbatch24-uniform:simple_spread wmbatch24-gamma95:simple_spread wmbatch24-gamma90:simple_spread"}
 for item in $ORDER; do
   v=${item%%:*}; env=${item##*:}
   for seed in 0 1 2; do echo "$v $env $seed ${FLAGS[$v]}"; done
