@@ -63,8 +63,10 @@ declare -A FLAGS=(
   # lead 3's regularisers (dropout, symlog targets) and lead 5's uniform replay; made by commit 08b8ece
   [wmbatch24-wmreg]="--ac.entropy 3e-3 --wm.batch-size 24 --replay.warmup 512 --wm.dropout 0.1 --wm.recon-symlog true"
   [wmbatch24-uniform]="--ac.entropy 3e-3 --wm.batch-size 24 --replay.warmup 512 --replay.priority-decay 1"
-  # lead 2: at 0.985 the values sit near -55 and the return range (11-21) dwarfs one action's
-  # effect; at 0.95 (a 20-step horizon, inside a 25-step episode) the range shrinks, the effect not
+  # the discount: 0.985 looks ~67 steps ahead in 25-step episodes, so the lambda-returns lean on
+  # the critic's estimate of a far future the model resolves least; 0.95 (~20 steps) and 0.9 (~10)
+  # weigh the near reward more.  The return scale S shrinks with gamma, so the entropy bonus's
+  # weight in return units (eta * S, the learning log's note on lead 2) falls with it
   [wmbatch24-gamma95]="--ac.entropy 3e-3 --wm.batch-size 24 --replay.warmup 512 --ac.gamma 0.95"
   [wmbatch24-gamma90]="--ac.entropy 3e-3 --wm.batch-size 24 --replay.warmup 512 --ac.gamma 0.9"  # a 10-step horizon
 )
