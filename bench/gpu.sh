@@ -19,7 +19,7 @@ python3 -c 'import mpe2, pettingzoo' 2>/dev/null || python3 -m pip install -q --
 WORK=${GPU_SH_WORK:-/tmp/gpu-sh}
 CACHE=$WORK/inductor
 KEPT=$WORK/compile-cache.tar.gz  # the last call's archive, for a rerun on this machine
-mkdir -p "$WORK"
+mkdir -p "$WORK" "$OUT"
 cmd=${1:-}
 shift || true
 case $cmd in

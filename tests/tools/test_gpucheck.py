@@ -258,3 +258,14 @@ def test_the_device_script_refuses_bad_input(tmp_path, args, says):
 def test_the_device_script_needs_the_device_tools_out(tmp_path):
     proc = device_script(tmp_path, "check", "abc123", out=False)
     assert proc.returncode != 0 and "$OUT" in proc.stderr
+
+
+def test_the_device_script_trains_simple_spread_and_returns_its_rows(tmp_path):
+    proc = device_script(tmp_path, "spread", "240", "--preset", "smoke", "--steps", "60", "--device", "cpu",
+                         "--eval-every", "30", "--eval-episodes", "2", "--threads", "1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["compile-cache.tar.gz", "config.json", "metrics.jsonl", "train.log"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["env"]["scenario"] == "simple_spread" and cfg["run"]["steps"] == 60
+    assert "done: 60 env steps" in (out / "train.log").read_text()
