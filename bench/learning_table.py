@@ -55,6 +55,8 @@ MATWM = [
     ("MATWM, entropy 3e-3, world-model batch 24, two world-model updates per env step", "issue15/wmbatch24-wmupd2"),
     ("MATWM, entropy 3e-3, world-model batch 24, dropout 0.1 + symlog targets", "issue15/wmbatch24-wmreg"),
     ("MATWM, entropy 3e-3, world-model batch 24, uniform replay", "issue15/wmbatch24-uniform"),
+    ("MATWM, entropy 3e-3, world-model batch 24, discount 0.95", "issue15/wmbatch24-gamma95"),
+    ("MATWM, entropy 3e-3, world-model batch 24, discount 0.9", "issue15/wmbatch24-gamma90"),
     ("MATWM, world-model batch 24", "issue15/wmbatch24-ent3e-4"),
     ("MATWM, code of stop 9 (fp32)", "simple_spread_20k"),
     ("MATWM, code of stop 9 (fp32), 3k steps", "."),
