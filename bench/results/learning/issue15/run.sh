@@ -8,7 +8,8 @@
 #   git worktree add /work/exp 96d3e6b && python -m venv /work/exp-venv && pip install torch==2.13.0 /work/exp
 #   cd runs && PATH=/work/exp-venv/bin:$PATH RUNS=$PWD/i15 AGGREGATE=0 bash ../bench/results/learning/issue15/run.sh
 # so that editing the working tree during the hours they took could not change what later runs ran.)
-# The 50k stretch continues finished 20k runs: extend.sh VARIANT ENV SEED (same install, same $RUNS).
+# The 50k stretch continues finished 20k runs: extend.sh VARIANT ENV SEED (same install, same $RUNS),
+# or runs to 50k from the start: STEPS=50000 RUNS=runs/i15-50k (JOBS trainings at a time, default 2).
 set -uo pipefail
 STEPS=${STEPS:-20000}
 RUNS=${RUNS:-runs/i15}
@@ -69,12 +70,14 @@ declare -A FLAGS=(
   # weight in return units (eta * S, the learning log's note on lead 2) falls with it
   [wmbatch24-gamma95]="--ac.entropy 3e-3 --wm.batch-size 24 --replay.warmup 512 --ac.gamma 0.95"
   [wmbatch24-gamma90]="--ac.entropy 3e-3 --wm.batch-size 24 --replay.warmup 512 --ac.gamma 0.9"  # a 10-step horizon
+  # the dose-response's next point (0.985 -> 0.95 -> 0.9 rose one way): about 5 steps ahead
+  [wmbatch24-gamma80]="--ac.entropy 3e-3 --wm.batch-size 24 --replay.warmup 512 --ac.gamma 0.8"
 )
-ORDER=${ORDER:-"base:simple_spread ent3e-3:simple_spread wmreg:simple_spread uniform:simple_spread base:simple_tag noteam:simple_spread noscale:simple_spread ent3e-3-imag128:simple_spread ent3e-3-noscale:simple_spread uniform:simple_tag noteam:simple_tag noscale:simple_tag wmlr:simple_spread ent1e-2:simple_spread ent3e-3:simple_tag wmbatch24:simple_spread latent32:simple_spread wmlr1e-3:simple_spread wmbatch48:simple_spread wmbatch24-noscale:simple_spread wmbatch24-imag128:simple_spread wmbatch24-ent3e-4:simple_tag wmbatch24-h12:simple_spread wmbatch24-wmupd2:simple_spread wmbatch24-wmreg:simple_spread wmbatch24-uniform:simple_spread wmbatch24-gamma95:simple_spread wmbatch24-gamma90:simple_spread"}
+ORDER=${ORDER:-"base:simple_spread ent3e-3:simple_spread wmreg:simple_spread uniform:simple_spread base:simple_tag noteam:simple_spread noscale:simple_spread ent3e-3-imag128:simple_spread ent3e-3-noscale:simple_spread uniform:simple_tag noteam:simple_tag noscale:simple_tag wmlr:simple_spread ent1e-2:simple_spread ent3e-3:simple_tag wmbatch24:simple_spread latent32:simple_spread wmlr1e-3:simple_spread wmbatch48:simple_spread wmbatch24-noscale:simple_spread wmbatch24-imag128:simple_spread wmbatch24-ent3e-4:simple_tag wmbatch24-h12:simple_spread wmbatch24-wmupd2:simple_spread wmbatch24-wmreg:simple_spread wmbatch24-uniform:simple_spread wmbatch24-gamma95:simple_spread wmbatch24-gamma90:simple_spread wmbatch24-gamma80:simple_spread"}
 for item in $ORDER; do
   v=${item%%:*}; env=${item##*:}
   for seed in 0 1 2; do echo "$v $env $seed ${FLAGS[$v]}"; done
-done | xargs -P 2 -I{} bash -c 'job {}'
+done | xargs -P "${JOBS:-2}" -I{} bash -c 'job {}'
 # tables, curves and matchups per variant (the runs' own config.json say what ran)
 [ "${AGGREGATE:-1}" = 1 ] || exit 0
 for item in $ORDER; do
