@@ -283,6 +283,7 @@ SCENARIO_TUNING: dict[str, dict[str, dict[str, Any]]] = {
         # simple_spread's alone.  Discount γ 0.9, not the paper's 0.985 (which looks ~67 steps ahead in
         # 25-step episodes): over batch 24, final return better in all three seeds, the 16k-20k
         # evaluations in two, median -17.82 -> -17.13, past the nearest-landmark heuristic's -17.74;
+        # 0.95 lies between and 0.8 is worse than 0.9 in every seed, so 0.9 is the peak of the four;
         # untested on simple_tag, so simple_spread's alone (README, "Design choices")
         "simple_spread": {"ac.entropy": 3e-3, "wm.batch_size": 24, "replay.warmup": 512, "ac.gamma": 0.9},
     },
