@@ -41,8 +41,9 @@ class ContextQueues:
     def push(self, obs: Tensor, act: Tensor) -> None:
         """Append one step (obs (N, O), act (N,)), dropping the oldest when full."""
         if self.count == self.length:
-            self.obs = self.obs.roll(-1, dims=1)
-            self.act = self.act.roll(-1, dims=1)
+            # rolled into the same storage: the acting graph reads the queue at a fixed address
+            self.obs.copy_(self.obs.roll(-1, dims=1))
+            self.act.copy_(self.act.roll(-1, dims=1))
             self.count -= 1
         self.obs[:, self.count] = obs
         self.act[:, self.count] = act
@@ -53,7 +54,8 @@ class ContextQueues:
         return {"obs": self.obs.cpu(), "act": self.act.cpu(), "count": self.count}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.obs, self.act = sd["obs"].to(self.obs.device), sd["act"].to(self.act.device)
+        self.obs.copy_(sd["obs"])
+        self.act.copy_(sd["act"])
         self.count = int(sd["count"])
         self.count_t.fill_(self.count)
 

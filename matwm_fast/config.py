@@ -166,9 +166,11 @@ class RunConfig:
     device: str = "auto"
     """Torch device: auto (CUDA when available), cpu, cuda, cuda:N."""
     backend: str = "auto"
-    """Step-function backend: eager, compile, cudagraphs, auto (cudagraphs on CUDA, eager on the CPU)."""
+    """Step-function backend: eager; graphs (each phase of a step captured as a CUDA graph from the
+    eager functions, no compiler; a pass-through on the CPU); compile (Inductor); cudagraphs
+    (Inductor + CUDA graphs); auto (cudagraphs on CUDA, eager on the CPU)."""
     kernels: str = "auto"
-    """Kernel implementation: ref, triton, auto (Triton under eager on CUDA, else the reference ops)."""
+    """Kernel implementation: ref, triton, auto (Triton under eager and graphs on CUDA, else the reference ops)."""
     rollout_graph: str = "auto"
     """What a compiled backend makes one graph of in imagination: ``whole`` (the rollout with its H
     steps unrolled: fewest launches and guard checks, compilation growing with H), ``step`` (the
@@ -352,7 +354,7 @@ RULES: dict[str, tuple] = {
     "replay.capacity": _int(1), "replay.priority_decay": _num(0, 1, lo_open=True), "replay.warmup": _int(1),
     "train.wm_every": _int(1), "train.wm_updates": _int(1), "train.agent_every": _int(1), "train.act_context": _int(1),
     "train.seed": _int(0, 2**32 - 1),  # numpy's seeding range
-    "run.steps": _int(1), "run.device": ("device",), "run.backend": _choice("eager", "compile", "cudagraphs", "auto"),
+    "run.steps": _int(1), "run.device": ("device",), "run.backend": _choice("eager", "graphs", "compile", "cudagraphs", "auto"),
     "run.kernels": _choice("ref", "triton", "auto"), "run.amp": _choice("auto", "bf16", "fp32"),
     "run.rollout_graph": _choice("whole", "step", "auto"),
     "run.threads": _int(0), "run.log_every": _int(1), "run.checkpoint_every": _int(0),

@@ -7,8 +7,9 @@ its own indices.  Two samplers (SPEC §2):
   transition), no two sequences of one agent overlapping;
 * imagination: contexts of L steps, start drawn uniformly.
 
-Indices are drawn on the host with numpy in O(batch) per call (inverse-CDF of a truncated
-geometric law), then the rows are gathered on the storage device in one indexing op.  A sequence
+Start slots are drawn on the host with numpy in O(batch) per call (inverse-CDF of a truncated
+geometric law); the rows are gathered on the storage device from them (:meth:`ReplayBuffer.gather`,
+which a captured phase runs on staged start slots).  A sequence
 may span an episode boundary: ``first`` marks the step that starts an episode, and the world model
 turns it into an attention mask, so nothing leaks across (SPEC §2 CHOICE).
 """
@@ -53,6 +54,7 @@ class ReplayBuffer:
         # others[i] = indices of agent i's teammates in agent order (for teammate targets)
         self.others = torch.tensor([[j for j in range(n) if j != i] or [0] for i in range(n)],
                                    dtype=torch.long, device=self.device)  # (N, N-1)
+        self._offsets: dict[int, Tensor] = {}  # length → arange(length) on the device, made once
         self.pos = 0  # next slot to write
         self.size = 0  # slots holding data
         self.rng = np.random.default_rng(seed)
@@ -76,17 +78,31 @@ class ReplayBuffer:
         self.size = min(self.size + 1, self.capacity)
 
     # ------------------------------------------------------------------------------------ sampling
-    def _slots(self, ages: np.ndarray, length: int) -> np.ndarray:
-        """Start ages (..., ) → slot indices (..., length) running forward in time."""
-        start = (self.pos - 1 - ages) % self.capacity
-        return (start[..., None] + np.arange(length)) % self.capacity
+    def gather(self, agent: Tensor, start: Tensor, length: int) -> Batch:
+        """Rows of ``length`` steps from slot ``start`` on, each from its agent's buffer:
+        agent (R,), start (R,) device tensors → a :class:`Batch` of R rows.
 
-    def _gather(self, agent: np.ndarray, slots: np.ndarray) -> Batch:
-        a = torch.from_numpy(agent).to(self.device)  # (R,)
-        s = torch.from_numpy(slots).to(self.device)  # (R, T)
-        ai = a[:, None]
+        Everything here is device work on fixed storage, so the gather runs inside a captured
+        phase: the host draws only the start slots (``sequence_starts``/``context_starts``)."""
+        steps = self._offsets.get(length)
+        if steps is None:  # once per length, before any capture (the first calls are eager)
+            steps = self._offsets[length] = torch.arange(length, device=self.device)  # (T,)
+        s = (start[:, None] + steps) % self.capacity  # (R, T) slots, wrapping around the ring
+        ai = agent[:, None]  # (R, 1)
         return Batch(obs=self.obs[ai, s], act=self.act[ai, s], rew=self.rew[ai, s], cont=self.cont[ai, s],
-                     first=self.first[ai, s], team_act=self.team_act[ai, s], agent=a)
+                     first=self.first[ai, s], team_act=self.team_act[ai, s], agent=agent)
+
+    def rows_agent(self, per_agent: int) -> np.ndarray:
+        """Whose buffer each row of a sample comes from: agent-major, ``per_agent`` rows each (R,)."""
+        return np.repeat(np.arange(self.n_agents), per_agent)
+
+    def _start(self, ages: np.ndarray) -> np.ndarray:
+        """Age of a sequence's first step (0 = newest) → its ring slot."""
+        return (self.pos - 1 - ages) % self.capacity
+
+    def _batch(self, per_agent: int, start: np.ndarray, length: int) -> Batch:
+        agent = torch.from_numpy(self.rows_agent(per_agent)).to(self.device)  # (R,)
+        return self.gather(agent, torch.from_numpy(start).to(self.device), length)
 
     def sample_recent_ages(self, count: int, length: int, decay: float) -> np.ndarray:
         """``count`` start ages of sequences of ``length``, P(age=k) ∝ decay**k, k ∈ [length−1, size−1].
@@ -104,9 +120,13 @@ class ReplayBuffer:
             j = np.floor(np.log1p(-u * (-np.expm1(n * np.log(decay)))) / np.log(decay))
         return np.minimum(j.astype(np.int64), n - 1) + (length - 1)
 
-    def sample_sequences(self, per_agent: int, length: int, decay: float, max_rounds: int = 64,
-                         max_restarts: int = 1000) -> Batch:
-        """World-model batch: ``per_agent`` non-overlapping recency-weighted sequences per agent.
+    def sample_sequences(self, per_agent: int, length: int, decay: float) -> Batch:
+        """World-model batch: ``per_agent`` non-overlapping recency-weighted sequences per agent."""
+        return self._batch(per_agent, self.sequence_starts(per_agent, length, decay), length)
+
+    def sequence_starts(self, per_agent: int, length: int, decay: float, max_rounds: int = 64,
+                        max_restarts: int = 1000) -> np.ndarray:
+        """Start slots (R,) of ``per_agent`` non-overlapping recency-weighted sequences per agent.
 
         Overlaps are resolved by redrawing only the offending later sequences (a vectorised
         rejection step, so the accepted set follows the recency law conditioned on not
@@ -128,17 +148,18 @@ class ReplayBuffer:
         else:
             raise RuntimeError(f"could not draw {per_agent} non-overlapping sequences of {length} from "
                                f"{self.size} steps; collect more before sampling (raise replay.warmup)")
-        agent = np.repeat(np.arange(self.n_agents), per_agent)  # (R,)
-        return self._gather(agent, self._slots(ages.reshape(-1), length))
+        return self._start(ages.reshape(-1))  # (R,)
 
     def sample_contexts(self, per_agent: int, length: int) -> Batch:
         """Imagination starts: ``per_agent`` contexts of ``length`` steps per agent, drawn uniformly."""
+        return self._batch(per_agent, self.context_starts(per_agent, length), length)
+
+    def context_starts(self, per_agent: int, length: int) -> np.ndarray:
+        """Start slots (R,) of ``per_agent`` contexts of ``length`` steps per agent, drawn uniformly."""
         n = self.size - length + 1
         if n < 1:
             raise ValueError(f"buffer holds {self.size} steps, fewer than one context of {length}")
-        ages = self.rng.integers(0, n, size=self.n_agents * per_agent) + (length - 1)  # (R,)
-        agent = np.repeat(np.arange(self.n_agents), per_agent)  # (R,)
-        return self._gather(agent, self._slots(ages, length))
+        return self._start(self.rng.integers(0, n, size=self.n_agents * per_agent) + (length - 1))  # (R,)
 
     # ------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:

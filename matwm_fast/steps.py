@@ -47,7 +47,7 @@ class Runtime:
     """How the step functions run: resolved once from ``RunConfig`` and the machine."""
 
     device: torch.device
-    backend: str  # eager | compile | cudagraphs
+    backend: str  # eager | graphs | compile | cudagraphs
     kernels: str  # ref | triton: what every kernel call of the model runs
     amp: torch.dtype | None  # autocast dtype of the world model and imagination; None = float32
     rollout_graph: str = "whole"  # whole | step: what a compiled backend makes one graph of in imagination
@@ -79,23 +79,25 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """``auto``: CUDA graphs on CUDA; eager on the CPU, where compiling costs more than it saves
-    at our sizes (README, Performance)."""
+    """``auto``: Inductor's CUDA graphs on CUDA; eager on the CPU, where compiling costs more than
+    it saves at our sizes (README, Performance).  ``graphs`` runs anywhere: on the CPU its phases
+    are plain calls of the eager functions (what CI tests), on CUDA they are captured."""
     if name == "auto":
         return "cudagraphs" if device.type == "cuda" else "eager"
     if name == "cudagraphs" and device.type != "cuda":
-        raise ValueError("--backend 'cudagraphs': needs a CUDA device; on the CPU use eager or compile")
-    if name not in ("eager", "compile", "cudagraphs"):
-        raise ValueError(f"--backend {name!r}: valid: eager, compile, cudagraphs, auto")
+        raise ValueError("--backend 'cudagraphs': needs a CUDA device; on the CPU use eager, graphs or compile")
+    if name not in ("eager", "graphs", "compile", "cudagraphs"):
+        raise ValueError(f"--backend {name!r}: valid: eager, graphs, compile, cudagraphs, auto")
     return name
 
 
 def resolve_kernels(name: str, device: torch.device, backend: str) -> str:
-    """``auto``: the Triton kernels under ``eager`` on CUDA, where each replaces a chain of
-    separately launched ops; the reference ops under ``compile``/``cudagraphs``, which Inductor
-    fuses itself, until a GPU measurement shows a kernel beating Inductor's code for its op."""
+    """``auto``: the Triton kernels under ``eager`` and ``graphs`` on CUDA, where each replaces a
+    chain of separately launched ops; the reference ops under ``compile``/``cudagraphs``, which
+    Inductor fuses itself, until a GPU measurement shows a kernel beating Inductor's code for its op."""
     if name == "auto":  # never Triton's CPU interpreter (a test tool): CUDA only
-        return "triton" if backend == "eager" and device.type == "cuda" and kernels.triton_runs_on(device) else "ref"
+        eager_ops = backend in ("eager", "graphs")
+        return "triton" if eager_ops and device.type == "cuda" and kernels.triton_runs_on(device) else "ref"
     if name == "triton" and not kernels.triton_runs_on(device):
         raise ValueError(f"--kernels 'triton': {kernels.why_triton_cannot_run(device)}; valid here: ref, auto")
     if name not in kernels.IMPLS:
@@ -154,6 +156,31 @@ def wm_loss(wm: WorldModel, obs: Tensor, act: Tensor, rew: Tensor, cont: Tensor,
     c = wm.cfg
     return world_model_loss(out, obs, rew, cont, team_act, wm.obs_mask[agent], wm.bins, c.dyn_weight, c.rep_weight,
                             c.free_bits, wm.kernels, c.recon_symlog)
+
+
+def eager_ops(rt: Runtime) -> bool:
+    """Whether the step functions run as written (``eager``, and ``graphs``, which captures them)
+    rather than as Inductor's code (``compile``, ``cudagraphs``)."""
+    return rt.backend in ("eager", "graphs")
+
+
+def grads_to_none(rt: Runtime) -> bool:
+    """Whether each update sets the gradients to None so that backward allocates them afresh: no
+    zero-fill kernels, and under ``graphs`` the captured backward allocates them in its graph's
+    pool for the clip and Adam of the same graph.  Inductor's CUDA-graph trees instead need
+    gradients allocated once outside them (:class:`~matwm_fast.trainer.Trainer`)."""
+    return eager_ops(rt)
+
+
+def adam(params, lr: float, eps: float, rt: Runtime) -> torch.optim.Adam:
+    """Adam as the backend runs it.  Under the eager functions: ``fused`` (one kernel group per
+    step, no host-side step counters or ``.item()``), and on CUDA under ``graphs`` also
+    ``capturable`` with a device-tensor learning rate — a non-capturable Adam computes its bias
+    corrections as host floats, which a graph would freeze at their capture-time values.  Under
+    Inductor the multi-tensor Adam it traces (capturable, tensor learning rate, for ``cudagraphs``)."""
+    capturable = rt.device.type == "cuda" and rt.backend in ("graphs", "cudagraphs")
+    rate = torch.tensor(lr, device=rt.device) if capturable else lr
+    return torch.optim.Adam(params, lr=rate, eps=eps, capturable=capturable, fused=eager_ops(rt) or None)
 
 
 def optimizer_step(opt: torch.optim.Optimizer) -> None:
@@ -275,7 +302,7 @@ def compile_steps(rt: Runtime) -> Steps:
     ``capturable`` with tensor learning rates; random numbers from Inductor's graph-safe Philox,
     fresh on every replay).  The optimiser pieces are whole graphs too: clip, Adam and EMA in one
     (:func:`optimizer_step`)."""
-    if rt.backend == "eager":
+    if eager_ops(rt):
         return Steps(wm_loss, wm_opt_step, imagine, ac_loss, ac_opt_step, policy_step)
     c = partial(torch.compile, fullgraph=True, dynamic=False, options=compile_options(rt))
     c_opt = partial(torch.compile, fullgraph=True, dynamic=False, options=compile_options(rt, optimizer=True))

@@ -20,10 +20,11 @@ from .acting import ContextQueues
 from .actor_critic import ActorCritic, state_dim
 from .config import LEARNED, Config, load_config, resolve
 from .env import MultiAgentEnv, env_spec, random_actions
+from .graphs import Graph, Staged
 from .imagination import ImagCaches, ImagNoise, Rollout
 from .nvtx import phase
 from .replay import Batch, ReplayBuffer
-from .steps import Runtime, compile_steps, resolve_runtime
+from .steps import Runtime, adam, compile_steps, grads_to_none, resolve_runtime
 from .world_model import WorldModel
 
 Tensor = torch.Tensor
@@ -44,6 +45,33 @@ class EpisodeStats:
     finished: list[np.ndarray] = field(default_factory=list)  # each (N,)
 
 
+@dataclass
+class StepInputs:
+    """Host data a training step needs on the device, staged into fixed buffers (graphs.Staged),
+    and the row → agent maps of the two replay samples, made once."""
+
+    obs: Staged  # (N, O) the observation the agents act on
+    act: Staged  # (N,) the actions taken, for the context queues
+    step: Staged  # () the env step, for the non-finite record
+    wm_start: Staged  # (N·Bw,) start slots of the world model's sequences
+    ctx_start: Staged  # (N·Bi,) start slots of the imagination contexts
+    wm_agent: Tensor  # (N·Bw,) long
+    ctx_agent: Tensor  # (N·Bi,) long
+
+    @staticmethod
+    def allocate(replay: ReplayBuffer, obs_dim: int, wm_per_agent: int, imag_per_agent: int,
+                 device: torch.device) -> "StepInputs":
+        n = replay.n_agents
+
+        def agents(per_agent: int) -> Tensor:
+            return torch.from_numpy(replay.rows_agent(per_agent)).to(device)  # (N·B,)
+
+        return StepInputs(Staged((n, obs_dim), torch.float32, device), Staged((n,), torch.long, device),
+                          Staged((), torch.long, device), Staged((n * wm_per_agent,), torch.long, device),
+                          Staged((n * imag_per_agent,), torch.long, device), agents(wm_per_agent),
+                          agents(imag_per_agent))
+
+
 class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime):
         self.env = MultiAgentEnv(cfg.env, seed=cfg.train.seed)
@@ -57,29 +85,32 @@ class Trainer:
         s_dim = state_dim(cfg.wm.latent_vars, cfg.wm.latent_classes, cfg.wm.width, n, spec.n_actions)
         self.ac = ActorCritic(cfg.ac, spec, s_dim, self.wm.bins, runtime.kernels).to(self.device)
         self.wm.eval()  # imagination and acting; only the world model's own update trains it (dropout)
-        # CUDA graphs replay the optimiser step: its state must live on the device (capturable)
-        # and the learning rate be a tensor, so nothing is read from the host inside the graph
-        graphs = runtime.backend == "cudagraphs"
-
-        def lr(x: float):
-            return torch.tensor(x, device=self.device) if graphs else x
-
-        self.wm_opt = torch.optim.Adam(self.wm.parameters(), lr=lr(cfg.wm.lr), eps=cfg.wm.adam_eps, capturable=graphs)
-        self.ac_opt = torch.optim.Adam([{"params": self.ac.actor_params()}, {"params": self.ac.critic_params()}],
-                                       lr=lr(cfg.ac.lr), eps=cfg.ac.adam_eps, capturable=graphs)
-        # every gradient in a buffer of its own, allocated once, that backward accumulates into in
-        # place.  Left to autograd, a parameter's first .grad is the backward graph's output itself;
-        # under CUDA graphs that tensor lives in the graph's memory pool and the next replay
-        # overwrites it (the first GPU run failed so at its second update: bench/results/gpu/)
-        for group in (*self.wm_opt.param_groups, *self.ac_opt.param_groups):
-            for p in group["params"]:
-                p.grad = torch.zeros_like(p)
+        self.wm_opt = adam(self.wm.parameters(), cfg.wm.lr, cfg.wm.adam_eps, runtime)
+        self.ac_opt = adam([{"params": self.ac.actor_params()}, {"params": self.ac.critic_params()}], cfg.ac.lr,
+                           cfg.ac.adam_eps, runtime)
+        if not grads_to_none(runtime):
+            # every gradient in a buffer of its own, allocated once, that backward accumulates into
+            # in place: under Inductor's CUDA-graph trees a parameter's first .grad would be the
+            # backward graph's output itself, which the next replay overwrites (the first GPU run
+            # failed so at its second update: bench/results/gpu/)
+            for group in (*self.wm_opt.param_groups, *self.ac_opt.param_groups):
+                for p in group["params"]:
+                    p.grad = torch.zeros_like(p)
         self.replay = ReplayBuffer(n, spec.obs_dim, cfg.replay.capacity, self.device, seed=cfg.train.seed + 1)
         self.queues = ContextQueues(n, spec.obs_dim, cfg.train.act_context, self.device)
         self.caches = ImagCaches.allocate(self.wm, n * cfg.ac.imag_batch, cfg.ac.context_len, cfg.ac.horizon,
                                           self.device, runtime.cache_dtype)
         self.steps = compile_steps(runtime)
         self.agents = torch.arange(n, device=self.device)  # (N,)
+        self.inputs = StepInputs.allocate(self.replay, spec.obs_dim, cfg.wm.batch_per_agent, cfg.ac.imag_batch,
+                                          self.device)
+        self._rollout: Rollout | None = None  # the imagination phase's output, the update phase's input
+        # the four phases a training step runs, each one CUDA graph under ``graphs`` on CUDA (plain
+        # calls elsewhere): everything they read is the trainer's own fixed state or ``inputs``
+        capture = runtime.backend == "graphs"
+        self.graphs = {name: Graph(fn, self.device, name=name, capture=capture) for name, fn in (
+            ("act", self._act_phase), ("wm_update", self._wm_phase), ("imagine", self._imagine_phase),
+            ("ac_update", self._ac_phase))}
         self.step = 0  # env steps taken
         self.imagined_total = 0  # imagined steps so far: the one place they are counted
         self.obs = self.env.reset(seed=cfg.train.seed)  # (N, O)
@@ -102,12 +133,14 @@ class Trainer:
         return len(self.replay) >= self.cfg.replay.warmup
 
     # ------------------------------------------------------------------------------------ acting
-    def choose_actions(self, greedy: bool = False) -> np.ndarray:
+    def choose_actions(self) -> np.ndarray:
+        """The agents' actions for ``self.obs`` (N,): random until the replay is warm, then each
+        agent's policy from its own context queue.  Stages the observation on the device (where
+        the context queue takes it from after the env step)."""
+        self.inputs.obs.put(self.obs)
         if not self.warm:
             return random_actions(self.rng, self.spec)
-        q = self.queues
-        obs = torch.as_tensor(self.obs, device=self.device)  # (N, O)
-        return self.steps.act(self.wm, self.ac, q.obs, q.act, q.count_t, obs, greedy).cpu().numpy()  # (N,)
+        return self.graphs["act"]().cpu().numpy()  # (N,): the one host sync of an env step
 
     def env_step(self) -> None:
         """Act, step the env, store the transition; on episode end reset env and queues."""
@@ -116,7 +149,7 @@ class Trainer:
         with phase("env"):
             next_obs, rew, cont, done = self.env.step(actions)
         self.replay.add(self.obs, actions, rew, cont, self.first)
-        self.queues.push(torch.as_tensor(self.obs, device=self.device), torch.as_tensor(actions, device=self.device))
+        self.queues.push(self.inputs.obs.device, self.inputs.act.put(actions))
         self.episodes.current += rew
         self.step += 1
         self.first = False
@@ -136,7 +169,7 @@ class Trainer:
         loss, m = s.wm_loss(self.wm, batch.obs, batch.act, batch.rew, batch.cont, batch.first, batch.team_act,
                             batch.agent, self.rt.amp)
         self.wm.eval()
-        self.wm_opt.zero_grad(set_to_none=False)
+        self.wm_opt.zero_grad(set_to_none=grads_to_none(self.rt))
         loss.backward()
         m["grad_norm"] = s.wm_opt_step(self.wm, self.wm_opt, self.cfg.wm.grad_clip)
         return m
@@ -149,15 +182,36 @@ class Trainer:
         """One actor-critic step for every agent (per-agent clipping inside)."""
         s = self.steps
         loss, m = s.ac_loss(self.ac, roll.states, roll.actions, roll.rewards, roll.continues, self.cfg.ac, self.rt.amp)
-        self.ac_opt.zero_grad(set_to_none=False)
+        self.ac_opt.zero_grad(set_to_none=grads_to_none(self.rt))
         loss.backward()
         m["actor_grad_norm"], m["critic_grad_norm"] = s.ac_opt_step(self.ac, self.ac_opt, m["return_scale"],
                                                                      self.cfg.ac)
         return m
 
+    # the phases: functions of the trainer's fixed state and staged inputs only (see graphs.py)
+    def _act_phase(self) -> Tensor:
+        q = self.queues
+        return self.steps.act(self.wm, self.ac, q.obs, q.act, q.count_t, self.inputs.obs.device)  # (N,)
+
+    def _wm_phase(self) -> dict[str, Tensor]:
+        inp = self.inputs
+        m = self.wm_update(self.replay.gather(inp.wm_agent, inp.wm_start.device, self.cfg.wm.seq_len))
+        self._flag_nonfinite(m["total"].reshape(1), 0)
+        return m
+
+    def _imagine_phase(self) -> Rollout:
+        inp = self.inputs
+        return self.imagine(self.replay.gather(inp.ctx_agent, inp.ctx_start.device, self.cfg.ac.context_len))
+
+    def _ac_phase(self) -> dict[str, Tensor]:
+        m = self.ac_update(self._rollout)
+        self._flag_nonfinite(m["actor_loss"] + m["critic_loss"], 1)  # (N,)
+        return m
+
     def train_step(self) -> dict[str, Tensor] | None:
         """One env step of Algorithm 2; returns the step's metric tensors once updates run:
-        0-dim for the shared world model and the budget, (N,) per agent for the actor-critics."""
+        0-dim for the shared world model and the budget, (N,) per agent for the actor-critics.
+        They stay valid until the next ``train_step`` (under ``graphs`` they are a graph's outputs)."""
         if self.rt.backend == "cudagraphs":
             # a new iteration: outputs of the previous step's graphs may be overwritten now
             torch.compiler.cudagraph_mark_step_begin()
@@ -165,39 +219,39 @@ class Trainer:
         if not self.warm:
             return None
         metrics: dict[str, Tensor] = {}
-        cfg = self.cfg
+        cfg, inp, g = self.cfg, self.inputs, self.graphs
+        inp.step.put(self.step)
         if self.step % cfg.train.wm_every == 0:
             for _ in range(cfg.train.wm_updates):  # each on a fresh batch; the row shows the last
                 with phase("replay_sample"):
-                    batch = self.replay.sample_sequences(cfg.wm.batch_per_agent, cfg.wm.seq_len,
-                                                         cfg.replay.priority_decay)
+                    inp.wm_start.put(self.replay.sequence_starts(cfg.wm.batch_per_agent, cfg.wm.seq_len,
+                                                                 cfg.replay.priority_decay))
                 with phase("wm_update"):
-                    wm_m = self.wm_update(batch)
-                self._flag_nonfinite(wm_m["total"].reshape(1), 0)
+                    wm_m = g["wm_update"]()
             metrics.update({f"shared_wm_{k}_loss" if k != "grad_norm" else "shared_wm_grad_norm": v
                             for k, v in wm_m.items()})
-            rows = batch.agent.shape[0] * cfg.train.wm_updates  # host-known shapes: counted without a sync
+            rows = cfg.wm.batch_size * cfg.train.wm_updates  # host-known shapes: counted without a sync
             metrics["wm_sequences"] = self.counters["wm_sequences"].fill_(rows)
             metrics["wm_sequences_per_agent"] = self.counters["wm_sequences_per_agent"].fill_(rows // self.n)
         if self.step % cfg.train.agent_every == 0:
             with phase("replay_sample"):
-                ctx = self.replay.sample_contexts(cfg.ac.imag_batch, cfg.ac.context_len)
+                inp.ctx_start.put(self.replay.context_starts(cfg.ac.imag_batch, cfg.ac.context_len))
             with phase("imagine"):
-                roll = self.imagine(ctx)
+                self._rollout = g["imagine"]()
             with phase("ac_update"):
-                ac_m = self.ac_update(roll)
-            self._flag_nonfinite(ac_m["actor_loss"] + ac_m["critic_loss"], 1)  # (N,)
+                ac_m = g["ac_update"]()
             metrics.update(ac_m)  # (N,) each: the row names them <agent>_<metric>
-            imagined = roll.actions.numel()
+            imagined = self.imagined_per_update
             self.imagined_total += imagined
             metrics["imagined_steps"] = self.counters["imagined_steps"].fill_(imagined)
         return metrics
 
     def _flag_nonfinite(self, losses: Tensor, offset: int) -> None:
-        """Remember the first step and loss that was NaN/Inf, on the device (no sync here)."""
+        """Remember the first step and loss that was NaN/Inf, on the device (no sync here; the
+        step comes in through ``inputs.step``, so a captured phase reads the current one)."""
         bad = ~torch.isfinite(losses.detach().float())  # (K,)
         new = bad.any() & (self.bad_step < 0)
-        self.bad_step.copy_(torch.where(new, self.step, self.bad_step))
+        self.bad_step.copy_(torch.where(new, self.inputs.step.device, self.bad_step))
         self.bad_which.copy_(torch.where(new, offset + bad.int().argmax(), self.bad_which))
 
     def check_finite(self) -> None:
@@ -259,6 +313,8 @@ class Trainer:
                                          [r.numpy().copy() for r in sd["episodes"]["finished"]])
             self.bad_step.copy_(sd["bad"]["step"])
             self.bad_which.copy_(sd["bad"]["which"])
+            for g in self.graphs.values():  # the optimisers' state tensors are new: capture anew
+                g.reset()
             rng = sd["rng"]
             random.setstate(rng["python"])
             name, keys, *rest = rng["numpy"]

@@ -61,7 +61,7 @@ def segment_mask(first: Tensor) -> tuple[Tensor, Tensor]:
     """
     b, t = first.shape
     starts = first.clone()
-    starts[:, 0] = True
+    starts[:, 0].fill_(True)  # a scalar fill: setitem would lift a host tensor into the step
     seg = torch.cumsum(starts.long(), dim=1)  # (B, T) segment id
     idx = torch.arange(t, device=first.device)  # (T,)
     causal = idx[None, :, None] >= idx[None, None, :]  # (1, T, T)

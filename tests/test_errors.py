@@ -37,7 +37,7 @@ BAD = [
     (["--preset", "smoke", "--device", "tpu"], "--run.device 'tpu': unknown device; valid: auto, cpu, cuda, cuda:N"),
     (["--preset", "smoke", "--scenario-arg", "num_goood=2"],
      "simple_tag has no parameter 'num_goood'; valid: num_good, num_adversaries"),
-    (["--preset", "smoke", "--backend", "fast"], "--run.backend 'fast': valid: eager, compile, cudagraphs, auto"),
+    (["--preset", "smoke", "--backend", "fast"], "--run.backend 'fast': valid: eager, graphs, compile, cudagraphs, auto"),
     # impossible configs: 2 world-model sequences leave one of 3 agents without one ...
     (["--preset", "smoke", "--scenario", "simple_spread", "--wm.batch-size", "2"],
      "wm.batch_size=2 is below the 3 agents of simple_spread: each agent needs at least one sequence; use 3 or more"),

@@ -11,6 +11,7 @@ import torch
 
 from matwm_fast.kernels import straight_through
 from matwm_fast.kernels import two_hot_ref as two_hot
+from matwm_fast import losses
 from matwm_fast.losses import categorical_kl, kl_free_bits, lambda_returns, symexp, symlog, two_hot_decode, unimix_probs
 
 
@@ -108,3 +109,12 @@ def test_straight_through_gradient():
     logits.grad = None
     (torch.softmax(logits, -1) * w).sum().backward()
     torch.testing.assert_close(g_st, logits.grad)  # backward is the softmax's
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 9216])
+def test_percentile_is_torch_quantile_without_a_quantile_tensor(m):
+    """The return range's sorted-rank quantile equals torch.quantile's linear interpolation."""
+    x = torch.randn(3, m, dtype=torch.float64)
+    s = x.sort(dim=1).values
+    for p in (0.0, 0.05, 0.5, 0.95, 1.0):
+        torch.testing.assert_close(losses.percentile(s, p), torch.quantile(x, p, dim=1), rtol=0, atol=1e-12)
