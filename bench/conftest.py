@@ -5,7 +5,7 @@ in a few minutes on 2 cores), the ``paper`` preset when CUDA is available.  Envi
 
 * ``MATWM_BENCH_PRESET=paper|cpu|smoke``  force a preset;
 * ``MATWM_BENCH_BACKENDS=eager,compile``  restrict the backends (default: eager, compile, and
-  cudagraphs on CUDA);
+  graphs and cudagraphs on CUDA; on the CPU ``graphs`` is eager's own calls);
 * ``MATWM_BENCH_ROUNDS=N``               timed rounds per benchmark;
 * ``MATWM_BENCH_THREADS=N``              torch CPU threads; default 1 without CUDA (0: torch's
   own choice).  On a CPU shared with other work one thread is by far the steadiest: with two, every
@@ -45,7 +45,7 @@ if _THREADS > 0:
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 PRESET = os.environ.get("MATWM_BENCH_PRESET") or ("paper" if CUDA else "smoke")
 BACKENDS = [b for b in os.environ.get("MATWM_BENCH_BACKENDS", "").split(",") if b] or (
-    ["eager", "compile"] + (["cudagraphs"] if CUDA else []))
+    ["eager", "compile"] + (["graphs", "cudagraphs"] if CUDA else []))
 # few rounds at paper size on the CPU (~20 s per step); at small sizes a call takes milliseconds, so
 # many rounds are cheap and average over the stalls of a shared machine
 ROUNDS = int(os.environ.get("MATWM_BENCH_ROUNDS", "0")) or (

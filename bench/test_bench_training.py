@@ -10,6 +10,8 @@
 
 Inputs are sampled once per trainer (``matwm_fast.tools.warm.WarmTrainer.fixed_inputs``, the
 harness ``profile`` uses too) so rounds differ only by the state the updates themselves change.
+Under ``graphs`` a piece is its phase's graph (:func:`piece`), replayed on the inputs the last
+training step staged, its replay-buffer gather included.
 ``backend`` is parametrised by bench/conftest.py.  ``extra_info`` carries the throughput computed
 from the mean and the trainer's resolved runtime (device, backend, kernels, amp).
 """
@@ -17,12 +19,20 @@ from the mean and the trainer's resolved runtime (device, backend, kernels, amp)
 from __future__ import annotations
 
 
+def piece(tr, phase: str, eager):
+    """What one call of a piece runs: the phase's captured graph under ``graphs`` (fixed staged
+    inputs, as captured), else the trainer's method on the benchmark's fixed inputs."""
+    return tr.graphs[phase] if tr.rt.backend == "graphs" else eager
+
+
 def test_bench_imagine(benchmark, bench, warm_trainer, bench_cfg, backend):
     w = warm_trainer(backend)
     tr = w.tr
 
+    run = piece(tr, "imagine", lambda: tr.imagine(w.ctx))
+
     def fn():
-        roll = tr.imagine(w.ctx)  # fresh noise every call, as in training
+        roll = run()  # fresh noise every call, as in training
         bench.sync()
         return roll
 
@@ -36,8 +46,10 @@ def test_bench_wm_update(benchmark, bench, warm_trainer, bench_cfg, backend):
     tr = w.tr
     samples = w.batch.act.numel()  # R × T sequence steps trained on
 
+    run = piece(tr, "wm_update", lambda: tr.wm_update(w.batch))
+
     def fn():
-        m = tr.wm_update(w.batch)
+        m = run()
         bench.sync()
         return m
 
@@ -49,8 +61,10 @@ def test_bench_ac_update(benchmark, bench, warm_trainer, bench_cfg, backend):
     w = warm_trainer(backend)
     tr = w.tr
 
+    run = piece(tr, "ac_update", lambda: tr.ac_update(w.roll))
+
     def fn():
-        m = tr.ac_update(w.roll)
+        m = run()
         bench.sync()
         return m
 
