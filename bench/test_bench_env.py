@@ -22,10 +22,14 @@ def test_bench_env_step(benchmark, bench, bench_cfg):
     actions = [random_actions(rng, env.spec) for _ in range(STEPS)]  # (N,) each, drawn outside the clock
 
     def fn():
+        steps = 0
         for a in actions:
-            _, _, _, done = env.step(a)
+            obs, rew, _, done = env.step(a)
+            steps += 1
             if done:
                 env.reset()
+        return steps, obs, rew
 
     info = bench.info(None, bench_cfg) | {"agents": env.spec.n_agents, "steps_per_round": STEPS}
-    bench.measure(benchmark, fn, info, {"env_steps_per_s": STEPS}, rounds=10)
+    steps, obs, rew = bench.measure(benchmark, fn, info, {"env_steps_per_s": STEPS}, rounds=10)
+    assert steps == STEPS and np.isfinite(obs).all() and np.isfinite(rew).all()

@@ -18,6 +18,8 @@ from the mean and the trainer's resolved runtime (device, backend, kernels, amp)
 
 from __future__ import annotations
 
+import torch
+
 
 def piece(tr, phase: str, eager):
     """What one call of a piece runs: the phase's captured graph under ``graphs`` (fixed staged
@@ -38,7 +40,9 @@ def test_bench_imagine(benchmark, bench, warm_trainer, bench_cfg, backend):
 
     info = bench.info(backend, bench_cfg, tr) | w.info() | {
         "rows": tr.n * tr.cfg.ac.imag_batch, "horizon": tr.cfg.ac.horizon, "imagined_per_call": tr.imagined_per_update}
-    bench.measure(benchmark, fn, info, {"imagined_steps_per_s": tr.imagined_per_update})
+    roll = bench.measure(benchmark, fn, info, {"imagined_steps_per_s": tr.imagined_per_update})
+    # what was timed: the whole budget of imagined steps, finite
+    assert roll.actions.numel() == tr.imagined_per_update and torch.isfinite(roll.states).all()
 
 
 def test_bench_wm_update(benchmark, bench, warm_trainer, bench_cfg, backend):
@@ -54,7 +58,8 @@ def test_bench_wm_update(benchmark, bench, warm_trainer, bench_cfg, backend):
         return m
 
     info = bench.info(backend, bench_cfg, tr) | {"sequences": w.batch.act.shape[0], "seq_len": w.batch.act.shape[1]}
-    bench.measure(benchmark, fn, info, {"wm_updates_per_s": 1, "wm_samples_per_s": samples})
+    m = bench.measure(benchmark, fn, info, {"wm_updates_per_s": 1, "wm_samples_per_s": samples})
+    assert all(torch.isfinite(v).all() for v in m.values()) and m["grad_norm"] > 0  # an update happened
 
 
 def test_bench_ac_update(benchmark, bench, warm_trainer, bench_cfg, backend):
@@ -70,7 +75,8 @@ def test_bench_ac_update(benchmark, bench, warm_trainer, bench_cfg, backend):
 
     info = bench.info(backend, bench_cfg, tr) | {"agents": tr.n, "imag_batch": tr.cfg.ac.imag_batch,
                                                  "horizon": tr.cfg.ac.horizon}
-    bench.measure(benchmark, fn, info, {"ac_updates_per_s": 1, "imagined_steps_per_s": tr.imagined_per_update})
+    m = bench.measure(benchmark, fn, info, {"ac_updates_per_s": 1, "imagined_steps_per_s": tr.imagined_per_update})
+    assert all(torch.isfinite(v).all() for v in m.values()) and (m["critic_grad_norm"] > 0).all()
 
 
 def test_bench_train_step(benchmark, bench, warm_trainer, bench_cfg, backend):
@@ -84,5 +90,7 @@ def test_bench_train_step(benchmark, bench, warm_trainer, bench_cfg, backend):
 
     info = bench.info(backend, bench_cfg, tr) | {"imagined_per_step": tr.imagined_per_update,
                                              "wm_batch": bench_cfg.wm.batch_size, "wm_seq_len": bench_cfg.wm.seq_len}
-    bench.measure(benchmark, fn, info, {"env_steps_per_s": 1, "imagined_steps_per_s": tr.imagined_per_update})
+    m = bench.measure(benchmark, fn, info, {"env_steps_per_s": 1, "imagined_steps_per_s": tr.imagined_per_update})
     tr.check_finite()  # a benchmark of a diverged model would time NaN arithmetic
+    # a whole env step of Algorithm 2 was timed: both updates ran, on the budget SPEC §1 sets
+    assert int(m["imagined_steps"]) == tr.imagined_per_update and int(m["wm_sequences"]) == bench_cfg.wm.batch_size
