@@ -1,4 +1,4 @@
-"""The learning results table (README, "Does it learn?") and its figures, from the results on disk.
+"""The learning results table (bench/results/learning/README.md) and its figures, from the results on disk.
 
     python bench/learning_table.py                  # writes bench/results/learning/summary.{md,json}, summary_<env>.png
 
@@ -28,45 +28,45 @@ ROOT = Path(__file__).resolve().parents[1]
 LEARNING = ROOT / "bench" / "results" / "learning"
 
 # MATWM rows: (label, directory under bench/results/learning holding <env>/results.json or results.json,
-# a sweep's --results); the first is the method, then the paper's ablations, then issue 15's leads.  A
+# a sweep's --results); the first is the method, then the paper's ablations, then the tuning variants.  A
 # label may come twice (one run continued to a larger budget): the row's budget is its final step.
 MATWM = [
-    ("MATWM", "issue15/base"),
-    ("MATWM", "issue15/base-50k"),
-    ("MATWM, uniform replay (ablation)", "issue15/uniform"),
-    ("MATWM, no teammate predictor (ablation)", "issue15/noteam"),
-    ("MATWM, no action scaling (ablation)", "issue15/noscale"),
-    ("MATWM, entropy 3e-3 (lead 1)", "issue15/ent3e-3"),
-    ("MATWM, entropy 3e-3 (lead 1)", "issue15/ent3e-3-50k"),
-    ("MATWM, entropy 1e-2 (lead 1)", "issue15/ent1e-2"),
-    ("MATWM, entropy 3e-3, 128 imagined trajectories (lead 1)", "issue15/ent3e-3-imag128"),
-    ("MATWM, dropout 0.1 + symlog targets (lead 3)", "issue15/wmreg"),
-    ("MATWM, world-model learning rate 3e-5 (lead 3; the paper's)", "issue15/wmlr"),
-    ("MATWM, entropy 3e-3 + uniform replay (leads 1 + 5)", "issue15/ent3e-3-uniform"),
-    ("MATWM, entropy 3e-3, no action scaling (leads 1 + 4)", "issue15/ent3e-3-noscale"),
-    ("MATWM, entropy 3e-3, world-model batch 24", "issue15/wmbatch24"),
-    ("MATWM, entropy 3e-3, world-model batch 24", "issue15/wmbatch24-50k"),
-    ("MATWM, entropy 3e-3, latent 32 × 32 (the paper's)", "issue15/latent32"),
-    ("MATWM, entropy 3e-3, world-model learning rate 1e-3", "issue15/wmlr1e-3"),
-    ("MATWM, entropy 3e-3, world-model batch 48", "issue15/wmbatch48"),
-    ("MATWM, entropy 3e-3, world-model batch 24, no action scaling", "issue15/wmbatch24-noscale"),
-    ("MATWM, entropy 3e-3, world-model batch 24, 128 imagined trajectories", "issue15/wmbatch24-imag128"),
-    ("MATWM, entropy 3e-3, world-model batch 24, horizon 12 (the paper's)", "issue15/wmbatch24-h12"),
-    ("MATWM, entropy 3e-3, world-model batch 24, two world-model updates per env step", "issue15/wmbatch24-wmupd2"),
-    ("MATWM, entropy 3e-3, world-model batch 24, dropout 0.1 + symlog targets", "issue15/wmbatch24-wmreg"),
-    ("MATWM, entropy 3e-3, world-model batch 24, uniform replay", "issue15/wmbatch24-uniform"),
-    ("MATWM, entropy 3e-3, world-model batch 24, discount 0.95", "issue15/wmbatch24-gamma95"),
-    ("MATWM, entropy 3e-3, world-model batch 24, discount 0.9 (the cpu preset's on simple_spread)", "issue15/wmbatch24-gamma90"),
-    ("MATWM, entropy 3e-3, world-model batch 24, discount 0.8", "issue15/wmbatch24-gamma80"),
-    ("MATWM, world-model batch 24", "issue15/wmbatch24-ent3e-4"),
-    ("MATWM, code of stop 9 (fp32)", "simple_spread_20k"),
-    ("MATWM, code of stop 9 (fp32), 3k steps", "."),
+    ("MATWM", "tuning/base"),
+    ("MATWM", "tuning/base-50k"),
+    ("MATWM, uniform replay (ablation)", "tuning/uniform"),
+    ("MATWM, no teammate predictor (ablation)", "tuning/noteam"),
+    ("MATWM, no action scaling (ablation)", "tuning/noscale"),
+    ("MATWM, entropy 3e-3", "tuning/ent3e-3"),
+    ("MATWM, entropy 3e-3", "tuning/ent3e-3-50k"),
+    ("MATWM, entropy 1e-2", "tuning/ent1e-2"),
+    ("MATWM, entropy 3e-3, 128 imagined trajectories", "tuning/ent3e-3-imag128"),
+    ("MATWM, dropout 0.1 + symlog targets", "tuning/wmreg"),
+    ("MATWM, world-model learning rate 3e-5 (the paper's)", "tuning/wmlr"),
+    ("MATWM, entropy 3e-3 + uniform replay", "tuning/ent3e-3-uniform"),
+    ("MATWM, entropy 3e-3, no action scaling", "tuning/ent3e-3-noscale"),
+    ("MATWM, entropy 3e-3, world-model batch 24", "tuning/wmbatch24"),
+    ("MATWM, entropy 3e-3, world-model batch 24", "tuning/wmbatch24-50k"),
+    ("MATWM, entropy 3e-3, latent 32 × 32 (the paper's)", "tuning/latent32"),
+    ("MATWM, entropy 3e-3, world-model learning rate 1e-3", "tuning/wmlr1e-3"),
+    ("MATWM, entropy 3e-3, world-model batch 48", "tuning/wmbatch48"),
+    ("MATWM, entropy 3e-3, world-model batch 24, no action scaling", "tuning/wmbatch24-noscale"),
+    ("MATWM, entropy 3e-3, world-model batch 24, 128 imagined trajectories", "tuning/wmbatch24-imag128"),
+    ("MATWM, entropy 3e-3, world-model batch 24, horizon 12 (the paper's)", "tuning/wmbatch24-h12"),
+    ("MATWM, entropy 3e-3, world-model batch 24, two world-model updates per env step", "tuning/wmbatch24-wmupd2"),
+    ("MATWM, entropy 3e-3, world-model batch 24, dropout 0.1 + symlog targets", "tuning/wmbatch24-wmreg"),
+    ("MATWM, entropy 3e-3, world-model batch 24, uniform replay", "tuning/wmbatch24-uniform"),
+    ("MATWM, entropy 3e-3, world-model batch 24, discount 0.95", "tuning/wmbatch24-gamma95"),
+    ("MATWM, entropy 3e-3, world-model batch 24, discount 0.9 (the cpu preset's on simple_spread)", "tuning/wmbatch24-gamma90"),
+    ("MATWM, entropy 3e-3, world-model batch 24, discount 0.8", "tuning/wmbatch24-gamma80"),
+    ("MATWM, world-model batch 24", "tuning/wmbatch24-ent3e-4"),
+    ("MATWM before the redesign (fp32, commit af7bb40)", "simple_spread_20k"),
+    ("MATWM before the redesign (fp32, commit d3fb0f7), 3k steps", "."),
 ]
 MODEL_FREE = {"MAPPO (BenchMARL)": "mappo", "IPPO (BenchMARL)": "ippo"}
 HEURISTICS = {"always no-op": "noop", "nearest landmark": "nearest", "shared assignment": "assignment"}
 # the sweep's matchup names → the evaluators' (model_free.py, heuristics.py)
 SWEEP_NAMES = {"trained": "greedy", "trained_sampled": "sampled"}
-# the README's block that this script rewrites
+# the learning log's block that this script rewrites
 BEGIN, END = "<!-- learning-table: written by bench/learning_table.py -->", "<!-- /learning-table -->"
 
 
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python bench/learning_table.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default=str(LEARNING), help="the learning results directory (default %(default)s)")
-    p.add_argument("--readme", default=str(ROOT / "README.md"),
+    p.add_argument("--readme", default=str(LEARNING / "README.md"),
                    help=f"a Markdown file whose block between {BEGIN!r} and {END!r} gets the tables (default "
                         "%(default)s; left alone when it has no such block)")
     args = p.parse_args(argv)

@@ -94,7 +94,7 @@ def per_seed(seed: int, results: dict[str, float]) -> dict:
 def test_table_from_result_files(tmp_path):
     learning = tmp_path / "learning"
     # a sweep of MATWM's base variant: 3 seeds, final step 2000
-    write(learning / "issue15" / "base" / "simple_spread" / "results.json", {"envs": {"simple_spread": {
+    write(learning / "tuning" / "base" / "simple_spread" / "results.json", {"envs": {"simple_spread": {
         "seeds": [0, 1, 2], "steps": [1000, 2000],
         "curves": {"all": {"1000": stats([-30.0, -31.0, -29.0]), "2000": stats([-20.0, -22.0, -18.0])}},
         "matchups": {"trained": {"all": stats([-20.0, -22.0, -18.0])},
@@ -129,10 +129,10 @@ def test_table_from_result_files(tmp_path):
 
 def test_a_run_continued_to_a_larger_budget_is_a_second_row(tmp_path):
     learning = tmp_path / "learning"
-    label = next(lab for lab, d in learning_table.MATWM if d == "issue15/ent3e-3-50k")
-    assert [d for lab, d in learning_table.MATWM if lab == label] == ["issue15/ent3e-3", "issue15/ent3e-3-50k"]
+    label = next(lab for lab, d in learning_table.MATWM if d == "tuning/ent3e-3-50k")
+    assert [d for lab, d in learning_table.MATWM if lab == label] == ["tuning/ent3e-3", "tuning/ent3e-3-50k"]
     for d, final, v in (("ent3e-3", 2000, -19.0), ("ent3e-3-50k", 5000, -15.0)):
-        write(learning / "issue15" / d / "simple_spread" / "results.json", {"envs": {"simple_spread": {
+        write(learning / "tuning" / d / "simple_spread" / "results.json", {"envs": {"simple_spread": {
             "seeds": [0, 1], "steps": [1000, final],
             "curves": {"all": {"1000": stats([-30.0, -31.0]), str(final): stats([v, v - 2])}},
             "matchups": {"trained": {"all": stats([v, v - 2])}, "random": {"all": stats([-27.0, -28.0])}}}}})
@@ -150,11 +150,11 @@ def test_table_refuses_a_missing_directory(tmp_path):
     assert proc.returncode == 2 and "--results" in proc.stderr and "no such directory" in proc.stderr
 
 
-def test_readme_shows_the_committed_table():
-    """The README's learning table is summary.md's, as last written (rebuild both together)."""
+def test_learning_log_shows_the_committed_table():
+    """The learning log's table is summary.md's, as last written (rebuild both together)."""
     summary = (ROOT / "bench" / "results" / "learning" / "summary.md").read_text()
-    readme = (ROOT / "README.md").read_text()
+    log = (ROOT / "bench" / "results" / "learning" / "README.md").read_text()
     rows = [line for line in summary.splitlines() if line.startswith("|")]
     assert rows
-    missing = [r for r in rows if r not in readme]
-    assert not missing, f"README lacks these rows of bench/results/learning/summary.md: {missing[:3]}"
+    missing = [r for r in rows if r not in log]
+    assert not missing, f"the learning log lacks these rows of bench/results/learning/summary.md: {missing[:3]}"

@@ -1,4 +1,4 @@
-"""Issue 15, lead 6: does acting at an episode's first step with h = 0 cost return?
+"""Does acting at an episode's first step with h = 0 cost return?
 
 Imagination never produces a state with h = 0: its first state pairs z_0 with the sequence
 model's output at the last context step (SPEC §4), so the actor is trained on no state like the one
@@ -16,7 +16,7 @@ episodes (seed s plays ``reset(seed=20,000 + 50·s + e)``, greedy) with the firs
   heuristic's (``bench/baselines/heuristics.py``), the learned policy acts from the second step
   on: how much a better first action could give at all.
 
-    python bench/results/learning/issue15/lead6.py RUN_DIR [RUN_DIR ...] [--out FILE]
+    python bench/experiments/first_step.py RUN_DIR [RUN_DIR ...] [--out FILE]
 
 Each RUN_DIR is a finished run (its latest checkpoint is played); the seed comes from its config.
 """
@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[3]
+ROOT = HERE.parents[1]
 for p in (ROOT, ROOT / "bench" / "baselines"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))

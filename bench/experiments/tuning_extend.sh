@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The 50k stretch of issue 15: continue a finished 20k run of run.sh to $TO env steps, in a copy
+# The 50k stretch of the tuning runs: continue a finished 20k run of tuning.sh to $TO env steps, in a copy
 # ($RUNS/<variant>-<TO/1000>k/<env>/seed<k>) so the 20k run and its results stay as they were.  The copy
 # resumes from the 20k checkpoint (replay buffer, optimisers, generators included), so steps
 # 0–20k are the 20k run's own and the 50k figure continues that very run.
-#   usage: extend.sh VARIANT ENV SEED      (same venv and $RUNS as run.sh; run from runs/)
+#   usage: tuning_extend.sh VARIANT ENV SEED      (same venv and $RUNS as tuning.sh; run from runs/)
 set -euo pipefail
 TO=${TO:-50000}
 RUNS=${RUNS:-runs/i15}

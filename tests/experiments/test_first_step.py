@@ -1,4 +1,4 @@
-"""bench/results/learning/issue15/lead6.py (issue 15, lead 6): the first step of each episode acted
+"""bench/experiments/first_step.py: the first step of each episode acted
 four ways on a trained checkpoint; its ``h0`` arm must be the protocol's own greedy evaluation."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench" / "results" / "learning" / "issue15"))
+sys.path.insert(0, str(ROOT / "bench" / "experiments"))
 
-import lead6  # noqa: E402
+import first_step  # noqa: E402
 
 from matwm_fast import train  # noqa: E402
 from matwm_fast.eval import Policy  # noqa: E402
@@ -24,43 +24,43 @@ EPISODES = 2
 
 @pytest.fixture(scope="module")
 def spread_run(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("lead6") / "run"
+    d = tmp_path_factory.mktemp("first_step") / "run"
     assert train.main(["--preset", "smoke", "--scenario", "simple_spread", "--device", "cpu", "--steps", "40",
                        "--wm.batch-size", "3", "--seed", "1", "--run-dir", str(d)]) == 0
     return d
 
 
 def test_h0_arm_is_the_protocols_greedy_evaluation(spread_run):
-    res = lead6.measure(spread_run, lead6.ARMS, EPISODES)
-    first = lead6.EVAL_SEED + 1 * EPISODES  # seed 1's matchup episodes
+    res = first_step.measure(spread_run, first_step.ARMS, EPISODES)
+    first = first_step.EVAL_SEED + 1 * EPISODES  # seed 1's matchup episodes
     assert res["episode_seeds"] == [first, first + EPISODES - 1]
     pol = Policy(spread_run)
     ref, _ = evaluate(pol.wm, pol.ac, pol.cfg.env, pol.cfg.train.act_context, EPISODES, first, "cpu")
     np.testing.assert_allclose(res["results"]["h0"]["return_mean"], ref["return_mean"], rtol=0, atol=1e-9)
-    assert set(res["results"]) == set(lead6.ARMS)
+    assert set(res["results"]) == set(first_step.ARMS)
 
 
 def test_primed_queue_holds_the_made_up_step(spread_run, monkeypatch):
     """The primed arm's first call sees one queued step: the first observation and a no-op."""
     pol = Policy(spread_run)
-    act, state = lead6.learned(pol, "primed")
+    act, state = first_step.learned(pol, "primed")
     obs = np.random.default_rng(0).standard_normal((pol.spec.n_agents, pol.spec.obs_dim)).astype(np.float32)
     seen = {}
-    real = lead6.policy_step
+    real = first_step.policy_step
 
     def spy(wm, ac, past_obs, past_act, count, o, greedy=False):
         seen.update(count=int(count), obs=past_obs[:, 0].clone(), act=past_act[:, 0].clone())
         return real(wm, ac, past_obs, past_act, count, o, greedy)
 
-    monkeypatch.setattr(lead6, "policy_step", spy)
+    monkeypatch.setattr(first_step, "policy_step", spy)
     act(obs)
     assert seen["count"] == 1 and state["calls"] == 1
     np.testing.assert_array_equal(seen["obs"].numpy(), obs)
-    assert (seen["act"] == lead6.NOOP).all()
+    assert (seen["act"] == first_step.NOOP).all()
 
 
 def test_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        lead6.main([str(tmp_path)])
+        first_step.main([str(tmp_path)])
     assert e.value.code == 2
     assert f"{tmp_path}: not a run directory" in capsys.readouterr().err
