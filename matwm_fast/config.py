@@ -149,8 +149,8 @@ class TrainConfig:
     """World-model update every this many env steps (after warm-up)."""
     wm_updates: int = 1
     """World-model updates at each of those env steps, each on a batch of its own (the paper: 1).
-    More updates per env step, not more sequences per update: issue 15's test of whether the
-    world model is short of updates or of data at 20k steps."""
+    More updates per env step, not more sequences per update: tests whether the world model is
+    short of updates or of data."""
     agent_every: int = 1
     """Actor-critic update every this many env steps (after warm-up)."""
     act_context: int = 16
@@ -177,7 +177,8 @@ class RunConfig:
     prefill, one decode step run H times, the last state: compilation independent of H), or auto
     (step on CUDA, where the whole rollout took minutes to compile; whole on the CPU)."""
     amp: str = "auto"
-    """Precision of the world model and imagination: bf16 autocast, fp32, or auto (bf16 on CUDA)."""
+    """Precision of the world model, imagination and the actor-critic networks: bf16 autocast, fp32,
+    or auto (bf16 on CUDA and on CPUs with native bf16 matrix units, fp32 elsewhere)."""
     threads: int = 1
     """Torch CPU threads (0 = torch's default: one per core).  One by default: on 2 cores a second
     thread made a cpu-preset step 1.3× faster on an idle machine but 2.5× slower beside one busy
@@ -275,18 +276,12 @@ PRESETS = {"paper": _paper, "cpu": _cpu, "smoke": _smoke}
 # scenario alone; preset(name, scenario) applies them, the user's flags apply over them.
 SCENARIO_TUNING: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
-        # entropy η 3e-3, not the paper's 3e-4: with 64 × 8 imagined steps per agent and update the
-        # policy turned near-deterministic before it was good; 3 seeds × 20k, paired, improved every
-        # seed.  On simple_tag the same change cost the prey in every seed, so it is simple_spread's
-        # alone.  World-model batch 24 sequences, not 12 (8 per agent, so warm-up 512 to hold 8
-        # non-overlapping sequences of 32): over the entropy change, the final return rose in two
-        # seeds of three and the mean of the last five evaluations in all three, for 8-10 ms more
-        # in the world-model update; on simple_tag it cost the prey in every seed, so it too is
-        # simple_spread's alone.  Discount γ 0.9, not the paper's 0.985 (which looks ~67 steps ahead in
-        # 25-step episodes): over batch 24, final return better in all three seeds, the 16k-20k
-        # evaluations in two, median -17.82 -> -17.13, past the nearest-landmark heuristic's -17.74;
-        # 0.95 lies between and 0.8 is worse than 0.9 in every seed, so 0.9 is the peak of the four;
-        # untested on simple_tag, so simple_spread's alone (README, "Design choices")
+        # entropy η 3e-3 (the paper's 3e-4 let the policy turn near-deterministic before it was
+        # good), world-model batch 24 (warm-up 512 then holds 8 non-overlapping sequences of 32 per
+        # agent) and discount γ 0.9 (STORM's 0.985 looks ~67 steps ahead in 25-step episodes): each
+        # the best of the values tried on simple_spread's evaluation episodes, and the first two
+        # cost simple_tag's prey, so they are simple_spread's alone.  The runs and their caveats:
+        # bench/results/learning/README.md, "The tuning experiments"
         "simple_spread": {"ac.entropy": 3e-3, "wm.batch_size": 24, "replay.warmup": 512, "ac.gamma": 0.9},
     },
 }

@@ -49,7 +49,8 @@ def build_parser() -> Parser:
     p.add_argument("--device", default="auto", help="torch device: auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: acting is a batch of N rows, and on a busy machine a "
-                        "second thread only waits, ~60× slower; 0 = torch's default)")
+                        "second thread only waits: a 100-episode evaluation took seconds on one thread and had not "
+                        "finished after 10 minutes on two; 0 = torch's default)")
     p.add_argument("--out", metavar="FILE.json", default=None,
                    help="where to write the results (default RUN_DIR/eval_step_<step>.json)")
     return p

@@ -34,7 +34,9 @@ def symexp(x: Tensor) -> Tensor:
 
 
 def two_hot_decode(logits: Tensor, bins: Tensor) -> Tensor:
-    """Expected value (in real space) of a symlog two-hot head: (..., NB) → (...,)."""
+    """The value a symlog two-hot head predicts, in real space: symexp of its expectation in symlog
+    space (DreamerV3's decoding), not the expectation of symexp — a spread head decodes below its
+    real-space mean: (..., NB) → (...,)."""
     return symexp((torch.softmax(fp32(logits), -1) * bins).sum(-1))
 
 

@@ -80,7 +80,7 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_backend(name: str, device: torch.device) -> str:
     """``auto``: Inductor's CUDA graphs on CUDA; eager on the CPU, where compiling costs more than
-    it saves at our sizes (README, Performance).  ``graphs`` runs anywhere: on the CPU its phases
+    it saves at our sizes (docs/performance.md).  ``graphs`` runs anywhere: on the CPU its phases
     are plain calls of the eager functions (what CI tests), on CUDA they are captured."""
     if name == "auto":
         return "cudagraphs" if device.type == "cuda" else "eager"
@@ -109,7 +109,7 @@ def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), read from torch's
     own CPU feature detection.  There bf16 matmuls run at several times the float32 rate: 4.7× on
     one thread of an AMD EPYC with AVX512-BF16 (465 vs 100 GFLOP/s, 3072×512 @ 512×2048), 4.3× on
-    an Intel Xeon with AMX (365 vs 85, issue 14); without them bf16 is emulated and slower."""
+    an Intel Xeon with AMX (365 vs 85, bench/results/cpu-profile-amx.md); without them bf16 is emulated and slower."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, torch ≥ 2.3
     return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
 
@@ -281,7 +281,7 @@ def compile_options(rt: Runtime, optimizer: bool = False) -> dict:
         "assert_indirect_indexing": False,
         "triton.cudagraphs": rt.backend == "cudagraphs",
         # on the CPU the graph's wrapper in C++ rather than Python: a rollout launches hundreds
-        # of small kernels, and the Python calls between them cost ~10 % of it (README).  Not for
+        # of small kernels, and the Python calls between them cost ~10 % of it (docs/performance.md).  Not for
         # the optimiser steps: one kernel group per parameter made a C++ wrapper that took 175 s
         # to compile against 62 s, and ran no faster (2.54 against 2.38 ms, cpu preset's world
         # model, bench/results/cpu-rollout-graph.md)

@@ -45,7 +45,7 @@ BAD = [
     # ... and 40 context + 3 imagined steps do not fit the smoke transformer's 16 positions
     (["--preset", "smoke", "--ac.context-len", "40"],
      "ac.context_len + horizon + 1 = 40 + 3 + 1 exceeds wm.max_len=16; allowed: ac.context_len ≤ 12"),
-    # the probes of issue 13, each once through the real CLI
+    # a reviewer's probes of bad input, each once through the real CLI
     (["--preset", "smoke", "--log-every", "0"], "--run.log-every 0: must be an integer ≥ 1"),
     (["--preset", "smoke", "--train.wm-every", "0"], "--train.wm-every 0: must be an integer ≥ 1"),
     (["--preset", "smoke", "--ac.horizon", "-2"], "--ac.horizon -2: must be an integer ≥ 0"),

@@ -104,7 +104,8 @@ def test_eval_records_the_checkpoint_it_evaluated(run_dir, tmp_path, monkeypatch
 
 
 def test_eval_runs_on_one_thread_unless_told(run_dir, tmp_path):
-    """A busy shared CPU makes torch's idle-waiting second thread ~60× slower: eval defaults to one."""
+    """On a busy shared CPU torch's idle-waiting second thread stalls acting's small batches: eval
+    defaults to one thread."""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

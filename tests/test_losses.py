@@ -39,7 +39,8 @@ def test_two_hot_round_trip_and_edges():
     assert out[0, 0] == 1 and out[1, -1] == 1
 
 
-def test_two_hot_decode_is_expectation_in_real_space():
+def test_two_hot_decode_inverts_a_two_hot_target():
+    """A head that puts a two-hot of symlog(y) decodes to y: symexp of the symlog-space mean."""
     bins = torch.linspace(-20, 20, 255)
     target = torch.tensor([3.5, -0.25, 0.0])
     logits = torch.log(two_hot(symlog(target), bins) + 1e-30)
