@@ -1,16 +1,15 @@
 """Checkpoint files and run directories: file I/O only, and nothing a reader opens can run code.
 
-A checkpoint is the trainer's ``state_dict()`` plus the run's bookkeeping (``extra``), a tree of
-plain values: numbers, strings, lists, tuples, dicts and tensors.  File format 2:
-
-    MAGIC (8 bytes) | sha256 of the rest (32) | header length (8, little-endian) | header | data
-
-The header is JSON: the tree, with each tensor replaced by ``{"__tensor__": i}``, and a table of
-the tensors' dtype, shape and byte range inside ``data``.  Reading parses JSON and copies bytes
-into tensors of allowed dtypes — there is no pickle anywhere, so a crafted file can at worst be
-refused.  Format 1 (a pickled ``torch.save``) is refused by name: reading it would mean
-unpickling it.  Files are written to a temporary name, fsynced and renamed (atomic on POSIX);
-a truncated or corrupted file fails its checksum and is refused.
+A checkpoint is the trainer's ``state_dict()`` plus the run's bookkeeping (``extra``): a tree of
+numbers, strings, lists, tuples, dicts and tensors.  Format 3 is a plain safetensors file, each
+tensor named by its path in the tree (``trainer/wm/encoder.0.weight``), its metadata holding
+``format`` (``matwm_fast/3``), the ``tree`` as JSON (tensors as ``{"__tensor__": name}``, tuples
+and dicts with keys other than strings tagged) and ``sha256``: the digest of every byte of the file,
+its own 64 hex digits read as zeros.  Reading parses JSON and copies bytes into tensors of allowed
+dtypes, each named once by the tree — no pickle anywhere, so a crafted file can at worst be refused.
+Format 2 (the hand-written codec before it) is still read, never written; format 1 (a pickled
+``torch.save``) is refused by name: reading it would mean unpickling it.  Files are written to a
+temporary name, fsynced and renamed (atomic on POSIX).
 
 A run directory holds one run: ``config.json``, ``metrics.jsonl``/``.csv``, ``checkpoints/``.
 :class:`RunDir` takes an exclusive lock on it for the life of the process (a second trainer,
@@ -27,114 +26,192 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 
-MAGIC = b"MATWMCK2"
-OLD_MAGIC = {b"MATWMCK1": 1}  # format 1: a pickled payload, never read
-FORMAT = 2
-_HASH, _LEN = 32, 8
-_DTYPES = {str(t).removeprefix("torch."): t for t in (
-    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-    torch.int8, torch.uint8, torch.bool)}
+FORMAT = 3
+TAG = f"matwm_fast/{FORMAT}"  # the metadata's "format"
+OLD_MAGIC = {b"MATWMCK1": 1, b"MATWMCK2": 2}  # format 1: a pickled payload, never read; 2: read only
+# safetensors' names of the dtypes a checkpoint holds (the writer refuses others, the reader too)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_DIGEST, _ZEROS = b'"sha256":"', b"0" * 64  # JSON escapes the quotes inside strings: the key occurs once
+_MALFORMED = (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError, SafetensorError)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint or run directory that cannot be used: missing, corrupt, foreign, in use."""
 
 
-# ----------------------------------------------------------------------------- tree <-> bytes
-def _encode(tree: Any, tensors: list[torch.Tensor]) -> Any:
+# ----------------------------------------------------------------------------- tree <-> JSON
+def _encode(tree: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    """The tree as JSON data; its tensors go into ``tensors`` under their path in it."""
+    at = lambda k: f"{path}/{k}" if path else str(k)  # noqa: E731
     if tree is None or isinstance(tree, (bool, int, float, str)):
         return tree
     if isinstance(tree, torch.Tensor):
-        tensors.append(tree)
-        return {"__tensor__": len(tensors) - 1}
+        if tree.dtype not in _NAMES:
+            raise TypeError(f"checkpoint tensor {path} is {tree.dtype}; a checkpoint holds {sorted(map(str, _NAMES))}")
+        name = path
+        while name in tensors:  # keys 0 and "0" of one dict: the same path
+            name += "'"
+        tensors[name] = tree
+        return {"__tensor__": name}
     if isinstance(tree, list):
-        return [_encode(x, tensors) for x in tree]
+        return [_encode(x, tensors, at(i)) for i, x in enumerate(tree)]
     if isinstance(tree, tuple):
-        return {"__tuple__": [_encode(x, tensors) for x in tree]}
+        return {"__tuple__": [_encode(x, tensors, at(i)) for i, x in enumerate(tree)]}
     if isinstance(tree, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in tree):
-            return {k: _encode(v, tensors) for k, v in tree.items()}
+            return {k: _encode(v, tensors, at(k)) for k, v in tree.items()}
         if not all(k is None or isinstance(k, (bool, int, float, str)) for k in tree):
             raise TypeError(f"checkpoint dict keys must be plain values, got {[type(k).__name__ for k in tree]}")
-        return {"__dict__": [[k, _encode(v, tensors)] for k, v in tree.items()]}
+        return {"__dict__": [[k, _encode(v, tensors, at(k))] for k, v in tree.items()]}
     raise TypeError(f"a checkpoint holds only data; got a {type(tree).__name__}")
 
 
-def _decode(node: Any, tensors: list[torch.Tensor]) -> Any:
+def _decode(node: Any, tensor: Callable[[Any], torch.Tensor]) -> Any:
     if isinstance(node, list):
-        return [_decode(x, tensors) for x in node]
+        return [_decode(x, tensor) for x in node]
     if not isinstance(node, dict):
         return node
     if len(node) == 1:
         (tag, x), = node.items()
         if tag == "__tensor__":
-            return tensors[x]
+            return tensor(x)
         if tag == "__tuple__":
-            return tuple(_decode(v, tensors) for v in x)
+            return tuple(_decode(v, tensor) for v in x)
         if tag == "__dict__":
-            return {k: _decode(v, tensors) for k, v in x}
-    return {k: _decode(v, tensors) for k, v in node.items()}
+            return {k: _decode(v, tensor) for k, v in x}
+    return {k: _decode(v, tensor) for k, v in node.items()}
+
+
+# ----------------------------------------------------------------------------- tree <-> file
+def _chunks(tree: Any) -> list:
+    """The file's bytes, in three pieces around its digest (written without joining them)."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta = {"format": TAG, "sha256": _ZEROS.decode(),
+            "tree": json.dumps(_encode(tree, tensors, ""), separators=(",", ":"))}
+    flat, seen = {}, set()
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        flat[name] = t.clone() if t.numel() and ptr in seen else t  # safetensors refuses shared memory
+        seen.add(ptr)
+    blob = memoryview(safetensors.torch.save(flat, metadata=meta))
+    at = bytes(blob[: 8 + int.from_bytes(blob[:8], "little")]).index(_DIGEST + _ZEROS) + len(_DIGEST)
+    return [blob[:at], hashlib.sha256(blob).hexdigest().encode(), blob[at + len(_ZEROS):]]
 
 
 def dumps(tree: Any) -> bytes:
-    """A tree of plain values and tensors → file bytes (format 2)."""
-    tensors: list[torch.Tensor] = []
-    header = {"format": FORMAT, "tree": _encode(tree, tensors), "tensors": []}
-    chunks, offset = [], 0
-    for t in tensors:
-        t = t.detach().to("cpu").contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header["tensors"].append({"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-                                  "offset": offset, "nbytes": len(raw)})
-        chunks.append(raw)
-        offset += len(raw)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    body = len(head).to_bytes(_LEN, "little") + head + b"".join(chunks)
-    return MAGIC + hashlib.sha256(body).digest() + body
+    """A tree of plain values and tensors → file bytes (format 3)."""
+    return b"".join(_chunks(tree))
 
 
 def loads(data: bytes, name: str = "checkpoint") -> Any:
     """File bytes → the tree; CheckpointError (saying what is wrong) for anything else."""
-    magic = data[: len(MAGIC)]
+    magic = bytes(data[:8])
+    if OLD_MAGIC.get(magic) == 2:
+        return _loads_format2(data, name)
     if magic in OLD_MAGIC:
         raise CheckpointError(
-            f"{name} is in checkpoint format {OLD_MAGIC[magic]} (a pickled file, written by matwm_fast 0.1); "
-            f"this version reads format {FORMAT} only, which holds data alone: opening a format-1 file would "
-            "mean unpickling it, and unpickling can run code. Retrain, or resume it with matwm_fast 0.1")
-    if len(data) < len(MAGIC) + _HASH + _LEN or magic != MAGIC:
+            f"{name} is in checkpoint format 1 (a pickled file, written by matwm_fast 0.1); this version reads "
+            f"formats 2 and {FORMAT} only, which hold data alone: opening a format-1 file would mean unpickling "
+            "it, and unpickling can run code. Retrain, or resume it with matwm_fast 0.1")
+    header = _header(data, name)
+    try:
+        odd = {k: v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"] not in _DTYPES}
+        if odd:
+            raise ValueError(f"tensors of dtypes a checkpoint never holds: {odd}")
+        tensors, named = safetensors.torch.load(bytes(data)), set()
+
+        def tensor(key: Any) -> torch.Tensor:
+            if not isinstance(key, str) or key not in tensors or key in named:
+                raise ValueError(f"its tree names tensor {key!r}, which the file does not hold (or names it twice)")
+            named.add(key)
+            return tensors[key]
+
+        tree = _decode(json.loads(header["__metadata__"]["tree"]), tensor)
+        if len(named) != len(tensors):
+            raise ValueError(f"it holds tensors its tree never names: {sorted(set(tensors) - named)[:5]}")
+        return tree
+    except _MALFORMED as e:
+        raise CheckpointError(f"{name} passed its checksum but is malformed ({type(e).__name__}: {e})") from e
+
+
+def _header(data: bytes, name: str) -> dict:
+    """The safetensors header of a matwm_fast checkpoint whose checksum holds; else CheckpointError."""
+    n, header = int.from_bytes(data[:8], "little"), None
+    if len(data) >= 10 and n <= len(data) - 8 and data[8:9] == b"{":
+        try:
+            header = json.loads(bytes(data[8: 8 + n]))
+        except (ValueError, RecursionError):
+            pass
+    if not isinstance(header, dict):
+        pickled = bytes(data[:4]) == b"PK\x03\x04" or bytes(data[:1]) == b"\x80"  # torch.save's zip, a pickle
+        raise CheckpointError(f"{name} is not a matwm_fast checkpoint (bad header; truncated or another format)"
+                              + ("; a zip or pickle is never opened: unpickling can run code" if pickled else ""))
+    meta = header.get("__metadata__")
+    tag = meta.get("format") if isinstance(meta, dict) else None
+    if tag != TAG:
+        raise CheckpointError(f"{name} is a safetensors file but not a matwm_fast checkpoint this version reads "
+                              f"(metadata format {tag!r}; it reads {TAG!r} and format 2)")
+    digest = meta.get("sha256")  # of the whole file, the digest's own digits read as zeros
+    key, head = _DIGEST + str(digest).encode() + b'"', bytes(data[8: 8 + n])
+    if not (isinstance(digest, str) and len(digest) == len(_ZEROS) and head.count(key) == 1
+            and _sha256(data, 8 + head.index(key) + len(_DIGEST)) == digest):
+        raise CheckpointError(f"{name} is corrupt or truncated (checksum mismatch); refusing to load it")
+    return header
+
+
+def _sha256(data: bytes, at: int) -> str:
+    """The sha256 of ``data`` with the 64 bytes at ``at`` (the digest's own place) read as zeros."""
+    h = hashlib.sha256(memoryview(data)[:at])
+    h.update(_ZEROS)
+    h.update(memoryview(data)[at + len(_ZEROS):])
+    return h.hexdigest()
+
+
+def _loads_format2(data: bytes, name: str) -> Any:
+    """Format 2, read only: MAGIC | sha256 of the rest | header length (8) | JSON header (the tree,
+    tensors as ``{"__tensor__": i}``, and each tensor's dtype, shape and byte range) | raw bytes."""
+    digest, body = data[8:40], data[40:]
+    if len(data) < 48:
         raise CheckpointError(f"{name} is not a matwm_fast checkpoint (bad header; truncated or another format)")
-    digest, body = data[len(MAGIC): len(MAGIC) + _HASH], data[len(MAGIC) + _HASH:]
     if hashlib.sha256(body).digest() != digest:
         raise CheckpointError(f"{name} is corrupt or truncated (checksum mismatch); refusing to load it")
+    dtypes = {str(t).removeprefix("torch."): t for t in _DTYPES.values()}
     try:
-        n = int.from_bytes(body[:_LEN], "little")
-        header = json.loads(body[_LEN: _LEN + n])
-        blob = memoryview(body)[_LEN + n:]
-        tensors = []
+        n = int.from_bytes(body[:8], "little")
+        header, blob, tensors = json.loads(body[8: 8 + n]), memoryview(body)[8 + n:], []
         for t in header["tensors"]:
-            dtype, shape, off, nb = _DTYPES[t["dtype"]], [int(s) for s in t["shape"]], int(t["offset"]), int(t["nbytes"])
+            dtype, shape, off, nb = dtypes[t["dtype"]], [int(s) for s in t["shape"]], int(t["offset"]), int(t["nbytes"])
             if off < 0 or off + nb > len(blob) or nb != torch.Size(shape).numel() * dtype.itemsize:
                 raise ValueError(f"tensor bytes [{off}, {off + nb}) do not fit")
             raw = bytearray(blob[off: off + nb])
             tensors.append(torch.frombuffer(raw, dtype=dtype).reshape(shape) if nb else torch.empty(shape, dtype=dtype))
-        if header.get("format") != FORMAT:
+        if header.get("format") != 2:
             raise ValueError(f"format {header.get('format')!r}")
-        return _decode(header["tree"], tensors)
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        return _decode(header["tree"], tensors.__getitem__)
+    except _MALFORMED as e:
         raise CheckpointError(f"{name} passed its checksum but is malformed ({type(e).__name__}: {e})") from e
 
 
 # ----------------------------------------------------------------------------- files
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes | list) -> None:
+    """``data`` (bytes, or pieces of them) into ``path`` whole or not at all."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in [data] if isinstance(data, bytes) else data:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -148,7 +225,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def save(path: Path | str, tree: Any) -> None:
-    _atomic_write(Path(path), dumps(tree))
+    _atomic_write(Path(path), _chunks(tree))
 
 
 def load(path: Path | str) -> dict:
@@ -189,6 +266,13 @@ def run_dir_of(ckpt: Path) -> Path:
 
 def step_of(path: Path) -> int:
     return int(path.stem.split("_")[1])
+
+
+def has_checkpoint(run_dir: Path | str) -> bool:
+    """Whether the run has written a checkpoint (a step file or ``latest``), even a damaged one: the
+    run is then resumed or evaluated, and the reader names what is wrong, never started over."""
+    d = Path(run_dir) / "checkpoints"
+    return (d / "latest").exists() or any(d.glob("step_*.pt"))
 
 
 class CheckpointDir:

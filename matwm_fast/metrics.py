@@ -14,6 +14,7 @@ import csv
 import gzip
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 Tensor = torch.Tensor
 FILES = ("metrics.jsonl", "metrics.csv")
@@ -99,15 +101,39 @@ def truncate_after(run_dir: Path | str, step: int) -> int:
         with open(csv_path, newline="") as f:
             reader = csv.DictReader(f)
             cols, rows = reader.fieldnames or [], [r for r in reader if int(r.get("env_step") or 0) <= step]
-        with open(csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)
+        _rewrite_csv(csv_path, cols, rows)
     return len(lines) - len(keep)
 
 
+def _rewrite_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """``path`` replaced whole (a temporary file renamed over it: a crash leaves the old one)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left behind when the write itself failed
+
+
+def _csv_header(path: Path) -> list[str]:
+    """The columns of the CSV at ``path`` (none when it is missing or empty)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return next(csv.reader(f), [])
+
+
 class MetricsWriter:
-    """Appends rows to ``metrics.jsonl`` and ``metrics.csv`` (and TensorBoard if importable)."""
+    """Appends rows to ``metrics.jsonl`` and ``metrics.csv`` (and TensorBoard if importable).
+
+    The CSV's columns are the union of all rows' keys, in order of first appearance.  Its header is
+    read once, when the writer opens; a row within it is appended, and only a row bringing a new
+    column (the first update, the first finished episode, the first evaluation: a few per run)
+    rewrites the file under the grown header — writing a run's rows costs O(rows), not O(rows²).
+    """
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None):
         self.run_dir = Path(run_dir)
@@ -115,6 +141,7 @@ class MetricsWriter:
         repair(self.run_dir)  # never append to a torn line
         self.jsonl = self.run_dir / "metrics.jsonl"
         self.csv = self.run_dir / "metrics.csv"
+        self.columns = _csv_header(self.csv)
         self._tb = None
         if tensorboard:
             try:
@@ -138,21 +165,17 @@ class MetricsWriter:
             self._tb.flush()
 
     def _write_csv(self, row: dict) -> None:
-        # the CSV's columns are the union of all rows' keys; rewrite the header when new keys appear
+        new = [k for k in row if k not in self.columns]
+        if not new:
+            with open(self.csv, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.columns).writerow(row)
+            return
         rows = []
-        if self.csv.exists():
+        if self.columns:
             with open(self.csv, newline="") as f:
                 rows = list(csv.DictReader(f))
-        cols = list(dict.fromkeys([*(rows[0].keys() if rows else []), *row.keys()]))
-        if rows and list(rows[0].keys()) == cols:
-            with open(self.csv, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=cols).writerow(row)
-            return
-        with open(self.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            for r in rows + [row]:
-                w.writerow(r)
+        self.columns = self.columns + new
+        _rewrite_csv(self.csv, self.columns, rows + [row])
 
     def close(self) -> None:
         if self._tb is not None:
@@ -272,29 +295,53 @@ def episode_row(finished: list[np.ndarray], agents: tuple[str, ...], teams: dict
 
 
 class Progress:
-    """A one-line progress bar on a terminal; one line per update elsewhere (logs, CI)."""
+    """Training progress: env steps/s and imagined steps/s since the last logged row.
 
-    def __init__(self, total: int, start: int = 0, stream=sys.stderr):
-        self.total, self.stream = total, stream
-        self.tty = stream.isatty()
-        self.t0, self.s0 = time.perf_counter(), start
-        self.last = 0.0
+    On a terminal a tqdm bar (redrawn at most twice a second; its rate is tqdm's smoothed env
+    steps/s); elsewhere — a log file, CI, a sweep's ``train.log`` — one plain line per logged row,
+    since a bar redrawn with carriage returns would fill the log with them.  A context manager: the
+    bar is closed before whatever the run prints last.
+    """
+
+    FORMAT = "{percentage:3.0f}% {n_fmt}/{total_fmt} env steps [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+    def __init__(self, total: int, start: int = 0, stream=None):
+        self.total, self.stream = total, sys.stderr if stream is None else stream
+        self.tty = self.stream.isatty()
+        self.start, self.t0, self.s0 = time.perf_counter(), time.perf_counter(), start
+        try:  # a pseudo-terminal of unknown size reports 0 × 0, where tqdm would draw nothing
+            sized = os.get_terminal_size(self.stream.fileno()).columns > 0
+        except (OSError, ValueError, AttributeError):
+            sized = False
+        self.bar = tqdm(total=total, initial=start, unit=" env steps", file=self.stream, mininterval=0.5,
+                        dynamic_ncols=sized, **({} if sized else {"ncols": 100, "nrows": 24}), disable=not self.tty)
 
     def update(self, step: int, imagined: int, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not force and (not self.tty or now - self.last < 0.5):
+        """At env step ``step``, ``imagined`` steps imagined since the last :meth:`restart`;
+        ``force``: show it now (a logged row), which is all a non-terminal shows."""
+        if not (self.tty or force):
             return
-        self.last = now
+        now = time.perf_counter()
         dt = max(now - self.t0, 1e-9)
-        frac = step / max(self.total, 1)
-        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-        msg = (f"[{bar}] {step}/{self.total} env steps | {(step - self.s0) / dt:7.2f} env steps/s | "
-               f"{imagined / dt:10.0f} imagined steps/s")
-        print(("\r" + msg) if self.tty else msg, end="" if self.tty else "\n", file=self.stream, flush=True)
+        postfix = f"{imagined / dt:,.0f} imagined steps/s"
+        if self.tty:
+            self.bar.set_postfix_str(postfix, refresh=False)
+            self.bar.update(step - self.bar.n)
+            if force:
+                self.bar.refresh()
+        elif force:
+            line = tqdm.format_meter(step, self.total, now - self.start, unit=" env steps", postfix=postfix,
+                                     rate=(step - self.s0) / dt, bar_format=self.FORMAT)
+            print(line, file=self.stream, flush=True)
 
     def restart(self, step: int) -> None:
         self.t0, self.s0 = time.perf_counter(), step
 
     def close(self) -> None:
-        if self.tty:
-            print(file=self.stream)
+        self.bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

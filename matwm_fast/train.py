@@ -160,41 +160,41 @@ def run(tr: Trainer, rd: ck.RunDir, extra: dict | None = None) -> int:
         return True
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    progress = Progress(rc.steps, start=tr.step)
     try:
         if pending_eval:  # the checkpoint was written while its step's evaluation was cut short
             evaluate_now()
-        while tr.step < rc.steps and stop["sig"] is None:
-            log.add(tr.train_step())
-            progress.update(tr.step, tr.imagined_total - log.imagined0)
-            if tr.step % rc.log_every == 0 or tr.step == rc.steps:
-                tr.check_finite()
-                progress.update(tr.step, tr.imagined_total - log.imagined0, force=True)
-                progress.restart(tr.step)
-                log.row(tr.step, tr.imagined_total, tr.warm, tr.episodes.finished, on_grid=tr.step % rc.log_every == 0)
-            done_eval = True
-            if rc.eval_every and tr.step % rc.eval_every == 0 and tr.warm:
-                done_eval = evaluate_now()
-            if (rc.checkpoint_every and tr.step % rc.checkpoint_every == 0) or stop["sig"] is not None:
-                save(pending=not done_eval)
+        with Progress(rc.steps, start=tr.step) as progress:  # the bar ends before any message below
+            while tr.step < rc.steps and stop["sig"] is None:
+                log.add(tr.train_step())
+                progress.update(tr.step, tr.imagined_total - log.imagined0)
+                if tr.step % rc.log_every == 0 or tr.step == rc.steps:
+                    tr.check_finite()
+                    progress.update(tr.step, tr.imagined_total - log.imagined0, force=True)
+                    progress.restart(tr.step)
+                    log.row(tr.step, tr.imagined_total, tr.warm, tr.episodes.finished,
+                            on_grid=tr.step % rc.log_every == 0)
+                done_eval = True
+                if rc.eval_every and tr.step % rc.eval_every == 0 and tr.warm:
+                    done_eval = evaluate_now()
+                if (rc.checkpoint_every and tr.step % rc.checkpoint_every == 0) or stop["sig"] is not None:
+                    save(pending=not done_eval)
         if stop["sig"] is not None:
-            print(f"\ninterrupted by signal {stop['sig']} at step {tr.step}; checkpoint "
+            print(f"interrupted by signal {stop['sig']} at step {tr.step}; checkpoint "
                   f"{rd.checkpoints.latest()}\nresume with: python -m matwm_fast.train --resume {rd.path}", file=sys.stderr)
             return 128 + int(stop["sig"])
         path = save()
-        progress.close()
         print(f"done: {tr.step} env steps; checkpoint {path}")
         return 0
     except KeyboardInterrupt:  # a second Ctrl-C while the first was being handled
-        print(f"\ninterrupted twice: quitting without a new checkpoint (newest: {_newest(rd)})", file=sys.stderr)
+        print(f"interrupted twice: quitting without a new checkpoint (newest: {_newest(rd)})", file=sys.stderr)
         return 130
     except FloatingPointError as e:
-        print(f"\nerror: {e}; stopping. Last good checkpoint: {_newest(rd, resume=True)}. To go on with other "
+        print(f"error: {e}; stopping. Last good checkpoint: {_newest(rd, resume=True)}. To go on with other "
               f"settings (e.g. a lower --ac.lr or --wm.lr): python -m matwm_fast.train --init-from {rd.path} "
               f"--run-dir NEW_DIR --ac.lr ...", file=sys.stderr)
         return 3
     except OSError as e:  # a full disk, a vanished directory: no traceback, the way back instead
-        print(f"\nerror: writing the run failed at env step {tr.step} ({e.strerror or e}: {e.filename or rd.path}). "
+        print(f"error: writing the run failed at env step {tr.step} ({e.strerror or e}: {e.filename or rd.path}). "
               f"Last good checkpoint: {_newest(rd, resume=True)}", file=sys.stderr)
         return 4
     finally:

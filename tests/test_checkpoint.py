@@ -1,6 +1,7 @@
 """Checkpoint files: exact env state, round trip, pruning, atomicity; refusal of truncated,
 corrupt, foreign, incompatible and crafted checkpoints with a message that says what is wrong —
-and no checkpoint, however crafted, runs code when opened."""
+and no checkpoint, however crafted, runs code when opened, in any command.  The file format
+itself, byte by byte: test_checkpoint_format.py."""
 
 from __future__ import annotations
 
@@ -237,14 +238,19 @@ def crafted_runs(root: Path, marker: Path, trained) -> dict[str, Path]:
                                     {"format": 1, "env": pickle.dumps(Evil()), "config": good["trainer"]["config"]})
     out["nested"] = format1_file(root / "nested/checkpoints/step_000000046.pt",
                                  {"format": 1, "wm_opt": {"state": {0: {"exp_avg": Evil()}}}})
-    # format 2 cannot hold an object at all; a pickle smuggled in as bytes (a uint8 tensor) or as a
-    # string where the env state belongs is only data, and is refused when it does not fit
+    # a pickle in place of the file (as torch.save writes it): never opened
+    p = root / "pickle/checkpoints/step_000000046.pt"
+    p.parent.mkdir(parents=True)
+    torch.save({"trainer": Evil()}, p)
+    out["pickle"] = p
+    # the current format cannot hold an object at all; a pickle smuggled in as bytes (a uint8
+    # tensor) where the env state belongs is only data, and is refused when it does not fit
     st = copy.deepcopy(good)
     st["trainer"]["env"] = torch.frombuffer(bytearray(pickle.dumps(Evil())), dtype=torch.uint8)
-    p = root / "v2_env/checkpoints/step_000000046.pt"
+    p = root / "bytes_env/checkpoints/step_000000046.pt"
     p.parent.mkdir(parents=True)
     ck.save(p, st)
-    out["v2_env"] = p
+    out["bytes_env"] = p
     return {k: v.parent.parent for k, v in out.items()}
 
 
@@ -254,7 +260,9 @@ def test_crafted_checkpoints_are_refused_and_never_run(tmp_path, trained):
     for kind in ("payload", "env_state", "nested"):
         with pytest.raises(ck.CheckpointError, match="checkpoint format 1 .*unpickling can run code"):
             ck.load(ck.resolve(runs[kind]))
-    st = ck.load(ck.resolve(runs["v2_env"]))
+    with pytest.raises(ck.CheckpointError, match="not a matwm_fast checkpoint .*unpickling can run code"):
+        ck.load(ck.resolve(runs["pickle"]))
+    st = ck.load(ck.resolve(runs["bytes_env"]))
     with pytest.raises(ValueError, match="env state is malformed"):
         build(preset("smoke"), device="cpu").load_state_dict(st["trainer"])
     assert not marker.exists()
@@ -263,9 +271,10 @@ def test_crafted_checkpoints_are_refused_and_never_run(tmp_path, trained):
 @pytest.mark.parametrize("command", ["eval", "resume", "init-from", "diagnose", "sweep"])
 def test_every_command_refuses_crafted_checkpoints(tmp_path, trained, command):
     """Every command that opens checkpoints, as a user runs it: a format-1 file is refused by name
-    (exit 2, no traceback); the format-2 file with a pickle where the env state belongs is refused
-    by whatever reads the env state (resume, init-from) and is plain data to the rest.  Nothing
-    ever creates the marker."""
+    and a pickle in place of the file as not a checkpoint (exit 2, no traceback); the file with a
+    pickle where the env state belongs is refused by whatever reads the env state (resume,
+    init-from) and is plain data to the rest.  Nothing ever creates the marker.  (The other
+    format-1 files take the same path as ``payload``: test_crafted_checkpoints_are_refused_...)"""
     import shutil
     import subprocess
     import sys
@@ -274,7 +283,8 @@ def test_every_command_refuses_crafted_checkpoints(tmp_path, trained, command):
 
     marker = tmp_path / "ran"
     runs = crafted_runs(tmp_path / "runs", marker, trained)
-    for kind, run in runs.items():
+    for kind in ("payload", "pickle", "bytes_env"):
+        run = runs[kind]
         if command == "sweep":  # the sweep reads OUT/<env>/seed<k>
             out = tmp_path / f"sweep_{kind}"
             shutil.copytree(run, out / "simple_tag" / "seed0")
@@ -289,8 +299,9 @@ def test_every_command_refuses_crafted_checkpoints(tmp_path, trained, command):
         proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=subprocess_env(),
                               cwd=tmp_path, timeout=300)
         assert "Traceback" not in proc.stderr, (command, kind, proc.stderr[-2000:])
-        if kind != "v2_env":
-            assert proc.returncode == 2 and "checkpoint format 1" in proc.stderr, (command, kind, proc.stderr[-1000:])
+        if kind != "bytes_env":
+            refused = {"payload": "checkpoint format 1", "pickle": "is not a matwm_fast checkpoint"}[kind]
+            assert proc.returncode == 2 and refused in proc.stderr, (command, kind, proc.stderr[-1000:])
         elif command in ("resume", "init-from"):
             assert proc.returncode == 2 and "env state is malformed" in proc.stderr, (command, proc.stderr[-1000:])
     assert not marker.exists()

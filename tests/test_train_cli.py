@@ -1,5 +1,7 @@
-"""End to end: the real CLI in a subprocess, its metrics and the per-step budget counters."""
+"""End to end: the real CLI in a subprocess, its metrics, progress lines and the per-step budget
+counters."""
 
+import csv
 import json
 import os
 import subprocess
@@ -44,7 +46,13 @@ def test_smoke_cli(tmp_path, scenario, agents):
     check_budget_row(warm[-1], agents, sequences=4, imagined=len(agents) * 6 * 3)
     assert any("episode_return" in r for r in rows)
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()
-    assert (tmp_path / "run" / "metrics.csv").exists()
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:  # the same rows, every key a column
+        reader = csv.DictReader(f)
+        assert [int(r["env_step"]) for r in reader] == [r["env_step"] for r in rows]
+        assert set(reader.fieldnames) == {k for r in rows for k in r}
+    # progress in a log (stderr is a pipe here): one plain line per logged row, no carriage returns
+    progress = [ln for ln in proc.stderr.splitlines() if "env steps/s" in ln]
+    assert "\r" not in proc.stderr and len(progress) == len(rows) and "imagined steps/s" in progress[-1]
 
 
 @pytest.mark.slow

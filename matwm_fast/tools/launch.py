@@ -54,17 +54,10 @@ class Trial:
         return f"{self.env} seed {self.seed}"
 
 
-def has_checkpoint(run_dir: Path) -> bool:
-    """Any checkpoint file or pointer: even a broken one means "resume" (train then says what is
-    wrong), never "start over", which would delete the run's other checkpoints."""
-    d = Path(run_dir) / "checkpoints"
-    return (d / "latest").exists() or any(d.glob("step_*.pt"))
-
-
 def train_argv(trial: Trial, python: str = sys.executable) -> list[str]:
     """The command that brings ``trial`` forward from whatever its run directory holds now."""
     d = Path(trial.run_dir)
-    if has_checkpoint(d):
+    if ck.has_checkpoint(d):  # even a damaged one: resumed, and train names what is wrong
         # the config is the checkpoint's (train refuses changed learned settings), so the flags
         # after -- are not passed again: only the run section (budget, evaluation)
         return [python, "-m", "matwm_fast.train", "--resume", str(d), *trial.resume_args]

@@ -39,7 +39,7 @@ from ..cli import config_from_args, fail
 from ..config import LEARNED, Config, check_fields, preset, resolve
 from ..env import env_spec
 from . import launch
-from .sweep_results import aggregate, figures, has_checkpoint, markdown, read_rows, run_dir, saved_config
+from .sweep_results import aggregate, figures, markdown, read_rows, run_dir, saved_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +81,7 @@ def total_steps(args) -> int:
 # ----------------------------------------------------------------------------- runs and their configs
 def is_complete(d: Path, steps: int) -> bool:
     rows = read_rows(d)
-    return has_checkpoint(d) and bool(rows) and max(r.get("env_step", 0) for r in rows) >= steps
+    return ck.has_checkpoint(d) and bool(rows) and max(r.get("env_step", 0) for r in rows) >= steps
 
 
 def resume_args(args) -> list[str]:

@@ -32,14 +32,6 @@ def read_rows(d: Path) -> list[dict]:
     return read_metrics(d) if metrics_file(d) is not None else []
 
 
-def has_checkpoint(d: Path) -> bool:
-    try:
-        ck.CheckpointDir(d).latest()
-        return True
-    except ck.CheckpointError:
-        return False
-
-
 def saved_config(d: Path) -> Config | None:
     """Run ``d``'s own ``config.json`` (None when it has none yet)."""
     raw = ck.RunDir(d).read_config()
@@ -171,7 +163,7 @@ def aggregate(args, argv: list[str]) -> dict:
             if cfg is not None:
                 cfgs.append(cfg)
                 changes.update(config_changes(cfg))
-            if not args.no_matchups and has_checkpoint(d):
+            if not args.no_matchups and ck.has_checkpoint(d):
                 match[seed] = matchups(d, episodes, args.baseline_seed + seed * episodes)
         if not per_seed:
             continue

@@ -142,3 +142,19 @@ def test_the_sweeps_evaluation_uses_one_thread_unless_told(tmp_path, monkeypatch
     assert sw.main(base) == 1  # nothing to aggregate yet
     assert sw.main([*base, "--threads", "3"]) == 1
     assert calls == [1, 3]
+
+
+def test_a_damaged_checkpoint_counts_as_one(tmp_path):
+    """One meaning of "the run has a checkpoint" (checkpoint.has_checkpoint) for launching and for
+    aggregating: a pointer whose file is lost still counts, so the run is resumed or evaluated and
+    the reader names what is missing — never started over, nor left out of the matchups unsaid."""
+    from matwm_fast.tools import sweep as sw
+
+    d = tmp_path / "run"
+    (d / "checkpoints").mkdir(parents=True)
+    (d / "metrics.jsonl").write_text(json.dumps({"env_step": 60}) + "\n")
+    assert not ck.has_checkpoint(d) and not sw.is_complete(d, 60)
+    (d / "checkpoints" / "latest").write_text("step_000000060.pt")  # its file lost
+    assert ck.has_checkpoint(d) and sw.is_complete(d, 60) and not sw.is_complete(d, 70)
+    with pytest.raises(ck.CheckpointError, match="names step_000000060.pt, which is missing"):
+        ck.resolve(d)
