@@ -2,7 +2,8 @@
 
 The algorithm core is the modules of this package (env, replay, world model, transformer,
 imagination, actor-critic, losses, steps, trainer); ``matwm_fast.tools`` holds the tooling
-(diagnose, sweep, profile, plot, gpucheck) and ``matwm_fast.kernels`` the Triton kernels.
+(diagnose, sweep, profile, plot) and ``matwm_fast.kernels`` the Triton kernels.  The GPU check
+is tooling of the checkout, not of the package (``bench/gpucheck``).
 
 The kernels live in the repository's top-level ``kernels/`` folder.  An installed package gets
 them as ``matwm_fast.kernels`` through setuptools' ``package-dir`` mapping (so nothing named

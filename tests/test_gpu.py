@@ -43,8 +43,9 @@ def test_triton_imagination_equals_reference_on_cuda():
         torch.testing.assert_close(a.states, b.states, rtol=1e-4, atol=1e-4)
 
 
-# last: its cold compilation takes minutes on a fresh GPU machine, and a check cut at its cap
-# should have the eager tests' results first
+# Inductor's: its cold compilation takes minutes on a fresh GPU machine, so the GPU check runs it
+# in its last stage, with the time left (bench/gpucheck), not among the first tests
+@pytest.mark.inductor
 def test_cudagraphs_steps_run_without_recompiling_and_with_fresh_noise():
     tr = warm_trainer("cudagraphs", amp="bf16")
     for _ in range(3):  # warm-up + capture

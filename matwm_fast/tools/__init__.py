@@ -1,2 +1,3 @@
-"""Tooling around the algorithm: ``diagnose``, ``sweep``, ``profile``, ``plot``, ``gpucheck`` and the
-warm-trainer harness they and the benchmarks share.  Nothing in the algorithm core imports these."""
+"""Tooling around the algorithm: ``diagnose``, ``sweep``, ``profile``, ``plot`` and the warm-trainer
+harness they, the benchmarks and the GPU check (``bench/``) share.  Nothing in the algorithm core
+imports these."""

@@ -1,4 +1,4 @@
-"""A trainer past replay warm-up and compilation: the one harness that ``profile``, ``gpucheck``
+"""A trainer past replay warm-up and compilation: the one harness that ``profile``, the GPU check
 and the benchmarks (``bench/``) time.
 
 Building it fills the replay with random actions (what the trainer does before it is ``warm``),
