@@ -17,6 +17,13 @@ Each phase's model FLOPs are counted analytically (:mod:`matwm_fast.tools.flops`
 device's own matmul peak is measured at start (a large fp32 and bf16 product): the tables give
 the FLOP/s each phase achieves and its fraction of the peak of the precision it runs in.
 
+After the timed steps, one more step per variant is counted by dispatch
+(:mod:`matwm_fast.tools.launches`): its kernel launches per phase, the budget that CUDA graphs and
+fusions are judged by (``--no-launches`` skips it; compiled and captured steps dispatch no aten
+ops and are not counted).  ``--fake`` costs a step without running it: launches, bytes and FLOPs
+per phase of the CUDA step under fake tensors, in seconds on any machine
+(:mod:`matwm_fast.tools.budget`).
+
 The phases are timed through the listener hook of :mod:`matwm_fast.nvtx` (the same ``phase``
 marks that emit NVTX ranges), so the steps measured are exactly ``Trainer.train_step`` — no
 copy of the training loop lives here to drift from the real one.
@@ -53,10 +60,10 @@ from .. import kernels, nvtx
 from ..cli import Parser, add_config_flags, config_from, describe, fail, overrides
 from ..config import PRESETS
 from ..steps import resolve_backend, resolve_device, resolve_kernels
-from . import flops
+from . import budget, flops, launches
 from .warm import WarmTrainer, sync
 
-BACKENDS = ("eager", "compile", "cudagraphs")
+BACKENDS = ("eager", "graphs", "compile", "cudagraphs")
 KERNELS = ("ref", "triton", "auto")
 
 PHASES = nvtx.PHASES + ("other",)
@@ -172,6 +179,7 @@ class BackendRun:
             f"steps in {self.warmup_s:.1f} s (compilation included; the first step's phases, s: {first or '-'})")
         self.timer = PhaseTimer(device)
         self.step_s: list[float] = []
+        self.launches: dict | None = None  # the counted step's ops per phase (launches.LaunchCounter)
 
     def timed_step(self, capture: bool) -> None:
         with self.timer.installed():
@@ -181,6 +189,17 @@ class BackendRun:
                 self.tr.train_step()
             sync(self.device)
             self.step_s.append(time.perf_counter() - t0)
+
+    def count_launches(self, log=print) -> None:
+        """Kernel launches of one more steady step, counted by dispatch (after the timed steps: the
+        counter slows the host).  Only where the step dispatches its ops one by one."""
+        if not launches.countable(self.backend, self.device):
+            log(f"[{self.variant}] kernel launches not counted: a compiled or captured step dispatches no aten ops")
+            return
+        self.launches = launches.count_step(self.tr).report()
+        self.launches["policy"] = self.device.type  # the device's own autocast policy and defaults: what ran
+        log(f"[{self.variant}] {self.launches['step']['kernels']:,} kernel launches per env step "
+            f"({self.launches['step']['dispatched']:,} ops dispatched)")
 
     def trace(self, trace_dir: Path, steps: int, log=print) -> None:
         """A torch.profiler chrome trace of a few more steps (after the timed ones: it slows them)."""
@@ -228,6 +247,7 @@ class BackendRun:
             "imagine_phase_steps_per_s": tr.imagined_per_update / (imag_ms / 1e3) if imag_ms > 0 else None,
             "peak_memory_mib": round(mem[0], 1), "peak_memory_kind": mem[1],
             "flops_per_step": step_flops,
+            "launches": self.launches,
         } | flops.rates(step_flops, phase_ms, tr.rt.amp, peaks)
 
 
@@ -250,16 +270,19 @@ def time_steps(runs: list[BackendRun], steps: int, use_nsys: bool) -> None:
 
 def profile_backends(cfg, backends: list[str], device: torch.device, steps: int, warmup_steps: int,
                      trace_dir: Path | None = None, use_nsys: bool = False, interleave: bool = False,
-                     log=print, peaks: dict[str, float] | None = None) -> dict[str, dict]:
+                     log=print, peaks: dict[str, float] | None = None, count: bool = True) -> dict[str, dict]:
     """Per-variant figures (``backends``: variant names, ``BACKEND[:KERNELS]``).  Sequential by default: one trainer alive at a time, so each backend's
     peak memory is its own.  ``interleave``: all trainers built first, then their steps alternate,
-    so a time-varying load (a shared machine) hits every backend alike and the ratios stay fair."""
+    so a time-varying load (a shared machine) hits every backend alike and the ratios stay fair.
+    ``count``: one more step per variant with its kernel launches counted (after the timed ones)."""
     out = {}
     if interleave:
         runs = [BackendRun(cfg, b, device, warmup_steps, log) for b in backends]
         time_steps(runs, steps, use_nsys)
         mem, kind = peak_memory(device)
         for r in runs:
+            if count:
+                r.count_launches(log)
             out[r.variant] = r.summary((mem, kind + ", all backends together (--interleave)"), log, peaks)
             if trace_dir is not None:
                 r.trace(trace_dir, min(3, steps), log)
@@ -267,7 +290,10 @@ def profile_backends(cfg, backends: list[str], device: torch.device, steps: int,
     for b in backends:
         r = BackendRun(cfg, b, device, warmup_steps, log)
         time_steps([r], steps, use_nsys)
-        out[b] = r.summary(peak_memory(device), log, peaks)
+        mem = peak_memory(device)
+        if count:
+            r.count_launches(log)
+        out[b] = r.summary(mem, log, peaks)
         if trace_dir is not None:
             r.trace(trace_dir, min(3, steps), log)
         del r  # free this backend's trainer before the next one is measured
@@ -297,6 +323,10 @@ def format_tables(report: dict, markdown: bool = False) -> str:
         g = x / 1e9
         return f"{g:,.{max(0, 2 - math.floor(math.log10(abs(g))))}f}"
 
+    def kernels(r, p):  # the counted step's kernel launches in phase p ("step": all), "-" if not counted
+        n = r.get("launches")
+        return "-" if not n else f"{(n['step'] if p == 'step' else n['phases'][p])['kernels']:,}"
+
     out = []
     res = report["backends"]
     step_flops = report.get("flops_per_step", {})
@@ -305,10 +335,10 @@ def format_tables(report: dict, markdown: bool = False) -> str:
         fr, frac, prec = r.get("flops_per_s", {}), r.get("peak_fraction", {}), r.get("phase_precision", {})
         rows = [[p, f"{r['phases_ms'][p]:.2f}", f"{100 * r['share'][p]:.1f}%",
                  giga(step_flops.get(p)), giga(fr.get(p)),
-                 f"{100 * frac[p]:.1f}% {prec[p]}" if frac.get(p) is not None else "-"] for p in PHASES]
+                 f"{100 * frac[p]:.1f}% {prec[p]}" if frac.get(p) is not None else "-", kernels(r, p)] for p in PHASES]
         total = sum(step_flops.values())
         rows.append(["step (total)", f"{r['step_ms']:.2f}", "100.0%", giga(total), giga(total / (r["step_ms"] / 1e3)),
-                     "-"])
+                     "-", kernels(r, "step")])
         ips = r["imagine_phase_steps_per_s"]
         ips = f"{ips:,.0f}" if ips else "-"
         rt = r.get("runtime") or {}
@@ -316,13 +346,16 @@ def format_tables(report: dict, markdown: bool = False) -> str:
                  + (f" (kernels {rt['kernels']}, amp {rt['amp']})" if rt else "")
                  + (", interleaved with the other backends" if report.get("interleaved") else ""))
         out += [f"### {title}" if markdown else f"== {title} ==", "",
-                table(["phase", "ms/step", "share", "GFLOP/step", "GFLOP/s", "of peak"], rows), "",
+                table(["phase", "ms/step", "share", "GFLOP/step", "GFLOP/s", "of peak", "kernels"], rows), "",
                 f"env steps/s {r['env_steps_per_s']:.2f} | imagined steps/s {r['imagined_steps_per_s']:,.0f} "
                 f"({report['budget']['imagined_per_update']:,} per env step) | imagination phase alone "
                 f"{ips} steps/s | step median {r['step_ms_median']:.2f} ms, std {r['step_ms_std']:.2f} ms | "
                 f"peak memory {r['peak_memory_mib']:,.0f} MiB ({r['peak_memory_kind']}) | warm-up "
                 f"{r['warmup_s']:.1f} s for {r['warmup_steps']} steps (compilation included)"
-                + (" | matmul peak " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()) if peaks else ""),
+                + (" | matmul peak " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()) if peaks else "")
+                + (f" | kernels: launches of one more step, counted by dispatch "
+                   f"({r['launches']['step']['dispatched']:,} ops dispatched, as the {r['launches']['policy']} "
+                   "runs them)" if r.get("launches") else ""),
                 ""]
     names = list(res)
     if len(names) > 1:
@@ -336,6 +369,7 @@ def format_tables(report: dict, markdown: bool = False) -> str:
         # the median resists the stalls of a shared machine better than the mean
         med = [res[n]["step_ms_median"] for n in names]
         rows.append(["step (median)"] + [f"{m:.2f}" for m in med] + [f"{med[0] / m:.2f}x" for m in med[1:]])
+        rows.append(["kernel launches"] + [kernels(res[n], "step") for n in names] + [""] * (len(names) - 1))
         rows.append(["imagined steps/s"] + [f"{res[n]['imagined_steps_per_s']:,.0f}" for n in names]
                     + [f"{res[n]['imagined_steps_per_s'] / res[base]['imagined_steps_per_s']:.2f}x" for n in names[1:]])
         for p in ("imagine", "wm_update", "ac_update"):  # how far each variant is from the hardware
@@ -378,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-seconds", type=float, default=0.5,
                    help="seconds per precision spent measuring the device's matmul peak at start (0: skip it "
                         "and the fractions of peak)")
+    p.add_argument("--no-launches", action="store_true",
+                   help="skip the one extra step per variant whose kernel launches are counted by dispatch")
+    p.add_argument("--fake", action="store_true",
+                   help="instead of timing: cost one env step under fake tensors — kernel launches, bytes and "
+                        "FLOPs per phase, in seconds, on any machine (python -m matwm_fast.profile --fake --help)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the figures as JSON")
     p.add_argument("--markdown", type=Path, default=None, metavar="OUT", help="write the tables as markdown")
     return p
@@ -389,7 +428,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         device = resolve_device(args.device)
         name = args.preset or ("paper" if device.type == "cuda" else "cpu")
         cfg = config_from(name, overrides(args), args.scenario_args)
-        backends = args.backend or (["eager", "compile"] + (["cudagraphs"] if device.type == "cuda" else []))
+        backends = args.backend or (["eager", "compile"] + (["graphs", "cudagraphs"] if device.type == "cuda" else []))
         backends = list(dict.fromkeys(backends))  # a repeated name would overwrite its own figures
         for v in backends:  # refuse before any work: cudagraphs or Triton where they cannot run
             backend, kern = parse_variant(v)
@@ -412,7 +451,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     try:
         nvtx.enable(args.nsys or was_nvtx)
         res = profile_backends(cfg, backends, device, args.steps, args.warmup_steps, args.torch_profiler,
-                               args.nsys, args.interleave, peaks=peaks)
+                               args.nsys, args.interleave, peaks=peaks, count=not args.no_launches)
     except ValueError as e:  # the config is refused when the trainer is built (validate)
         fail(str(e))
     finally:
@@ -427,6 +466,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--fake" in argv:  # the fake-tensor budget has flags of its own (several kernels and precisions)
+        return budget.main([a for a in argv if a != "--fake"])
     args = build_parser().parse_args(argv)
     if args.steps < 1 or args.warmup_steps < 0:
         fail("--steps must be >= 1 and --warmup-steps >= 0")

@@ -189,7 +189,7 @@ def test_variants_with_kernels(tmp_path, one_thread):
     assert profile.range_name("eager:triton") == "train_step_eager_triton"
 
 
-@pytest.mark.parametrize("variant, says", [("fast", "valid: eager, compile, cudagraphs"),
+@pytest.mark.parametrize("variant, says", [("fast", "valid: eager, graphs, compile, cudagraphs"),
                                            ("eager:fast", "must be one of ref, triton, auto"),
                                            ("eager:", "must be one of ref, triton, auto")])
 def test_bad_variant_refused(variant, says, capsys):
