@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref", required=True, metavar="DIR=LABEL", help="the baseline checkout and its label")
     p.add_argument("--cur", default=".", metavar="DIR", help="the checkout to compare (default .)")
     p.add_argument("--amp", nargs="+", default=["fp32"], choices=["fp32", "bf16"], help="precisions of --cur to time")
+    p.add_argument("--ref-amp", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                   help="precisions of --ref to time (bf16 only for a checkout with the run.amp switch)")
     p.add_argument("--preset", default="paper", choices=["paper", "cpu"])
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant (default 8)")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         p.error(f"--steps {args.steps}: need at least 1")
     ref_dir, _, ref_label = args.ref.partition("=")
-    variants = {f"{ref_label or ref_dir} fp32": (Path(ref_dir), "fp32")}
+    variants = {f"{ref_label or ref_dir} {amp}": (Path(ref_dir), amp) for amp in args.ref_amp}
     variants |= {f"current {amp}": (Path(args.cur), amp) for amp in args.amp}
     t0 = time.perf_counter()
     procs = {name: start(name, d, amp, args.preset) for name, (d, amp) in variants.items()}

@@ -33,6 +33,9 @@ SHAPES = {
     "decode_attention": dict(B=3072, H=8, L=20, D=64) if FULL else dict(B=64, H=8, L=20, D=64),
     "sample_latent": dict(B=3072, K=32, C=32) if FULL else dict(B=64, K=32, C=32),
     "twohot_ce": dict(M=3072 * 12, NB=255) if FULL else dict(M=768, NB=255),
+    # the actor-critic update's per-agent LayerNorms: N agents × B·(H+1) rows of the MLP width
+    "layer_norm": dict(N=4, M=768 * 13, D=512) if FULL else dict(N=4, M=64, D=512),
+    "sample_action": dict(N=4, B=768, A=5) if FULL else dict(N=4, B=64, A=5),
 }
 
 
@@ -155,3 +158,64 @@ def test_bench_twohot_ce(benchmark, bench, impl):
         return loss
 
     _run_benchmark(benchmark, bench, "twohot_ce", impl, fn)
+
+
+# ----------------------------------------------------------------------------- #
+# layer_norm (training: per-agent weights, SiLU, forward + backward)             #
+# ----------------------------------------------------------------------------- #
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bench_layer_norm(benchmark, bench, impl):
+    _skip_unavailable(impl)
+    s = SHAPES["layer_norm"]
+    N, M, D = s["N"], s["M"], s["D"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, M, D, generator=g).to(DEVICE, DTYPE).requires_grad_(True)  # (N, M, D)
+    w = (1 + 0.1 * torch.randn(N, 1, D, generator=g)).to(DEVICE).requires_grad_(True)  # (N, 1, D) float32
+    b = (0.1 * torch.randn(N, 1, D, generator=g)).to(DEVICE).requires_grad_(True)  # (N, 1, D)
+
+    if impl == "triton":
+        op = lambda *a: kernels.layer_norm(*a, act="silu", impl="triton")  # noqa: E731
+    else:
+        op = _maybe_compile(lambda *a: kernels.layer_norm_ref(*a, act="silu"), impl)
+
+    def fn():
+        x.grad = w.grad = b.grad = None
+        y = op(x, w, b)
+        y.float().square().mean().backward()
+        bench.sync()
+        return y
+
+    _run_benchmark(benchmark, bench, "layer_norm", impl, fn)
+
+
+# ----------------------------------------------------------------------------- #
+# sample_action (imagination: forward, fresh noise every call)                   #
+# ----------------------------------------------------------------------------- #
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bench_sample_action(benchmark, bench, impl):
+    _skip_unavailable(impl)
+    s = SHAPES["sample_action"]
+    N, B, A = s["N"], s["B"], s["A"]
+    logits = torch.randn(N, B, A, generator=torch.Generator().manual_seed(0)).to(DEVICE, DTYPE)  # (N, B, A)
+    invalid = torch.zeros(N, A, dtype=torch.bool, device=DEVICE)  # (N, A)
+    invalid[-1, -1] = True
+    seed = torch.tensor(1234, device=DEVICE)
+    offset = torch.zeros((), dtype=torch.int64, device=DEVICE)
+
+    if impl == "triton":
+
+        def op(x):
+            out = kernels.sample_action(x, invalid, seed=seed, offset=offset, impl="triton")
+            offset.add_(logits.numel())  # fresh Philox counters next call
+            return out
+
+    else:
+        op = _maybe_compile(lambda x: kernels.sample_action_ref(x, invalid), impl)
+
+    def fn():
+        with torch.no_grad():
+            out = op(logits)
+        bench.sync()
+        return out
+
+    _run_benchmark(benchmark, bench, "sample_action", impl, fn)

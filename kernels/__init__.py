@@ -14,6 +14,8 @@ under torch.compile(fullgraph=True) and safe inside CUDA graphs.
 from ._triton_compat import HAS_TRITON, TRITON_INTERPRET, TRITON_VERSION
 from .decode_attention import decode_attention, decode_attention_ref
 from .dispatch import IMPLS, check_impl, triton_runs_on, why_triton_cannot_run
+from .layer_norm import layer_norm, layer_norm_ref
+from .sample_action import sample_action, sample_action_ref
 from .sample_latent import sample_latent, sample_latent_ref, straight_through
 from .twohot_ce import two_hot_ref, twohot_ce, twohot_ce_ref
 
@@ -25,6 +27,10 @@ __all__ = [
     "check_impl",
     "decode_attention",
     "decode_attention_ref",
+    "layer_norm",
+    "layer_norm_ref",
+    "sample_action",
+    "sample_action_ref",
     "sample_latent",
     "sample_latent_ref",
     "straight_through",

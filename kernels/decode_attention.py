@@ -33,6 +33,8 @@ from .dispatch import check_impl
 
 __all__ = ["decode_attention", "decode_attention_ref"]
 
+_DEAD = -1.0e30  # the score of a dead key: finite, so that a row of dead keys softmaxes without NaN
+
 
 # --------------------------------------------------------------------------- #
 # Reference                                                                    #
@@ -46,16 +48,19 @@ def decode_attention_ref(
     Per step it allocates only (B, L) masks, (B, H, L) scores and the (B, H, D) output, never a
     tensor of the cache's size; the matmuls read the cache once and accumulate in float32.  (PyTorch's fused SDPA does the
     same maths, but its CPU kernel is built for long queries: 1.5–2× slower here for one.)
+
+    The 1/√D scale multiplies the float32 scores (not q before the product: no conversions of q
+    to and from float32), and dead keys get a finite -1e30 rather than -inf, so a row without a
+    live key makes no NaN: its uniform weights are zeroed with the dead keys' afterwards, where
+    live rows' are exactly 0 already (exp(-1e30 - max) underflows) — one mask for both.
     """
     B, H, L, D = k_cache.shape
     acc, out_dtype = torch.promote_types(q.dtype, torch.float32), q.dtype
     j = torch.arange(L, device=q.device)  # (L,)
-    live = (j[None, :] >= kv_start.reshape(B, 1)) & (j[None, :] < kv_len.reshape(()))  # (B, L)
-    q = (q.to(acc) / math.sqrt(D)).to(k_cache.dtype).unsqueeze(2)  # (B, H, 1, D): scaled here, the small side
-    scores = torch.matmul(q, k_cache.transpose(-1, -2)).squeeze(2).to(acc)  # (B, H, L)
-    scores.masked_fill_(~live[:, None, :], float("-inf"))  # in place: softmax's backward needs only its output
-    p = torch.softmax(scores, dim=-1)  # (B, H, L); NaN on rows with no live key
-    p = torch.where(live.any(dim=-1)[:, None, None], p, 0.0)
+    dead = ((j[None, :] < kv_start.reshape(B, 1)) | (j[None, :] >= kv_len.reshape(())))[:, None, :]  # (B, 1, L)
+    scores = torch.matmul(q.to(k_cache.dtype).unsqueeze(2), k_cache.transpose(-1, -2)).squeeze(2)  # (B, H, L)
+    scores = scores.to(acc) * (1.0 / math.sqrt(D))
+    p = torch.softmax(scores.masked_fill_(dead, _DEAD), dim=-1).masked_fill(dead, 0.0)  # (B, H, L)
     return torch.matmul(p.to(v_cache.dtype).unsqueeze(2), v_cache).squeeze(2).to(out_dtype)  # (B, H, D)
 
 

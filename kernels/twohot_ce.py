@@ -208,6 +208,7 @@ def _twohot_ce_setup(ctx, inputs, output):
     logits, target, bins = inputs
     _loss, lse = output
     ctx.save_for_backward(logits, target, bins, lse)
+    ctx.set_materialize_grads(False)  # lse gets no gradient: no zero tensor made for it per call
 
 
 def _twohot_ce_backward(ctx, grad_loss, grad_lse):

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .config import ActorCriticConfig
 from .env import EnvSpec
+from .kernels import sample_action
 from .losses import fp32
 from .nn import StackedMLP
 
@@ -29,14 +30,16 @@ def state_dim(k: int, c: int, d: int, n_agents: int, n_actions: int) -> int:
 def agent_state(z: Tensor, h: Tensor, team_logits: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """s = [z (K·C), h (D), teammate action probabilities ((N−1)·A)] → (..., S) in ``dtype``.
 
-    Imagination stores its states in its compute dtype: under bf16 autocast the actor and critic
-    read them in bf16 anyway, so bf16 storage halves the rollout and saves a conversion per
-    network (z's 0/1 are exact in bf16).
+    Imagination stores its states in its compute dtype: under bf16 the actor and critic read them
+    in bf16 anyway, so bf16 storage halves the rollout and saves a conversion per network (z's
+    0/1 are exact in bf16).  The softmax reads the logits in their own dtype: its kernels (CPU
+    and CUDA) compute in float32 whatever they read, so bf16 logits give the float32 softmax
+    rounded once to bf16 — what the state stores — with no conversion kernels either side.
 
     **CHOICE**: the teammate part is the softmax of the predictor's logits rather than raw logits:
     bounded, and padded actions are exactly 0.
     """
-    team = torch.softmax(fp32(team_logits), -1).flatten(-2)  # (..., (N-1)·A)
+    team = torch.softmax(team_logits, -1).flatten(-2)  # (..., (N-1)·A)
     return torch.cat([z.to(dtype), h.to(dtype), team.to(dtype)], dim=-1)  # (..., S)
 
 
@@ -48,33 +51,35 @@ class ActorCritic(nn.Module):
         super().__init__()
         n, a = spec.n_agents, spec.n_actions
         self.cfg, self.kernels = cfg, kernels
-        self.actor = StackedMLP(n, s_dim, cfg.mlp_width, cfg.mlp_layers, a)
-        self.critic = StackedMLP(n, s_dim, cfg.mlp_width, cfg.mlp_layers, bins.shape[0])
+        self.actor = StackedMLP(n, s_dim, cfg.mlp_width, cfg.mlp_layers, a, kernels)
+        self.critic = StackedMLP(n, s_dim, cfg.mlp_width, cfg.mlp_layers, bins.shape[0], kernels)
         # zero-initialised value output: V ≡ 0 at the start instead of a random offset (DreamerV3)
         nn.init.zeros_(self.critic.net[-1].weight)
         nn.init.zeros_(self.critic.net[-1].bias)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.register_buffer("bins", bins.clone(), persistent=False)
         self.register_buffer("action_mask", torch.from_numpy(spec.action_mask()), persistent=False)  # (N, A)
+        # its complement, kept rather than negated at every call (a kernel per policy evaluation)
+        self.register_buffer("action_invalid", ~self.action_mask, persistent=False)  # (N, A)
         # EMA of the return range S, per agent, from 0 (advantages are divided by max(1, S))
         self.register_buffer("return_scale", torch.zeros(n))  # (N,)
 
     def policy_logits(self, s: Tensor, idx: Tensor | None = None) -> Tensor:
         """s (n, B, S) → logits (n, B, A) with each agent's padded actions at −∞-ish."""
-        mask = self.action_mask if idx is None else self.action_mask[idx]  # (n, A)
+        invalid = self.action_invalid if idx is None else self.action_invalid[idx]  # (n, A)
         logits = fp32(self.actor(s, idx))  # (n, B, A)
-        return logits.masked_fill(~mask[:, None], -1e9)
+        return logits.masked_fill(invalid[:, None], -1e9)
 
-    def act(self, s: Tensor, noise: Tensor | None = None, idx: Tensor | None = None, greedy: bool = False) -> Tensor:
-        """Sample (Gumbel-max on uniform ``noise`` (n, B, A)) or take argmax: → actions (n, B)."""
-        logits = self.policy_logits(s, idx)  # (n, B, A)
+    def act(self, s: Tensor, noise: Tensor | None = None, idx: Tensor | None = None, greedy: bool = False,
+            rng: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Sample (Gumbel-max on uniform ``noise`` (n, B, A), one fused op of ``kernels``) or take
+        the argmax: → actions (n, B).  ``rng``: (seed, offset) device tensors for the Triton
+        sampler's own generator when no noise is given (the reference draws from torch's)."""
         if greedy:
-            return logits.argmax(-1)
-        if noise is None:
-            noise = torch.rand_like(logits)
-        tiny = torch.finfo(noise.dtype).tiny
-        gumbel = -torch.log(-torch.log(noise.clamp(tiny, 1.0 - 1e-7)))  # (n, B, A)
-        return (logits + gumbel).argmax(-1)
+            return self.policy_logits(s, idx).argmax(-1)
+        invalid = self.action_invalid if idx is None else self.action_invalid[idx]  # (n, A)
+        seed, offset = rng if rng is not None else (None, None)
+        return sample_action(self.actor(s, idx), invalid, noise, seed, offset, impl=self.kernels)
 
     def actor_params(self) -> list[nn.Parameter]:
         return list(self.actor.parameters())

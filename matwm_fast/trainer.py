@@ -98,8 +98,9 @@ class Trainer:
                     p.grad = torch.zeros_like(p)
         self.replay = ReplayBuffer(n, spec.obs_dim, cfg.replay.capacity, self.device, seed=cfg.train.seed + 1)
         self.queues = ContextQueues(n, spec.obs_dim, cfg.train.act_context, self.device)
+        # under bf16 the rollout runs on bf16 twins of the world model and actors the caches hold
         self.caches = ImagCaches.allocate(self.wm, n * cfg.ac.imag_batch, cfg.ac.context_len, cfg.ac.horizon,
-                                          self.device, runtime.cache_dtype)
+                                          self.device, runtime.cache_dtype, ac=self.ac)
         self.steps = compile_steps(runtime)
         self.agents = torch.arange(n, device=self.device)  # (N,)
         self.inputs = StepInputs.allocate(self.replay, spec.obs_dim, cfg.wm.batch_per_agent, cfg.ac.imag_batch,

@@ -11,7 +11,11 @@ Data flow for a row of agent k (paper §4, STORM §3):
 
 The module only computes; the loss lives in :mod:`matwm_fast.losses` and the optimiser in the
 trainer.  ``kernels`` ('ref' or 'triton'), fixed at construction, says which implementation of
-the fused ops (latent sampling, decode attention) every call runs.
+the fused ops (latent sampling, decode attention, LayerNorm + SiLU) every call runs.  The same
+class serves as imagination's bf16 twin (:class:`~matwm_fast.nn.LowPrecisionCopy`): inputs are
+brought to the weights' dtype where they enter (a no-op for float32 weights), and the
+``*_step``/``*_table`` methods are imagination's per-step forms, with what a rollout shares made
+once per rollout.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ import torch.nn.functional as F
 from .config import WorldModelConfig
 from .kernels import sample_latent
 from .env import EnvSpec
-from .losses import fp32, symlog, unimix_probs
-from .nn import mlp
+from .losses import symlog, unimix_probs
+from .nn import MLP, mlp
 from .transformer import CausalTransformer, KVCache, segment_mask
 
 Tensor = torch.Tensor
@@ -95,6 +99,25 @@ class TeammatePredictor(nn.Module):
         x = self.inp(z) + self.agent_emb(agent)  # (R, Dtp)
         return self._logits(self.tf.decode(x, pos, cache, index, kv_start), agent)
 
+    def step_inputs(self, agent: Tensor, pos: Tensor) -> tuple[Tensor | None, Tensor]:
+        """What every imagined step of a rollout shares, made once per rollout: the input bias of
+        step t, inp's bias + the focal-agent embedding + the positional embedding (T, R, Dtp) for
+        positions pos (T, R), and each row's unavailable teammate actions (R, N-1, A) bool."""
+        invalid = ~self.valid[agent]  # (R, N-1, A)
+        if not self.enabled:
+            return None, invalid
+        return self.tf.pos(pos) + (self.agent_emb(agent) + self.inp.bias), invalid  # (T, R, Dtp)
+
+    def decode_step(self, z: Tensor, bias: Tensor | None, invalid: Tensor, agent: Tensor, cache: KVCache,
+                    index: Tensor | int, kv_start: Tensor, kv_len: Tensor, live: int | None = None) -> Tensor:
+        """:meth:`decode` with the shared parts of :meth:`step_inputs` (bias: step t's (R, Dtp)):
+        the input layer and both embeddings are one ``addmm``, the mask one ``masked_fill``."""
+        if not self.enabled:
+            return self._constant(z, agent)
+        x = torch.addmm(bias, z, self.inp.weight.t())  # (R, Dtp) = inp(z) + agent emb + pos emb
+        h = self.tf.decode_embedded(x, cache, index, kv_start, kv_len, live)  # (R, Dtp)
+        return self.out(h).unflatten(-1, (self.n_team, self.n_act)).masked_fill(invalid, -1e9)  # (R, N-1, A)
+
 
 class WorldModel(nn.Module):
     def __init__(self, cfg: WorldModelConfig, spec: EnvSpec, kernels: str = "ref"):
@@ -103,15 +126,15 @@ class WorldModel(nn.Module):
         k, c, d = cfg.latent_vars, cfg.latent_classes, cfg.width
         n, a, o = spec.n_agents, spec.n_actions, spec.obs_dim
         self.K, self.C, self.N, self.A, self.O = k, c, n, a, o
-        self.encoder = mlp(o, cfg.mlp_width, cfg.mlp_layers, k * c)
-        self.decoder = mlp(k * c, cfg.mlp_width, cfg.mlp_layers, o)
+        self.encoder = mlp(o, cfg.mlp_width, cfg.mlp_layers, k * c, kernels)
+        self.decoder = mlp(k * c, cfg.mlp_width, cfg.mlp_layers, o, kernels)
         # action mixer, STORM's form (Linear→LN→SiLU→Linear→LN) rather than the paper's single Linear
-        self.mixer = nn.Sequential(nn.Linear(k * c + n * a, d), nn.LayerNorm(d), nn.SiLU(), nn.Linear(d, d),
-                                   nn.LayerNorm(d))
+        self.mixer = MLP(nn.Linear(k * c + n * a, d), nn.LayerNorm(d), nn.SiLU(), nn.Linear(d, d), nn.LayerNorm(d),
+                         kernels=kernels)
         self.seq = CausalTransformer(d, cfg.layers, cfg.heads, cfg.ffn_mult, cfg.max_len, kernels, cfg.dropout)
-        self.dyn_head = mlp(d, cfg.head_width, 1, k * c)
-        self.rew_head = mlp(d, cfg.head_width, 1, cfg.reward_bins)
-        self.con_head = mlp(d, cfg.head_width, 1, 1)
+        self.dyn_head = mlp(d, cfg.head_width, 1, k * c, kernels)
+        self.rew_head = mlp(d, cfg.head_width, 1, cfg.reward_bins, kernels)
+        self.con_head = mlp(d, cfg.head_width, 1, 1, kernels)
         self.teammates = TeammatePredictor(cfg, spec, kernels)
         # No action-mask head g_M: MPE2 hands out no per-step action masks (padded actions are
         # static and masked in the policy), so the 0.5·mask term of Eq. 3 is identically absent.
@@ -123,21 +146,43 @@ class WorldModel(nn.Module):
             nn.init.zeros_(head[-1].bias)
 
     # ------------------------------------------------------------------------------- pieces
-    def posterior(self, obs: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """obs (..., O) → (z (..., K·C) one-hot with straight-through grad, probs (..., K, C))."""
-        logits = self.encoder(symlog(obs)).unflatten(-1, (self.K, self.C))  # (..., K, C)
-        return self.sample(logits, noise)
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype the weights are stored in: float32 (trained under autocast or not), or a
+        low-precision twin's bf16 (:class:`~matwm_fast.nn.LowPrecisionCopy`, imagination)."""
+        return self.mixer[0].weight.dtype
 
-    def prior(self, h: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def posterior(self, obs: Tensor, noise: Tensor | None = None, rng: tuple[Tensor, Tensor] | None = None
+                  ) -> tuple[Tensor, Tensor]:
+        """obs (..., O) → (z (..., K·C) one-hot with straight-through grad, probs (..., K, C))."""
+        x = symlog(obs).to(self.param_dtype)  # a no-op unless the weights are a bf16 twin's
+        logits = self.encoder(x).unflatten(-1, (self.K, self.C))  # (..., K, C)
+        return self._draw(logits, noise, rng)
+
+    def prior(self, h: Tensor, noise: Tensor | None = None, rng: tuple[Tensor, Tensor] | None = None
+              ) -> tuple[Tensor, Tensor]:
         """h (..., D) → (z_{t+1} (..., K·C), prior probs (..., K, C))."""
         logits = self.dyn_head(h).unflatten(-1, (self.K, self.C))  # (..., K, C)
-        return self.sample(logits, noise)
+        return self._draw(logits, noise, rng)
 
-    def sample(self, logits: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _draw(self, logits: Tensor, noise: Tensor | None, rng: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        # ``sample(logits, noise)`` as callers (and tests replacing it) know it, unless a generator is given
+        return self.sample(logits, noise) if rng is None else self.sample(logits, noise, rng)
+
+    def sample(self, logits: Tensor, noise: Tensor | None, rng: tuple[Tensor, Tensor] | None = None
+               ) -> tuple[Tensor, Tensor]:
+        """One draw per latent variable; z and probs come in the weights' dtype or wider: float32
+        from float32 weights (the KL terms of the loss), bf16 from a bf16 twin (imagination, where
+        the probabilities are unused and z is the next layer's input; both samplers compute in
+        float32 whatever they read, so the draw is the same).  ``rng``: (seed, offset) device
+        tensors for the Triton sampler's own generator (the reference draws from torch's)."""
         lead = logits.shape[:-2]
-        flat = fp32(logits.reshape(-1, self.K, self.C))  # (M, K, C)
+        flat = logits.reshape(-1, self.K, self.C)  # (M, K, C)
+        flat = flat.to(torch.promote_types(flat.dtype, self.param_dtype))
         nz = None if noise is None else noise.reshape(-1, self.K)  # one uniform per variable
-        z, probs = sample_latent(flat, self.cfg.unimix, noise=nz, impl=self.kernels)  # (M, K, C) each
+        seed, offset = rng if rng is not None else (None, None)
+        z, probs = sample_latent(flat, self.cfg.unimix, noise=nz, seed=seed, offset=offset,
+                                 impl=self.kernels)  # (M, K, C) each
         return z.reshape(*lead, self.K * self.C), probs.reshape(*lead, self.K, self.C)
 
     def scaled_action(self, agent: Tensor, act: Tensor) -> Tensor:
@@ -157,7 +202,21 @@ class WorldModel(nn.Module):
         first = self.mixer[0]
         kc = self.K * self.C
         col = first.weight[:, kc:].t()[self.scaled_action(agent, act)]  # (R, ..., D)
-        return self.mixer[1:](F.linear(z, first.weight[:, :kc], first.bias) + col)
+        return self.mixer.run(F.linear(z, first.weight[:, :kc], first.bias) + col, start=1)
+
+    def mix_table(self) -> Tensor:
+        """The mixer's first layer for every scaled action with its bias folded in, (N, A, D):
+        row [k, a] = W[:, K·C + k·A + a] + b (the ablation reads row [0, a]).  Made once per
+        rollout, so that each imagined step's first layer is one gather and one ``addmm``."""
+        first = self.mixer[0]
+        table = first.weight[:, self.K * self.C:].t() + first.bias  # (N·A, D)
+        return table.view(self.N, self.A, -1)
+
+    def mix_step(self, z: Tensor, table: Tensor, agent: Tensor, act: Tensor) -> Tensor:
+        """:meth:`mix` of one step from :meth:`mix_table`: z (R, K·C), agent, act (R,) → (R, D)."""
+        rows = table[agent, act] if self.cfg.action_scaling else table[0, act]  # (R, D) = W_a·e_i + b
+        first = self.mixer[0]
+        return self.mixer.run(torch.addmm(rows, z, first.weight[:, : self.K * self.C].t()), start=1)
 
     def heads(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """h (..., D) → (reward logits (..., NB), continuation logit (...,))."""

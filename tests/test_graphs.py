@@ -37,11 +37,13 @@ def traced(tr: Trainer, steps: int) -> CaptureCheck:
     return check
 
 
-@pytest.mark.parametrize("kernels", ["ref", "triton"])
-def test_every_phase_is_capture_ready(kernels, one_thread):
+@pytest.mark.parametrize("kernels, amp", [("ref", "fp32"), ("triton", "fp32"), ("ref", "bf16"), ("triton", "bf16")])
+def test_every_phase_is_capture_ready(kernels, amp, one_thread):
     """Ten steps: episode ends, a full (rolling) context queue, world-model-only steps; every
-    phase replays the ops of its capture, with no sync, no host data and no moved tensor."""
-    tr = warm(kernels=kernels)
+    phase replays the ops of its capture, with no sync, no host data and no moved tensor.  Under
+    bf16 imagination runs on the weights' bf16 twins, refreshed inside the phase."""
+    tr = warm(kernels=kernels, amp=amp)
+    assert (tr.caches.weights is not None) == (amp == "bf16")
     ended = len(tr.episodes.finished)
     check = traced(tr, 10)
     assert len(tr.episodes.finished) - ended == 2  # two episode ends,

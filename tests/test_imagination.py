@@ -116,3 +116,120 @@ def test_triton_kernels_equal_reference_in_imagination():
     assert torch.equal(out["ref"].actions, out["triton"].actions)
     torch.testing.assert_close(out["ref"].states, out["triton"].states, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out["ref"].rewards, out["triton"].rewards, rtol=1e-4, atol=1e-4)
+
+
+def uncached_rollout(wm, ac, obs, act, first, agents, horizon, noise):
+    """Algorithm 1 recomputed from scratch at every step: whole causal passes over the growing
+    token and latent sequences (no cache, no per-rollout tables), the heads at every step."""
+    from matwm_fast.actor_critic import agent_state
+    from matwm_fast.losses import two_hot_decode
+    from matwm_fast.transformer import segment_mask
+
+    r, length = act.shape
+    n, b = agents.shape[0], r // agents.shape[0]
+    agent = agents.repeat_interleave(b)  # (R,)
+
+    def flags(t: int) -> torch.Tensor:  # the context's episode starts, then t imagined steps of the last episode
+        return torch.cat([first, torch.zeros(r, t, dtype=torch.bool)], 1)
+
+    def last(module, x, t):
+        mask, pos = segment_mask(flags(t))
+        return module(x, pos, mask, agent)[:, -1] if module is wm.teammates else module(x, pos, mask)[:, -1]
+
+    z_ctx, _ = wm.posterior(obs, noise.ctx)  # (R, L, K·C)
+    tokens = wm.mix(z_ctx, agent, act)  # (R, L, D)
+    h = last(wm.seq, tokens, 0)  # (R, D)
+    z, _ = wm.prior(h, noise.latent[:, 0])
+    zs, states, actions, rewards, conts = z_ctx, [], [], [], []
+    for t in range(horizon + 1):
+        zs = torch.cat([zs, z[:, None]], 1)  # (R, L+t+1, K·C)
+        states.append(agent_state(z, h, last(wm.teammates, zs, t + 1), obs.dtype))
+        if t == horizon:
+            break
+        a = ac.act(states[-1].view(n, b, -1), noise.action[:, t].view(n, b, -1)).view(r)  # (R,)
+        tokens = torch.cat([tokens, wm.mix(z, agent, a)[:, None]], 1)  # (R, L+t+1, D)
+        h = last(wm.seq, tokens, t + 1)
+        rew, con = wm.heads(h)
+        rewards.append(two_hot_decode(rew, wm.bins))
+        conts.append((con > 0).to(obs.dtype))
+        actions.append(a)
+        z, _ = wm.prior(h, noise.latent[:, t + 1])
+    return [torch.stack(x, 1).view(n, b, *torch.stack(x, 1).shape[1:]) for x in (states, actions, rewards, conts)]
+
+
+def test_rollout_equals_uncached_recomputation():
+    """The cached rollout — per-rollout positional embeddings, mixer table and teammate bias, each
+    step reading only its live cache slots, rewards and continuations from all h at the end —
+    equals recomputing every step from scratch (float64, same draws)."""
+    cfg, wm, ac = build()
+    n, b, h, L = SPEC.n_agents, 4, 4, 5
+    obs, act, first = contexts(n, b, L, seed=4)
+    noise = ImagNoise.draw(n * b, L, h, wm.K, wm.A, "cpu", torch.Generator().manual_seed(5))
+    noise = ImagNoise(noise.ctx.double(), noise.latent.double(), noise.action.double())
+    with torch.no_grad():
+        roll = imagine(wm, ac, obs, act, first, torch.arange(n), h, ImagCaches.allocate(wm, n * b, L, h, "cpu",
+                                                                                       torch.float64), noise)
+        states, actions, rewards, conts = uncached_rollout(wm, ac, obs, act, first, torch.arange(n), h, noise)
+    assert torch.equal(roll.actions, actions) and torch.equal(roll.continues, conts)
+    torch.testing.assert_close(roll.states, states, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(roll.rewards, rewards, rtol=1e-10, atol=1e-10)
+
+
+def test_bf16_rollout_runs_on_twins_refreshed_at_its_start():
+    """Under bf16 the caches hold bf16 twins of the world model and the actors (no critics, float32
+    buffers, eval mode, no gradients); each rollout copies the current weights in first, runs with
+    autocast off whatever encloses it, and stores bf16 states."""
+    cfg, wm, ac = build(torch.float32)
+    n, b, h, L = SPEC.n_agents, 3, 3, 4
+    obs, act, first = contexts(n, b, L, seed=6)
+    caches = ImagCaches.allocate(wm, n * b, L, h, "cpu", torch.bfloat16, ac=ac)
+    twins = caches.weights
+    assert twins is not None and twins.ac.critic is None and twins.ac.slow_critic is None
+    assert all(p.dtype is torch.bfloat16 and not p.requires_grad for p in (*twins.wm.parameters(), *twins.ac.parameters()))
+    assert twins.wm.bins.dtype is torch.float32 and not twins.wm.training
+    assert ImagCaches.allocate(wm, n * b, L, h, "cpu", torch.bfloat16).weights is None  # no actors given: none
+    with torch.no_grad():
+        wm.seq.pos.weight.add_(1.0)  # an optimiser step, say: the rollout must read the new weights
+        ac.actor.net[0].weight.mul_(2.0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        roll = imagine(wm, ac, obs.float(), act, first, torch.arange(n), h, caches)
+    for src, twin in ((wm, twins.wm), (ac.actor, twins.ac.actor)):
+        for (name, p), q in zip(src.named_parameters(), twin.parameters()):
+            assert torch.equal(q, p.detach().to(torch.bfloat16)), name
+    assert roll.states.dtype is torch.bfloat16 and torch.isfinite(roll.states.float()).all()
+    assert roll.rewards.dtype is torch.float32 and roll.actions.shape == (n, b, h)
+    _, other, other_ac = build(torch.float32)
+    with pytest.raises(ValueError, match="other modules"):
+        imagine(other, other_ac, obs.float(), act, first, torch.arange(n), h, caches)
+
+
+def test_twin_pieces_equal_the_autocast_model_within_bf16():
+    """The twins without autocast compute what the float32 model computes under bf16 autocast
+    (the previous formulation): the sequence model, teammate predictor and heads over the same
+    latents agree to bf16's precision."""
+    from matwm_fast.imagination import ImagWeights
+    from matwm_fast.transformer import segment_mask
+
+    cfg, wm, ac = build(torch.float32)
+    twins = ImagWeights.make(wm, ac, torch.bfloat16)
+    twins.refresh(wm, ac)
+    r, t = 6, 5
+    g = torch.Generator().manual_seed(7)
+    z = torch.nn.functional.one_hot(torch.randint(0, wm.C, (r, t, wm.K), generator=g), wm.C).flatten(-2).float()
+    agent = torch.arange(r) % SPEC.n_agents
+    act = torch.randint(0, 3, (r, t), generator=g)
+    mask, pos = segment_mask(torch.rand(r, t, generator=g) < 0.2)
+
+    def run(m, zz):
+        h = m.seq(m.mix(zz, agent, act), pos, mask)  # (R, T, D)
+        return h, m.teammates(zz, pos, mask, agent).clamp(-30, 30), *m.heads(h), m.dyn_head(h)
+
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = run(wm, z)
+        got = run(twins.wm, z.bfloat16())
+    eps = torch.finfo(torch.bfloat16).eps
+    for a, e in zip(got, want):
+        assert a.dtype is torch.bfloat16
+        scale = e.float().abs().max().item()  # LayerNorm-scaled outputs: errors relative to their size
+        torch.testing.assert_close(a.float(), e.float(), rtol=4 * eps, atol=4 * eps * scale)

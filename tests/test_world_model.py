@@ -290,3 +290,113 @@ def test_symlog_reconstruction_target():
     want = ((out.recon - symlog(obs)).pow(2) * wm.obs_mask[agent][:, None]).sum(-1).mean()
     torch.testing.assert_close(sym["rec"], want)
     assert sym["rec"] < raw["rec"]  # observations of magnitude ~10 shrink to ~2.4 in symlog space
+
+
+def test_segment_mask_ignores_whether_step_0_is_flagged():
+    """Step 0 always starts a segment: flagged or not, the same mask and positions."""
+    first = torch.tensor([[False, False, True, False], [True, False, False, True]])
+    flagged = first.clone()
+    flagged[:, 0] = True
+    for a, b in zip(segment_mask(first), segment_mask(flagged)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("scaling", [True, False])
+def test_mix_step_equals_mix(scaling):
+    """Imagination's mixer (the first layer's action columns and bias as one table, made once per
+    rollout) is :meth:`WorldModel.mix` (float64, up to summation order)."""
+    wm = ablated(action_scaling=scaling)
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(6, wm.K * wm.C, generator=g, dtype=torch.float64)  # (R, K·C)
+    agent = torch.tensor([0, 1, 2, 3, 1, 0])  # (R,)
+    act = torch.randint(0, SPEC.n_actions, (6,), generator=g)  # (R,)
+    torch.testing.assert_close(wm.mix_step(z, wm.mix_table(), agent, act), wm.mix(z, agent, act), rtol=1e-12, atol=1e-12)
+
+
+def _cached_teammates(wm, r, ctx, length, seed=3):
+    """A teammate predictor cache prefilled with ``ctx`` latents of r rows, and its inputs."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(r, ctx + 1, wm.K * wm.C, generator=g, dtype=torch.float64)  # (R, L+1, K·C)
+    agent = torch.arange(r) % SPEC.n_agents  # (R,)
+    first = torch.zeros(r, ctx, dtype=torch.bool)
+    first[0, 2] = True  # one row's context crosses an episode start
+    mask, pos = segment_mask(first)
+    cache = wm.teammates.tf.allocate_cache(r, length, "cpu", torch.float64)
+    wm.teammates(z[:, :ctx], pos, mask, agent, cache)
+    kv_start = (ctx - 1) - pos[:, -1]  # (R,)
+    return z[:, ctx], agent, pos[:, -1] + 1, cache, kv_start
+
+
+def test_teammate_decode_step_equals_decode():
+    """The per-rollout input bias (inp's bias + agent and positional embeddings) and mask, a host
+    slot and a read of the live slots only: the same logits as :meth:`TeammatePredictor.decode`."""
+    wm = ablated()
+    r, ctx, length = 5, 4, 9
+    z, agent, nxt, cache, kv_start = _cached_teammates(wm, r, ctx, length)
+    want = wm.teammates.decode(z, nxt, agent, cache, torch.tensor(ctx), kv_start)
+    _, _, _, cache2, _ = _cached_teammates(wm, r, ctx, length)
+    bias, invalid = wm.teammates.step_inputs(agent, nxt[None] + torch.arange(2)[:, None])  # (T, R, Dtp), (R, N-1, A)
+    got = wm.teammates.decode_step(z, bias[0], invalid, agent, cache2, ctx, kv_start, torch.tensor(ctx + 1), ctx + 1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_decode_reads_only_the_live_slots():
+    """With a host slot and bound, slots past the bound are never read: NaN there changes
+    nothing, and the result equals the device-index decode over the whole (clean) cache."""
+    torch.manual_seed(0)
+    tf = CausalTransformer(width=16, layers=2, heads=2, ffn_mult=2, max_len=16).double().eval()
+    r, ctx, length = 4, 5, 12
+    x = torch.randn(r, ctx + 1, 16, dtype=torch.float64)
+    mask, pos = segment_mask(torch.zeros(r, ctx, dtype=torch.bool))
+    caches = [tf.allocate_cache(r, length, "cpu", torch.float64) for _ in range(2)]
+    for c in caches:
+        tf(x[:, :ctx], pos, mask, c)
+    for t in caches[1].tensors():
+        t[:, :, ctx + 1:] = float("nan")  # never-written slots of a rollout
+    start = torch.zeros(r, dtype=torch.long)
+    want = tf.decode(x[:, ctx], pos[:, -1] + 1, caches[0], torch.tensor(ctx), start)
+    emb = x[:, ctx] + tf.pos(pos[:, -1] + 1)
+    got = tf.decode_embedded(emb, caches[1], ctx, start, torch.tensor(ctx + 1), ctx + 1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_mlp_is_a_sequential_with_the_same_parameters():
+    """The fused MLP keeps nn.Sequential's layers and parameter names (checkpoints load as
+    before) and, on the reference path, computes exactly what the Sequential did."""
+    from matwm_fast.nn import mlp
+
+    torch.manual_seed(0)
+    m = mlp(6, 8, 2, 3)
+    plain = torch.nn.Sequential(*m)
+    assert list(m.state_dict()) == list(plain.state_dict()) == [
+        "0.weight", "1.weight", "1.bias", "3.weight", "4.weight", "4.bias", "6.weight", "6.bias"]
+    x = torch.randn(5, 6)
+    assert torch.equal(m(x), plain(x))
+    assert torch.equal(m.run(plain[0](x), start=1), plain[1:](plain[0](x)))  # the mixer's use: from layer 1 on
+
+
+def test_triton_norms_equal_reference_in_the_world_model():
+    """Built with ``kernels="triton"`` every LayerNorm (+ SiLU) is the fused kernel, forward and
+    backward: encoder, mixer, both transformers and heads match the reference build (float32)."""
+    from matwm_fast import kernels
+
+    if not kernels.triton_runs_on("cpu"):
+        pytest.skip(kernels.why_triton_cannot_run("cpu"))
+    cfg = preset("smoke").wm
+    obs, act, first, agent = batch(r=4, t=6)
+    mask, pos = segment_mask(first)
+    grads, outs = {}, {}
+    for impl in ("ref", "triton"):
+        torch.manual_seed(0)
+        m = WorldModel(cfg, SPEC, impl)
+        z = m.encoder(obs.float())  # (R, T, K·C) logits stand in for latents: differentiable
+        h = m.seq(m.mix(z, agent, act), pos, mask)  # (R, T, D)
+        team = m.teammates(z, pos, mask, agent)  # (R, T, N-1, A)
+        out = torch.cat([h.flatten(1), m.dyn_head(h).flatten(1), team.flatten(1).clamp(-50, 50)], 1)
+        out.square().mean().backward()
+        outs[impl] = out.detach()
+        grads[impl] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(outs["triton"], outs["ref"], rtol=1e-4, atol=1e-4)
+    assert grads["triton"].keys() == grads["ref"].keys()
+    for n in grads["ref"]:
+        torch.testing.assert_close(grads["triton"][n], grads["ref"][n], rtol=1e-3, atol=1e-5, msg=n)

@@ -9,8 +9,9 @@ checks this module against on the real step functions):
   critics and slow critics — at 2·m·n·k;
 * attention as its two products, scores q·kᵀ and the weighted sum of values, over every key the
   code computes: the full T×T square of a masked training pass (causal and episode masks do not
-  skip work there) and the whole preallocated cache in a decode step (the reference op scores
-  every slot and masks the dead ones);
+  skip work there) and, in imagined step t, the L + t + 1 cache slots written so far (an unrolled
+  rollout reads only those; the dead ones among them, before an episode start, are scored and
+  masked);
 * the backward pass of what is trained: 2× the forward for a product whose input needs a
   gradient (grad-input and grad-weight), 1× where the input is data (the first layer of the
   encoder, of the teammate predictor, of every actor and critic: only the weight gradient),
@@ -144,12 +145,12 @@ def imagine(cfg: Config, spec: EnvSpec) -> Count:
     _sequence(c, cfg, r, ctx, ctx)
     _teammates(c, cfg, s, r, ctx, ctx)
     _head(c, cfg, r, s["Z"])  # z_0 from the last context step
-    for _ in range(h + 1):  # teammate prediction of s_0 … s_H, against its whole cache
-        _teammates(c, cfg, s, r, 1, ctx + h + 1)
-    for _ in range(h):  # a_t, then one world-model step
+    for t in range(h + 1):  # teammate prediction of s_t, against the t + L + 1 latents so far
+        _teammates(c, cfg, s, r, 1, ctx + t + 1)
+    for t in range(h):  # a_t, then one world-model step over the L + t + 1 tokens so far
         c.mlp(r, s["S"], ac.mlp_width, ac.mlp_layers, s["A"])  # actor
         _mixer(c, cfg, s, r)
-        _sequence(c, cfg, r, 1, ctx + h)
+        _sequence(c, cfg, r, 1, ctx + t + 1)
         for d_out in (w.reward_bins, 1, s["Z"]):  # reward, continuation, next latent
             _head(c, cfg, r, d_out)
     return c

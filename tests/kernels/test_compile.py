@@ -10,6 +10,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from matwm_fast import kernels
 from matwm_fast.kernels.decode_attention import _decode_attention_op
+from matwm_fast.kernels.layer_norm import _layer_norm_backward_op, _layer_norm_op
+from matwm_fast.kernels.sample_action import _sample_action_op
 from matwm_fast.kernels.sample_latent import _sample_latent_op
 from matwm_fast.kernels.twohot_ce import _twohot_ce_backward_op, _twohot_ce_op
 
@@ -36,8 +38,12 @@ def _step(att, logits, noise, x, target, bins, impl):
     out = kernels.decode_attention(*att, impl=impl)
     sample, probs = kernels.sample_latent(logits, 0.01, noise=noise, impl=impl)
     loss = kernels.twohot_ce(x, target, bins, impl=impl)
-    total = (sample * torch.arange(8.0, device=x.device)).sum() + probs.square().sum() + loss.mean()
-    return out, sample, probs, loss, total
+    # layer_norm with gradient (to x here; its weights: tests/kernels/test_layer_norm.py), sample_action without
+    normed = kernels.layer_norm(x, bins.abs() + 1, bins, act="silu", impl=impl)  # (M, NB)
+    acts = kernels.sample_action(logits.detach(), logits[:, 0].detach() > 1.0, noise[..., None].expand(-1, -1, 8),
+                                 impl=impl)  # (B, K)
+    total = (sample * torch.arange(8.0, device=x.device)).sum() + probs.square().sum() + loss.mean() + normed.square().mean()
+    return out, sample, probs, loss, normed, acts, total
 
 
 def _run(fn, device, impl):
@@ -71,3 +77,10 @@ def test_opcheck_custom_ops(needs_triton, device):
     torch.library.opcheck(_twohot_ce_op, (x.requires_grad_(True), target, bins))
     loss, lse = _twohot_ce_op(x.detach(), target, bins)
     torch.library.opcheck(_twohot_ce_backward_op, (torch.rand_like(loss), x.detach(), target, bins, lse))
+    w, b = (bins.abs() + 1).requires_grad_(True), bins.clone().requires_grad_(True)
+    torch.library.opcheck(_layer_norm_op, (x, w, b, 1e-5, True))
+    y, mean, rstd = _layer_norm_op(x.detach(), w.detach(), b.detach(), 1e-5, False)
+    torch.library.opcheck(_layer_norm_backward_op, (torch.rand_like(y), x.detach(), w.detach(), b.detach(), mean, rstd, False))
+    invalid = torch.zeros(3, 8, dtype=torch.bool, device=device)
+    torch.library.opcheck(_sample_action_op, (logits.detach(), invalid, torch.rand(3, 4, 8, device=device), None, None))
+    torch.library.opcheck(_sample_action_op, (logits.detach(), invalid, None, seed, off))

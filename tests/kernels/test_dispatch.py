@@ -29,7 +29,12 @@ def _calls(impl):
         lambda: kernels.decode_attention(*_small_inputs(), impl=impl),
         lambda: kernels.sample_latent(torch.randn(2, 3, 4), 0.01, impl=impl),
         lambda: kernels.twohot_ce(torch.randn(2, 5), torch.zeros(2), torch.linspace(-1, 1, 5), impl=impl),
+        lambda: kernels.layer_norm(torch.randn(2, 5), torch.ones(5), torch.zeros(5), act="silu", impl=impl),
+        lambda: kernels.sample_action(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.bool), impl=impl),
     ]
+
+
+OPS = ["decode_attention", "sample_latent", "twohot_ce", "layer_norm", "sample_action"]
 
 
 def test_allowed_names():
@@ -53,7 +58,7 @@ def test_bad_name_raises_value_error_listing_allowed(bad):
     assert "'auto'" not in msg.split("allowed values are")[1]  # 'auto' is not a kernel impl
 
 
-@pytest.mark.parametrize("op", range(3), ids=["decode_attention", "sample_latent", "twohot_ce"])
+@pytest.mark.parametrize("op", range(len(OPS)), ids=OPS)
 @pytest.mark.parametrize("bad", ["fast", "auto", None])
 def test_bad_name_per_call(op, bad):
     with pytest.raises(ValueError, match="allowed values are 'ref', 'triton'"):
@@ -75,6 +80,12 @@ def test_default_is_ref():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     x, t, bins = torch.randn(2, 5), torch.zeros(2), torch.linspace(-1, 1, 5)
     torch.testing.assert_close(kernels.twohot_ce(x, t, bins), kernels.twohot_ce_ref(x, t, bins), rtol=0, atol=0)
+    w, b = torch.rand(5) + 0.5, torch.randn(5)
+    torch.testing.assert_close(kernels.layer_norm(x, w, b, act="silu"), kernels.layer_norm_ref(x, w, b, act="silu"),
+                               rtol=0, atol=0)
+    u, invalid = torch.rand(2, 3, 4), torch.tensor([[False, True, False, False], [False] * 4])
+    logits = torch.randn(2, 3, 4)
+    assert torch.equal(kernels.sample_action(logits, invalid, u), kernels.sample_action_ref(logits, invalid, u))
 
 
 def test_triton_runs_on(monkeypatch):
@@ -99,7 +110,7 @@ def test_triton_on_cuda_when_importable():
             kernels.check_impl("triton", t)
 
 
-@pytest.mark.parametrize("op", range(3), ids=["decode_attention", "sample_latent", "twohot_ce"])
+@pytest.mark.parametrize("op", range(len(OPS)), ids=OPS)
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch, op):
     monkeypatch.setattr(dispatch, "TRITON_INTERPRET", False)
     monkeypatch.setattr(dispatch, "HAS_TRITON", True)
@@ -109,7 +120,7 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch, op):
     _calls("ref")[op]()  # the reference still runs
 
 
-@pytest.mark.parametrize("op", range(3), ids=["decode_attention", "sample_latent", "twohot_ce"])
+@pytest.mark.parametrize("op", range(len(OPS)), ids=OPS)
 def test_triton_without_triton_raises(monkeypatch, op):
     monkeypatch.setattr(dispatch, "HAS_TRITON", False)
     with pytest.raises(RuntimeError, match=r"impl='triton' cannot run here: triton is not importable.*use impl='ref'"):

@@ -19,12 +19,12 @@ from matwm_fast.tools import flops, launches, profile
 from matwm_fast.tools.cuda_policy import cuda_policy
 from matwm_fast.tools.warm import WarmTrainer
 
-# Kernel launches per env step of the paper step (simple_tag, reference kernels, bf16 as CUDA casts
-# it), counted at the paper structure: today's count.  A change that adds launches fails here;
-# lower it as fusions land (bench/results/launches.md has the figures per phase and variant, and
-# the command that regenerates them).  The 10 ms plan needs about 2,300 (issue 31); the Triton
-# kernels are at 2,201 (1,890 once the trainer hands its actors to ImagCaches.allocate: bf16 twins).
-CEILING = 3_530
+# Kernel launches per env step of the paper step (simple_tag, bf16 as CUDA casts it), counted at the
+# paper structure, per kernel choice: today's counts.  A change that adds launches fails here; lower
+# them as fusions land (bench/results/launches.md has the figures per phase and variant, and the
+# command that regenerates them).  The 10 ms plan of the GPU design notes needs about 2,300 with
+# the Triton kernels, what the graphs backend runs on CUDA.
+CEILING = {"ref": 2_952, "triton": 1_890}
 
 
 @torch.library.custom_op("test_launches::twice_plus_one", mutates_args=())
@@ -84,7 +84,7 @@ def test_the_rule(op, expected):
 
 def narrow_count(scale: int) -> launches.LaunchCounter:
     """One steady step of the paper structure on real CPU tensors, reference kernels, bf16 as CUDA
-    casts it: the count the ceiling is kept on."""
+    casts it: the count the ref ceiling is kept on."""
     with cuda_policy():
         w = WarmTrainer.build(launches.paper_structure(scale=scale), 1, device="cpu", backend="eager",
                               kernels="ref", amp="bf16")
@@ -144,11 +144,17 @@ def test_fake_paper_step_flops_are_the_analytic_count(fake_paper):
     assert rep["phases"]["imagine"]["flops"] > 8e11  # the paper size (892 GFLOP), not a narrow one
 
 
-def test_launch_ceiling(narrow):
-    kernels = narrow.step().kernel
-    assert kernels <= CEILING, (f"{kernels:,} kernel launches per env step at the paper structure, over the "
-                                f"ceiling of {CEILING:,}: per phase "
-                                + ", ".join(f"{p} {narrow.tallies[p].kernel}" for p in launches.PHASES))
+@pytest.mark.parametrize("kernels", ["ref", "triton"])
+def test_launch_ceiling(kernels, narrow, one_thread):
+    """The ref count on real tensors; the Triton one under fake tensors (the kernels' fake
+    implementations: the interpreter would take seconds per step for the same count)."""
+    if kernels == "ref":
+        n, phases = narrow.step().kernel, {p: narrow.tallies[p].kernel for p in launches.PHASES}
+    else:
+        report = launches.fake_budget(launches.paper_structure(), "triton")
+        n, phases = report["step"]["kernels"], {p: report["phases"][p]["kernels"] for p in launches.PHASES}
+    assert n <= CEILING[kernels], (f"{n:,} kernel launches per env step at the paper structure ({kernels} kernels), "
+                                   f"over the ceiling of {CEILING[kernels]:,}: per phase {phases}")
 
 
 def test_profiler_counts_one_more_step(tmp_path, one_thread):
