@@ -45,7 +45,7 @@ def stage_env(c: Check, rec: dict):
     check) without CUDA, since nothing after it could run."""
     import torch
 
-    from matwm_fast.tools.profile import environment
+    from matwm_fast.tools.report import environment
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = environment(dev)

@@ -19,8 +19,6 @@ narrow sizes.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import time
 from dataclasses import replace
@@ -30,6 +28,8 @@ from ..cli import Parser, add_config_flags, config_from, describe, fail, overrid
 from ..config import PRESETS, Config, resolve
 from ..env import env_spec
 from . import flops, launches
+from . import report as report_
+from .report import giga, table
 
 KERNELS = ("ref", "triton")
 AMPS = ("bf16", "fp32")
@@ -102,7 +102,6 @@ def config_of(args: argparse.Namespace) -> Config:
 
 def run(args: argparse.Namespace, argv: list[str], log=print) -> dict:
     """Count every variant; the report that ``--json`` writes."""
-    from .profile import environment  # the profiler's record of machine, versions and commit (it imports us)
 
     backend = getattr(args, "run.backend") or "eager"
     try:
@@ -111,7 +110,7 @@ def run(args: argparse.Namespace, argv: list[str], log=print) -> dict:
         ran = resolve(replace(cfg, run=replace(cfg.run, backend=backend, device=str(launches.DEVICE))), spec.n_agents)
     except ValueError as e:
         fail(str(e))
-    report = environment(launches.DEVICE) | {"command": "python -m matwm_fast.profile --fake " + " ".join(argv)}
+    report = report_.environment(launches.DEVICE) | {"command": "python -m matwm_fast.profile --fake " + " ".join(argv)}
     report |= {"preset": cfg.preset, "scenario": cfg.env.scenario, "narrowed": args.narrow,
                "policy": args.policy, "config": describe(ran).splitlines(),
                "budget": {"agents": spec.n_agents, "wm_batch": ran.wm.batch_size, "wm_seq_len": ran.wm.seq_len,
@@ -133,26 +132,6 @@ def run(args: argparse.Namespace, argv: list[str], log=print) -> dict:
 
 
 # ----------------------------------------------------------------------------------- tables
-def _table(header: list[str], rows: list[list], markdown: bool) -> str:
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-
-    def line(cells):
-        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def giga(x: float) -> str:
-    """FLOPs in G, three significant digits (a smoke step's thousandths to the paper's thousands)."""
-    if not x:
-        return "-"
-    g = x / 1e9
-    return f"{g:,.{max(0, 2 - math.floor(math.log10(abs(g))))}f}"
-
-
 def format_report(report: dict, markdown: bool = False) -> str:
     """One table per variant, then the kernel launches of every variant side by side."""
     out, analytic = [], report["analytic_flops"]
@@ -166,7 +145,7 @@ def format_report(report: dict, markdown: bool = False) -> str:
         title = (f"{name} ({r['runtime']['backend']}, as {report['policy']} runs it): one env step of "
                  f"the {report['preset']} preset on {report['scenario']}, {size}, fake tensors")
         out += [f"### {title}" if markdown else f"== {title} ==", "",
-                _table(["phase", *COUNTS, "MiB moved", "GFLOP", "flops.py GFLOP"], rows, markdown), ""]
+                table(["phase", *COUNTS, "MiB moved", "GFLOP", "flops.py GFLOP"], rows, markdown), ""]
         tops = [f"{'- ' if markdown else '  '}{p}: " + ", ".join(f"{op} {n}" for op, n in top.items())
                 for p in launches.PHASES if (top := r["phases"][p].get("top_kernels"))]
         out += ["most launched kernel ops:", *([""] if markdown else []), *tops, ""] if tops else []
@@ -176,7 +155,7 @@ def format_report(report: dict, markdown: bool = False) -> str:
         rows = [[p] + [f"{(v[n]['step'] if p == 'step' else v[n]['phases'][p])['kernels']:,}" for n in names]
                 for p in launches.PHASES + ("step",)]
         title = "kernel launches per env step, by variant"
-        out += [f"### {title}" if markdown else f"== {title} ==", "", _table(["phase"] + names, rows, markdown), ""]
+        out += [f"### {title}" if markdown else f"== {title} ==", "", table(["phase"] + names, rows, markdown), ""]
     return "\n".join(out)
 
 
@@ -186,17 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     check(args)
     report = run(args, argv)
     print(format_report(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        head = (f"Counted {report['date']} on {report['device_name']} (host {report['host']}), torch "
-                f"{report['torch']}, triton {report['triton']}, commit {report['git_commit']}"
-                f"{' (dirty)' if report['git_dirty'] else ''}.  Launch counts depend on the code and torch's "
-                "version, not on the machine; bytes and FLOPs on the sizes.\n\n"
-                f"Command: `{report['command']}`\n\n" + NOTES)
-        args.markdown.write_text(head + "\n" + format_report(report, markdown=True))
-        print(f"wrote {args.markdown}")
+    head = (f"Counted {report_.provenance(report)}.  Launch counts depend on the code and torch's version, not on "
+            f"the machine; bytes and FLOPs on the sizes.\n\nCommand: `{report['command']}`\n\n" + NOTES)
+    report_.write(report, args.json, args.markdown, head + "\n" + format_report(report, markdown=True))
     return 0

@@ -41,14 +41,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
-import math
-import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -56,11 +50,13 @@ from pathlib import Path
 
 import torch
 
-from .. import kernels, nvtx
+from .. import nvtx
 from ..cli import Parser, add_config_flags, config_from, describe, fail, overrides
 from ..config import PRESETS
 from ..steps import resolve_backend, resolve_device, resolve_kernels
 from . import budget, flops, launches
+from . import report as report_
+from .report import giga
 from .warm import WarmTrainer, sync
 
 BACKENDS = ("eager", "graphs", "compile", "cudagraphs")
@@ -114,43 +110,6 @@ def range_name(variant: str) -> str:
     """The NVTX range around a timed step: no '/' (Nsight Compute's --nvtx-include nests on it)
     and no ':' in it."""
     return "train_step_" + variant.replace(":", "_")
-
-
-# ----------------------------------------------------------------------------------- environment
-def git_commit() -> tuple[str | None, bool | None]:
-    """(HEAD, whether tracked files differ from it), or (None, None) outside a git checkout."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        return head, bool(dirty)
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):  # Linux names the model; platform gives only "x86_64"
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"cpu ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
-
-def environment(device: torch.device) -> dict:
-    head, dirty = git_commit()
-    return {
-        "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-        "triton": kernels.TRITON_VERSION, "cuda": torch.version.cuda, "python": platform.python_version(),
-        "host": platform.node(), "torch_threads": torch.get_num_threads(),
-        # the load before we start tells a reader whether the machine was shared
-        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "git_commit": head, "git_dirty": dirty,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def peak_memory(device: torch.device) -> tuple[float, str]:
@@ -303,25 +262,10 @@ def profile_backends(cfg, backends: list[str], device: torch.device, steps: int,
 
 
 # ----------------------------------------------------------------------------------- reporting
-def _row(cells, widths) -> str:
-    return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-
 def format_tables(report: dict, markdown: bool = False) -> str:
     """One table per backend, then the side-by-side comparison (plain text or markdown)."""
     def table(header, rows):
-        if markdown:
-            lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-            return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
-        widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-        return "\n".join([_row(header, widths), _row(["-" * w for w in widths], widths)]
-                         + [_row(r, widths) for r in rows])
-
-    def giga(x):  # FLOP or FLOP/s → G, three significant digits from a CPU's smoke step to a GPU's paper one
-        if not x:
-            return "-"
-        g = x / 1e9
-        return f"{g:,.{max(0, 2 - math.floor(math.log10(abs(g))))}f}"
+        return report_.table(header, rows, markdown)
 
     def kernels(r, p):  # the counted step's kernel launches in phase p ("step": all), "-" if not counted
         n = r.get("launches")
@@ -438,7 +382,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     if args.nsys and device.type != "cuda":
         print("--nsys: no CUDA device, so no cudaProfilerStart/Stop capture range is opened; NVTX ranges "
               "are still emitted (through the nvtx package), but nsys's CUDA capture needs a GPU")
-    report = environment(device) | {"command": "python -m matwm_fast.profile " + " ".join(argv)}
+    report = report_.environment(device) | {"command": "python -m matwm_fast.profile " + " ".join(argv)}
     report |= {"preset": cfg.preset, "scenario": cfg.env.scenario, "config": describe(cfg).splitlines(),
                "backends": {}}
     peaks = None
@@ -479,19 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     report = run(args, argv)
     print(format_tables(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        head = (f"Measured {report['date']} on {report['device_name']} (host {report['host']}; 1-min load "
-                f"average at start {report['load_avg_1m']}, a sign of other processes sharing the cores), "
-                f"torch {report['torch']}, triton {report['triton']}, commit "
-                f"{report['git_commit']}{' (dirty)' if report['git_dirty'] else ''}.\n\n"
-                f"Command: `{report['command']}`\n")
-        args.markdown.write_text(head + "\n" + format_tables(report, markdown=True))
-        print(f"wrote {args.markdown}")
+    head = (f"Measured {report_.provenance(report)}; 1-min load average at start {report['load_avg_1m']}, a sign "
+            f"of other processes sharing the cores.\n\nCommand: `{report['command']}`\n")
+    report_.write(report, args.json, args.markdown, head + "\n" + format_tables(report, markdown=True))
     return 0
 
 
