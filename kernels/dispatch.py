@@ -7,7 +7,7 @@ Every public op takes ``impl``:
   CUDA tensor, or ``TRITON_INTERPRET=1`` (Triton's numpy interpreter, used by the CPU tests).
 
 The model decides once, at construction (``WorldModel(..., kernels=...)``, the entry point's
-``--kernels`` resolved by :func:`matwm_fast.steps.resolve_runtime`), and passes its choice to
+``--kernels`` resolved by :func:`matwm_fast.runtime.resolve_runtime`), and passes its choice to
 every call, so a compiled graph sees a constant string and nothing can change underneath it.
 """
 

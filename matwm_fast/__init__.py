@@ -2,8 +2,9 @@
 
 The algorithm core is the modules of this package (env, replay, world model, transformer,
 imagination, actor-critic, losses, steps, trainer); ``matwm_fast.tools`` holds the tooling
-(diagnose, sweep, profile, plot) and ``matwm_fast.kernels`` the Triton kernels.  The GPU check
-is tooling of the checkout, not of the package (``bench/gpucheck``).
+(sweep, profile, plot) and ``matwm_fast.kernels`` the Triton kernels.  The GPU check and the
+research scripts (``diagnose``, the tuning runs) are tooling of the checkout, not of the package
+(``bench/gpucheck``, ``bench/experiments``).
 
 The kernels live in the repository's top-level ``kernels/`` folder.  An installed package gets
 them as ``matwm_fast.kernels`` through setuptools' ``package-dir`` mapping (so nothing named

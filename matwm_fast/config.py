@@ -18,7 +18,11 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .kernels import IMPLS
+
 DERIVED = {"derived": True}  # field metadata: filled by resolve(), not a flag
+# how the step functions may run (matwm_fast.runtime; RunConfig.backend's docstring says what each is)
+BACKENDS = ("eager", "graphs", "compile", "cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -349,8 +353,8 @@ RULES: dict[str, tuple] = {
     "replay.capacity": _int(1), "replay.priority_decay": _num(0, 1, lo_open=True), "replay.warmup": _int(1),
     "train.wm_every": _int(1), "train.wm_updates": _int(1), "train.agent_every": _int(1), "train.act_context": _int(1),
     "train.seed": _int(0, 2**32 - 1),  # numpy's seeding range
-    "run.steps": _int(1), "run.device": ("device",), "run.backend": _choice("eager", "graphs", "compile", "cudagraphs", "auto"),
-    "run.kernels": _choice("ref", "triton", "auto"), "run.amp": _choice("auto", "bf16", "fp32"),
+    "run.steps": _int(1), "run.device": ("device",), "run.backend": _choice(*BACKENDS, "auto"),
+    "run.kernels": _choice(*IMPLS, "auto"), "run.amp": _choice("auto", "bf16", "fp32"),
     "run.rollout_graph": _choice("whole", "step", "auto"),
     "run.threads": _int(0), "run.log_every": _int(1), "run.checkpoint_every": _int(0),
     "run.keep_checkpoints": _int(1), "run.eval_every": _int(0), "run.eval_episodes": _int(1),

@@ -24,7 +24,7 @@ from .cli import Parser, fail
 from .config import Config, load_config
 from .env import EnvSpec, env_spec
 from .play import play, report, summarise, write_video
-from .steps import resolve_device, resolve_kernels
+from .runtime import resolve_device, resolve_kernels
 from .world_model import WorldModel
 
 VIDEO_EXTS = (".gif", ".mp4")
@@ -57,7 +57,7 @@ def build_parser() -> Parser:
 
 
 class Policy:
-    """A trained policy loaded from one checkpoint file: what ``eval``, ``sweep`` and ``diagnose`` play."""
+    """A trained policy loaded from one checkpoint file: what ``eval``, ``sweep`` and ``bench/experiments/diagnose.py`` play."""
 
     def __init__(self, path: Path | str, device: torch.device | str = "cpu", kernels: str = "auto"):
         """``path``: a checkpoint file, or a run directory (its latest checkpoint, resolved once

@@ -28,7 +28,7 @@ from .config import Config, check_fields, load_config, resolve
 from .env import env_spec
 from .metrics import MetricsWriter, Progress, RowLogger, repair, truncate_after
 from .play import evaluate
-from .steps import Runtime, resolve_runtime
+from .runtime import Runtime, resolve_runtime
 from .trainer import Trainer, seed_everything
 
 

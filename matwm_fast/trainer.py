@@ -24,7 +24,8 @@ from .graphs import Graph, Staged
 from .imagination import ImagCaches, ImagNoise, Rollout
 from .nvtx import phase
 from .replay import Batch, ReplayBuffer
-from .steps import Runtime, adam, compile_steps, grads_to_none, resolve_runtime
+from .runtime import Runtime, adam, grads_to_none, resolve_runtime
+from .steps import compile_steps
 from .world_model import WorldModel
 
 Tensor = torch.Tensor
@@ -101,7 +102,7 @@ class Trainer:
         # under bf16 the rollout runs on bf16 twins of the world model and actors the caches hold
         self.caches = ImagCaches.allocate(self.wm, n * cfg.ac.imag_batch, cfg.ac.context_len, cfg.ac.horizon,
                                           self.device, runtime.cache_dtype, ac=self.ac)
-        self.steps = compile_steps(runtime)
+        self.fns = compile_steps(runtime)  # the step functions as the backend runs them
         self.agents = torch.arange(n, device=self.device)  # (N,)
         self.inputs = StepInputs.allocate(self.replay, spec.obs_dim, cfg.wm.batch_per_agent, cfg.ac.imag_batch,
                                           self.device)
@@ -165,7 +166,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------ updates
     def wm_update(self, batch: Batch) -> dict[str, Tensor]:
         """One step of the shared world model on the combined batch of all agents."""
-        s = self.steps
+        s = self.fns
         self.wm.train()  # wm.dropout acts here, and only here
         loss, m = s.wm_loss(self.wm, batch.obs, batch.act, batch.rew, batch.cont, batch.first, batch.team_act,
                             batch.agent, self.rt.amp)
@@ -176,12 +177,12 @@ class Trainer:
         return m
 
     def imagine(self, ctx: Batch, noise: ImagNoise | None = None) -> Rollout:
-        return self.steps.imagine(self.wm, self.ac, ctx.obs, ctx.act, ctx.first, self.agents, self.cfg.ac.horizon,
+        return self.fns.rollout(self.wm, self.ac, ctx.obs, ctx.act, ctx.first, self.agents, self.cfg.ac.horizon,
                                   self.caches, noise, self.rt.amp)
 
     def ac_update(self, roll: Rollout) -> dict[str, Tensor]:
         """One actor-critic step for every agent (per-agent clipping inside)."""
-        s = self.steps
+        s = self.fns
         loss, m = s.ac_loss(self.ac, roll.states, roll.actions, roll.rewards, roll.continues, self.cfg.ac, self.rt.amp)
         self.ac_opt.zero_grad(set_to_none=grads_to_none(self.rt))
         loss.backward()
@@ -192,7 +193,7 @@ class Trainer:
     # the phases: functions of the trainer's fixed state and staged inputs only (see graphs.py)
     def _act_phase(self) -> Tensor:
         q = self.queues
-        return self.steps.act(self.wm, self.ac, q.obs, q.act, q.count_t, self.inputs.obs.device)  # (N,)
+        return self.fns.act(self.wm, self.ac, q.obs, q.act, q.count_t, self.inputs.obs.device)  # (N,)
 
     def _wm_phase(self) -> dict[str, Tensor]:
         inp = self.inputs

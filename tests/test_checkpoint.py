@@ -279,7 +279,7 @@ def test_every_command_refuses_crafted_checkpoints(tmp_path, trained, command):
     import subprocess
     import sys
 
-    from support import subprocess_env
+    from support import ROOT, subprocess_env
 
     marker = tmp_path / "ran"
     runs = crafted_runs(tmp_path / "runs", marker, trained)
@@ -293,7 +293,8 @@ def test_every_command_refuses_crafted_checkpoints(tmp_path, trained, command):
         argv = {"eval": ["-m", "matwm_fast.eval", str(run), "--episodes", "1"],
                 "resume": ["-m", "matwm_fast.train", "--resume", str(run)],
                 "init-from": ["-m", "matwm_fast.train", "--init-from", str(run), "--run-dir", str(tmp_path / f"new_{kind}")],
-                "diagnose": ["-m", "matwm_fast.diagnose", "model", str(run), "--episodes", "1", "--contexts", "1"],
+                "diagnose": [str(ROOT / "bench" / "experiments" / "diagnose.py"), "model", str(run), "--episodes", "1",
+                             "--contexts", "1"],
                 "sweep": ["-m", "matwm_fast.sweep", "--env", "simple_tag", "--seeds", "0", "--aggregate-only",
                           "--baseline-episodes", "1", "--out", str(tmp_path / f"sweep_{kind}")]}[command]
         proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=subprocess_env(),

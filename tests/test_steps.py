@@ -7,6 +7,7 @@ import torch
 from matwm_fast import kernels, steps
 from matwm_fast.config import RunConfig, preset
 from matwm_fast.imagination import ImagNoise
+from matwm_fast.runtime import resolve_runtime
 from matwm_fast.trainer import build
 
 
@@ -165,48 +166,14 @@ def test_optimizer_step_is_torchs_step():
 
 
 def test_compile_steps_wraps_every_piece_only_when_asked():
-    eager = steps.compile_steps(steps.resolve_runtime(RunConfig(device="cpu", backend="eager")))
-    assert (eager.wm_loss, eager.imagine, eager.ac_loss) == (steps.wm_loss, steps.imagine, steps.ac_loss)
-    rt = steps.resolve_runtime(RunConfig(device="cpu", backend="compile"))
+    eager = steps.compile_steps(resolve_runtime(RunConfig(device="cpu", backend="eager")))
+    assert (eager.wm_loss, eager.rollout, eager.ac_loss) == (steps.wm_loss, steps.rollout, steps.ac_loss)
+    rt = resolve_runtime(RunConfig(device="cpu", backend="compile"))
     comp = steps.compile_steps(rt)
     # the C++ wrapper for the model's graphs, not the optimisers' (3× the compile time, no faster)
     assert steps.compile_options(rt)["cpp_wrapper"] and not steps.compile_options(rt, optimizer=True)["cpp_wrapper"]
-    assert all(getattr(comp, f) is not getattr(steps, f) for f in ("wm_loss", "wm_opt_step", "imagine", "ac_loss",
+    assert all(getattr(comp, f) is not getattr(steps, f) for f in ("wm_loss", "wm_opt_step", "rollout", "ac_loss",
                                                                   "ac_opt_step"))
-
-
-def test_backend_resolution():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert steps.resolve_backend("auto", cpu) == "eager"
-    assert steps.resolve_backend("auto", cuda) == "cudagraphs"
-    assert steps.resolve_backend("graphs", cpu) == "graphs"  # a pass-through of the same phases on the CPU
-    with pytest.raises(ValueError, match="--backend 'jit': valid: eager, graphs, compile, cudagraphs, auto"):
-        steps.resolve_backend("jit", cpu)
-    with pytest.raises(ValueError, match="needs a CUDA device"):
-        steps.resolve_backend("cudagraphs", cpu)
-
-
-def test_kernel_choice_rule(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(kernels, "triton_runs_on", lambda d: True)  # as with TRITON_INTERPRET=1 on a GPU box
-    assert steps.resolve_kernels("auto", cuda, "eager") == "triton"  # replaces chains of launches
-    assert steps.resolve_kernels("auto", cuda, "graphs") == "triton"  # fewer kernels in each graph
-    assert steps.resolve_kernels("auto", cuda, "compile") == "ref"  # Inductor fuses the reference
-    assert steps.resolve_kernels("auto", cuda, "cudagraphs") == "ref"
-    assert steps.resolve_kernels("auto", cpu, "eager") == "ref"  # never the CPU interpreter
-    assert steps.resolve_kernels("triton", cuda, "compile") == "triton"  # an explicit choice is obeyed
-    monkeypatch.setattr(kernels, "triton_runs_on", lambda d: False)
-    with pytest.raises(ValueError, match="--kernels 'triton': .*valid here: ref, auto"):
-        steps.resolve_kernels("triton", cpu, "eager")
-
-
-def test_amp_rule():
-    assert steps.resolve_amp("auto", torch.device("cuda")) is torch.bfloat16
-    assert steps.resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
-    assert steps.resolve_amp("fp32", torch.device("cuda")) is None
-    rt = steps.resolve_runtime(RunConfig(device="cpu", amp="bf16"))
-    assert rt.describe() == {"device": "cpu", "backend": "eager", "kernels": "ref", "amp": "bf16", "rollout_graph": "whole"}
-    assert rt.cache_dtype is torch.bfloat16
 
 
 @pytest.mark.parametrize("impl", ["ref", "triton"])

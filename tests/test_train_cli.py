@@ -72,7 +72,7 @@ def test_paper_config_json_records_the_sizes_that_ran(tmp_path):
     train(tmp_path, "--preset", "paper", "--steps", "2", "--log-every", "1", "--checkpoint-every", "0", timeout=900)
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (cfg["ac"]["imag_batch"], cfg["ac"]["horizon"], cfg["wm"]["batch_per_agent"]) == (768, 12, 4)
-    from matwm_fast.steps import cpu_has_fast_bf16
+    from matwm_fast.runtime import cpu_has_fast_bf16
 
     amp = "bf16" if cpu_has_fast_bf16() else "fp32"  # auto: native bf16 matmuls or not
     assert cfg["runtime"] == {"device": "cpu", "backend": "eager", "kernels": "ref", "amp": amp, "rollout_graph": "whole"}

@@ -189,7 +189,8 @@ def test_compiled_decode_allocates_no_cache_sized_buffer():
 
     from torch._inductor.utils import run_and_get_code
 
-    from matwm_fast.steps import Runtime, compile_options
+    from matwm_fast.runtime import Runtime
+    from matwm_fast.steps import compile_options
 
     torch.manual_seed(0)
     rows, width, heads, layers, length = 64, 128, 2, 2, 256

@@ -1,3 +1,3 @@
-"""Tooling around the algorithm: ``diagnose``, ``sweep``, ``profile``, ``plot`` and the warm-trainer
+"""Tooling around the algorithm: ``sweep``, ``profile``, ``plot`` and the warm-trainer
 harness they, the benchmarks and the GPU check (``bench/``) share.  Nothing in the algorithm core
 imports these."""

@@ -50,17 +50,17 @@ from pathlib import Path
 
 import torch
 
-from .. import nvtx
+from .. import config, kernels, nvtx
 from ..cli import Parser, add_config_flags, config_from, describe, fail, overrides
 from ..config import PRESETS
-from ..steps import resolve_backend, resolve_device, resolve_kernels
+from ..runtime import resolve_backend, resolve_device, resolve_kernels
 from . import budget, flops, launches
 from . import report as report_
 from .report import giga
 from .warm import WarmTrainer, sync
 
-BACKENDS = ("eager", "graphs", "compile", "cudagraphs")
-KERNELS = ("ref", "triton", "auto")
+BACKENDS = config.BACKENDS
+KERNELS = (*kernels.IMPLS, "auto")
 
 PHASES = nvtx.PHASES + ("other",)
 

@@ -1,6 +1,6 @@
 """``kernels.dispatch``: the caller names the implementation on every call; nothing is global.
 
-'auto' is the application's word (``matwm_fast.steps.resolve_kernels``), not the kernels'.
+'auto' is the application's word (``matwm_fast.runtime.resolve_kernels``), not the kernels'.
 """
 
 import os

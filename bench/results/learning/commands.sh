@@ -42,21 +42,21 @@ python -m matwm_fast.eval runs/long/simple_spread/seed0 --random --episodes 100 
 python bench/baselines/heuristics.py --seeds 0 --eval-seed 777 --episodes 100 --out /tmp/spread777  # was diagnose/spread_baselines.py, same numbers
 
 # why simple_spread is slow (bench/results/learning/diagnose/): reward learnability from random data,
-python -m matwm_fast.diagnose reward-data --scenario simple_spread --steps 1000 3000 6000 12000 20000 \
+python bench/experiments/diagnose.py reward-data --scenario simple_spread --steps 1000 3000 6000 12000 20000 \
   --out bench/results/learning/diagnose/reward_data_simple_spread.json
-python -m matwm_fast.diagnose wm-data --scenario simple_spread --steps 3000 12000 30000 --updates 6000 \
+python bench/experiments/diagnose.py wm-data --scenario simple_spread --steps 3000 12000 30000 --updates 6000 \
   --out bench/results/learning/diagnose/wm_data_simple_spread.json
-python -m matwm_fast.diagnose reward-data --scenario simple_tag --steps 1000 3000 6000 12000 \
+python bench/experiments/diagnose.py reward-data --scenario simple_tag --steps 1000 3000 6000 12000 \
   --out bench/results/learning/diagnose/reward_data_simple_tag.json
 # and the world model of seed 0 along the way (a 4,000-step run keeping its checkpoints) and at 20k
 python -m matwm_fast.train --preset cpu --scenario simple_spread --steps 4000 --seed 0 --train.threads 1 \
   --run-dir runs/base0 --checkpoint-every 1000 --train.keep_checkpoints 5
 for k in 1000 2000 4000; do
-  python -m matwm_fast.diagnose model runs/base0/checkpoints/step_00000$k.pt \
+  python bench/experiments/diagnose.py model runs/base0/checkpoints/step_00000$k.pt \
     --out bench/results/learning/diagnose/model_simple_spread_seed0_step$k.json
 done
 for s in 0 1 2; do
-  python -m matwm_fast.diagnose model runs/long/simple_spread/seed$s \
+  python bench/experiments/diagnose.py model runs/long/simple_spread/seed$s \
     --out bench/results/learning/diagnose/model_simple_spread_seed${s}_step20000.json
 done
 

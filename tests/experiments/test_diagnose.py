@@ -1,15 +1,19 @@
-"""``python -m matwm_fast.diagnose``: the scores mean what they say, the open-loop imagination is
+"""``python bench/experiments/diagnose.py``: the scores mean what they say, the open-loop imagination is
 the training imagination, env branching is exact, and the CLI runs end to end."""
 
 from __future__ import annotations
 
 import json
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from matwm_fast.tools import diagnose as dg
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "experiments"))
+import diagnose as dg  # noqa: E402
 from matwm_fast import train
 from matwm_fast.actor_critic import ActorCritic, state_dim
 from matwm_fast.config import EnvConfig, preset

@@ -1,10 +1,10 @@
-"""``python -m matwm_fast.diagnose`` — is the world model the bottleneck, or the data, or the actor?
+"""``python bench/experiments/diagnose.py`` — is the world model the bottleneck, or the data, or the actor?
 
 Three questions a researcher asks when a policy does not improve, each a subcommand:
 
-    python -m matwm_fast.diagnose model runs/simple_spread-cpu-s0
-    python -m matwm_fast.diagnose wm-data --scenario simple_spread --steps 3000 12000
-    python -m matwm_fast.diagnose reward-data --scenario simple_spread --steps 3000 12000
+    python bench/experiments/diagnose.py model runs/simple_spread-cpu-s0
+    python bench/experiments/diagnose.py wm-data --scenario simple_spread --steps 3000 12000
+    python bench/experiments/diagnose.py reward-data --scenario simple_spread --steps 3000 12000
 
 ``model`` loads a checkpoint and measures, on fresh episodes of the uniformly random policy (so
 not on the data the model was trained on):
@@ -35,22 +35,27 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script from a checkout: the package beside it
+    sys.path.insert(0, str(ROOT))
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ..acting import ContextQueues, policy_step
-from ..checkpoint import CheckpointError
-from ..cli import Parser, fail
-from ..config import PRESETS, Config, EnvConfig, preset, resolve
-from ..env import SCENARIOS, MultiAgentEnv, random_actions
-from ..imagination import ImagNoise
-from .. import steps as step_fns  # not `steps`: world_model_data's argument of that name
-from ..losses import symexp, symlog, two_hot_decode
-from ..replay import ReplayBuffer
-from ..transformer import segment_mask
-from ..world_model import WorldModel
+from matwm_fast.acting import ContextQueues, policy_step
+from matwm_fast.checkpoint import CheckpointError
+from matwm_fast.cli import Parser, fail
+from matwm_fast.config import PRESETS, Config, EnvConfig, preset, resolve
+from matwm_fast.env import SCENARIOS, MultiAgentEnv, random_actions
+from matwm_fast.imagination import ImagNoise
+from matwm_fast import steps as step_fns  # not `steps`: world_model_data's argument of that name
+from matwm_fast.losses import symexp, symlog, two_hot_decode
+from matwm_fast.replay import ReplayBuffer
+from matwm_fast.transformer import segment_mask
+from matwm_fast.world_model import WorldModel
 
 Tensor = torch.Tensor
 
@@ -252,7 +257,7 @@ def action_effects(wm, ac, env_cfg: EnvConfig, contexts: int, context_len: int, 
 
 
 def diagnose_model(path: str, episodes: int, contexts: int, horizon: int, samples: int, seed: int) -> dict:
-    from ..eval import Policy
+    from matwm_fast.eval import Policy
 
     pol = Policy(path, "cpu")
     cfg, wm, ac = pol.cfg, pol.wm, pol.ac
@@ -349,7 +354,7 @@ def world_model_data(cfg: Config, steps: list[int], updates: int, test_episodes:
 
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> Parser:
-    p = Parser(prog="python -m matwm_fast.diagnose", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    p = Parser(prog="python bench/experiments/diagnose.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                usage="%(prog)s {model,wm-data,reward-data} ...   (see --help)")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
     m = sub.add_parser("model", help="world-model fit and open-loop action effects of a checkpoint",
