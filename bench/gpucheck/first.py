@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from matwm_fast.config import resolve
     from matwm_fast.env import env_spec
-    from matwm_fast.steps import resolve_device
+    from matwm_fast.runtime import resolve_device
 
     try:
         cfg = config_from(args.preset or "paper", overrides(args), args.scenario_args)
