@@ -9,11 +9,13 @@ in a few minutes on 2 cores), the ``paper`` preset when CUDA is available.  Envi
 * ``MATWM_BENCH_ROUNDS=N``               timed rounds per benchmark;
 * ``MATWM_BENCH_THREADS=N``              torch CPU threads; default 1 without CUDA (0: torch's
   own choice).  On a CPU shared with other work one thread is by far the steadiest: with two, every
-  OpenMP barrier waits for a descheduled thread (measured 68x slower: bench/results/cpu-threads-ab.md).
+  OpenMP barrier waits for a descheduled thread (a cpu-preset step 2.5x slower beside one busy
+  process, up to 4x: bench/results/cpu-threads.md).
 
-One warmed trainer per backend is built once per session (compilation and CUDA-graph capture
-happen there, never inside a timed round) and shared by every benchmark of that backend.  Every
-timed callable synchronises the device before returning, so the clock reads finished work.
+One steady trainer per backend (:class:`BenchTrainer`) is built once per session (compilation and
+CUDA-graph capture happen there, never inside a timed round) and shared by every benchmark of that
+backend.  Every timed callable synchronises the device before returning, so the clock reads
+finished work.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from matwm_fast import kernels  # noqa: E402
 from matwm_fast.config import preset  # noqa: E402
 from matwm_fast.imagination import Rollout  # noqa: E402
 from matwm_fast.replay import Batch  # noqa: E402
-from matwm_fast.tools.warm import WarmTrainer  # noqa: E402
+from matwm_fast.tools.harness import SteadyTrainer  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 _THREADS = int(os.environ.get("MATWM_BENCH_THREADS", "0" if CUDA else "1"))
@@ -99,11 +101,11 @@ def measure(benchmark, fn, info: dict, rates: dict[str, float] | None = None, ro
 
 
 @dataclass
-class Warm:
-    """A session's warm trainer of one backend (:class:`matwm_fast.tools.warm.WarmTrainer`, the
-    harness ``profile`` times too) and the fixed inputs every round reuses."""
+class BenchTrainer:
+    """A session's steady trainer of one backend (:class:`matwm_fast.tools.harness.SteadyTrainer`,
+    the harness ``profile`` times too) and the fixed inputs every round reuses."""
 
-    harness: WarmTrainer
+    harness: SteadyTrainer
     batch: Batch  # a world-model batch
     ctx: Batch  # imagination contexts
     roll: Rollout  # a private copy of one rollout
@@ -137,15 +139,15 @@ def bench_cfg():
 
 
 @pytest.fixture(scope="session")
-def warm_trainer(bench_cfg):
-    """``warm_trainer(backend)`` → the session's :class:`Warm` of that backend, built once on
-    ``DEVICE`` (kernels and precision as the run section's ``auto`` resolves them there)."""
-    cache: dict[str, Warm] = {}
+def bench_trainer(bench_cfg):
+    """``bench_trainer(backend)`` → the session's :class:`BenchTrainer` of that backend, built once
+    on ``DEVICE`` (kernels and precision as the run section's ``auto`` resolves them there)."""
+    cache: dict[str, BenchTrainer] = {}
 
-    def get(backend: str) -> Warm:
+    def get(backend: str) -> BenchTrainer:
         if backend not in cache:
-            w = WarmTrainer.build(bench_cfg, TRAINER_WARMUP_STEPS, backend=backend, device=str(DEVICE))
-            cache[backend] = Warm(w, *w.fixed_inputs())
+            w = SteadyTrainer.build(bench_cfg, TRAINER_WARMUP_STEPS, backend=backend, device=str(DEVICE))
+            cache[backend] = BenchTrainer(w, *w.fixed_inputs())
         return cache[backend]
 
     yield get

@@ -8,8 +8,8 @@
 * ``ac_update`` one actor-critic update of every agent on a fixed rollout;
 * ``train_step`` one whole env step of Algorithm 2 after warm-up (act, env, replay, all updates).
 
-Inputs are sampled once per trainer (``matwm_fast.tools.warm.WarmTrainer.fixed_inputs``, the
-harness ``profile`` uses too) so rounds differ only by the state the updates themselves change.
+Inputs are sampled once per trainer (``matwm_fast.tools.harness.SteadyTrainer.fixed_inputs``,
+the harness ``profile`` uses too) so rounds differ only by the state the updates themselves change.
 Under ``graphs`` a piece is its phase's graph (:func:`piece`), replayed on the inputs the last
 training step staged, its replay-buffer gather included.
 ``backend`` is parametrised by bench/conftest.py.  ``extra_info`` carries the throughput computed
@@ -27,8 +27,8 @@ def piece(tr, phase: str, eager):
     return tr.graphs[phase] if tr.rt.backend == "graphs" else eager
 
 
-def test_bench_imagine(benchmark, bench, warm_trainer, bench_cfg, backend):
-    w = warm_trainer(backend)
+def test_bench_imagine(benchmark, bench, bench_trainer, bench_cfg, backend):
+    w = bench_trainer(backend)
     tr = w.tr
 
     run = piece(tr, "imagine", lambda: tr.imagine(w.ctx))
@@ -45,8 +45,8 @@ def test_bench_imagine(benchmark, bench, warm_trainer, bench_cfg, backend):
     assert roll.actions.numel() == tr.imagined_per_update and torch.isfinite(roll.states).all()
 
 
-def test_bench_wm_update(benchmark, bench, warm_trainer, bench_cfg, backend):
-    w = warm_trainer(backend)
+def test_bench_wm_update(benchmark, bench, bench_trainer, bench_cfg, backend):
+    w = bench_trainer(backend)
     tr = w.tr
     samples = w.batch.act.numel()  # R × T sequence steps trained on
 
@@ -62,8 +62,8 @@ def test_bench_wm_update(benchmark, bench, warm_trainer, bench_cfg, backend):
     assert all(torch.isfinite(v).all() for v in m.values()) and m["grad_norm"] > 0  # an update happened
 
 
-def test_bench_ac_update(benchmark, bench, warm_trainer, bench_cfg, backend):
-    w = warm_trainer(backend)
+def test_bench_ac_update(benchmark, bench, bench_trainer, bench_cfg, backend):
+    w = bench_trainer(backend)
     tr = w.tr
 
     run = piece(tr, "ac_update", lambda: tr.ac_update(w.roll))
@@ -79,8 +79,8 @@ def test_bench_ac_update(benchmark, bench, warm_trainer, bench_cfg, backend):
     assert all(torch.isfinite(v).all() for v in m.values()) and (m["critic_grad_norm"] > 0).all()
 
 
-def test_bench_train_step(benchmark, bench, warm_trainer, bench_cfg, backend):
-    w = warm_trainer(backend)
+def test_bench_train_step(benchmark, bench, bench_trainer, bench_cfg, backend):
+    w = bench_trainer(backend)
     tr = w.tr
 
     def fn():

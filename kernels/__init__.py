@@ -17,7 +17,7 @@ from .dispatch import IMPLS, check_impl, triton_runs_on, why_triton_cannot_run
 from .layer_norm import layer_norm, layer_norm_ref
 from .sample_action import sample_action, sample_action_ref
 from .sample_latent import sample_latent, sample_latent_ref, straight_through
-from .twohot_ce import two_hot_ref, twohot_ce, twohot_ce_ref
+from .twohot_ce import twohot_ce, twohot_ce_ref, twohot_ref
 
 __all__ = [
     "HAS_TRITON",
@@ -35,8 +35,8 @@ __all__ = [
     "sample_latent_ref",
     "straight_through",
     "triton_runs_on",
-    "two_hot_ref",
     "twohot_ce",
     "twohot_ce_ref",
+    "twohot_ref",
     "why_triton_cannot_run",
 ]

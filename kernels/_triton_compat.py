@@ -8,9 +8,11 @@ is missing we export stand-ins:
   as `BLOCK: tl.constexpr` still evaluate when the `def` statement runs;
 * `jit` returns a `_MissingKernel` that raises if anyone tries to launch it.
 
-The dispatch layer (`kernels.dispatch.resolve_impl`) refuses `impl='triton'`
-before any kernel could be launched, so the stand-ins are never called in
-practice; they only keep the module importable.
+Every op validates its `impl` first (`kernels.dispatch.check_impl`), which
+refuses `impl='triton'` where Triton cannot run, before any kernel could be
+launched (and the runtime refuses `--kernels triton` there before a model is
+built), so the stand-ins are never called in practice; they only keep the
+module importable.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class _MissingKernel:
     def __getitem__(self, grid):
         raise RuntimeError(
             f"Triton kernel {self.__name__} cannot run: triton is not importable "
-            f"({TRITON_IMPORT_ERROR}). Use impl='ref' or impl='auto'."
+            f"({TRITON_IMPORT_ERROR}). Use impl='ref'."
         )
 
 

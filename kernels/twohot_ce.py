@@ -19,7 +19,7 @@ and the two bins, so no (M, NB) temporary ever hits memory.
 In the kernel the bracketing bin comes from arithmetic on evenly spaced bins,
 i = floor((t - bins[0]) / step), then one correction step against the actual
 bins[i], bins[i+1] values (the division can round across a bin edge); the
-weights always use the stored bin values, so they match `two_hot_ref`.
+weights always use the stored bin values, so they match `twohot_ref`.
 """
 
 from typing import Tuple
@@ -30,13 +30,13 @@ from torch import Tensor
 from ._triton_compat import cdiv, jit, next_pow2, tl
 from .dispatch import check_impl
 
-__all__ = ["twohot_ce", "twohot_ce_ref", "two_hot_ref"]
+__all__ = ["twohot_ce", "twohot_ce_ref", "twohot_ref"]
 
 
 # --------------------------------------------------------------------------- #
 # Reference                                                                    #
 # --------------------------------------------------------------------------- #
-def two_hot_ref(target: Tensor, bins: Tensor) -> Tensor:
+def twohot_ref(target: Tensor, bins: Tensor) -> Tensor:
     """Two-hot weights (..., NB) for targets (...) over sorted bins (NB,); float32 (or float64)."""
     acc = torch.promote_types(target.dtype, torch.float32)
     b = bins.to(acc)
@@ -57,7 +57,7 @@ def twohot_ce_ref(logits: Tensor, target: Tensor, bins: Tensor) -> Tensor:
     """Eager two-hot cross-entropy (M,) in float32; autograd provides the backward."""
     acc = torch.promote_types(logits.dtype, torch.float32)
     # The target is a fixed label (no gradient to target or bins), as in the fused op.
-    tw = two_hot_ref(target.detach().to(acc), bins.detach())  # (M, NB)
+    tw = twohot_ref(target.detach().to(acc), bins.detach())  # (M, NB)
     logp = torch.log_softmax(logits.to(acc), dim=-1)  # (M, NB)
     return -(tw * logp).sum(dim=-1)
 
@@ -66,7 +66,7 @@ def twohot_ce_ref(logits: Tensor, target: Tensor, bins: Tensor) -> Tensor:
 # Triton kernels                                                               #
 # --------------------------------------------------------------------------- #
 @jit
-def _two_hot_bins(target_ptr, bins_ptr, rows, row_ok, NB):
+def _twohot_bins(target_ptr, bins_ptr, rows, row_ok, NB):
     """Lower bin index i (int32) and weight on it, per row; see module docstring."""
     t = tl.load(target_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     lo = tl.load(bins_ptr).to(tl.float32)
@@ -85,7 +85,7 @@ def _two_hot_bins(target_ptr, bins_ptr, rows, row_ok, NB):
 
 
 @jit
-def _two_hot_tile(cols, i, w_lo):
+def _twohot_tile(cols, i, w_lo):
     # (BLOCK_M, BLOCK_N) two-hot weights built in registers, never stored.
     c = cols[None, :]
     return tl.where(c == i[:, None], w_lo[:, None], 0.0) + tl.where(c == i[:, None] + 1, 1.0 - w_lo[:, None], 0.0)
@@ -108,8 +108,8 @@ def _twohot_ce_fwd_kernel(
     x = tl.where(ok, x.to(tl.float32), -1.0e30)
     m = tl.max(x, axis=1)
     lse = m + tl.log(tl.sum(tl.exp(x - m[:, None]), axis=1))  # (BLOCK_M,)
-    i, w_lo = _two_hot_bins(target_ptr, bins_ptr, rows, row_ok, NB)
-    tw = _two_hot_tile(cols, i, w_lo)
+    i, w_lo = _twohot_bins(target_ptr, bins_ptr, rows, row_ok, NB)
+    tw = _twohot_tile(cols, i, w_lo)
     loss = lse - tl.sum(tw * x, axis=1)
     tl.store(loss_ptr + rows, loss, mask=row_ok)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
@@ -131,9 +131,9 @@ def _twohot_ce_bwd_kernel(
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     # stride_g may be 0: the grad of loss.sum()/mean() arrives as an expanded scalar.
     g = tl.load(grad_ptr + rows64 * stride_g, mask=row_ok, other=0.0).to(tl.float32)
-    i, w_lo = _two_hot_bins(target_ptr, bins_ptr, rows, row_ok, NB)
+    i, w_lo = _twohot_bins(target_ptr, bins_ptr, rows, row_ok, NB)
     p = tl.exp(x - lse[:, None])  # softmax recomputed from the saved logsumexp
-    d = g[:, None] * (p - _two_hot_tile(cols, i, w_lo))
+    d = g[:, None] * (p - _twohot_tile(cols, i, w_lo))
     tl.store(dlogits_ptr + rows64[:, None] * stride_dm + cols[None, :], d.to(dlogits_ptr.dtype.element_ty), mask=ok)
 
 
@@ -237,7 +237,9 @@ def twohot_ce(logits: Tensor, target: Tensor, bins: Tensor, impl: str = "ref") -
         raise ValueError(f"bins must be (NB,) with NB = logits.shape[-1] >= 2; got {tuple(bins.shape)} for NB={NB}")
     if target.shape != logits.shape[:-1]:
         raise ValueError(f"target shape {tuple(target.shape)} != logits.shape[:-1] {tuple(logits.shape[:-1])}")
+    rows, flat = logits.reshape(-1, NB), target.reshape(-1)  # (M, NB), (M,): both impls see rows
     if check_impl(impl, logits) == "ref":
-        return twohot_ce_ref(logits, target, bins)
-    loss, _lse = _twohot_ce_op(logits.reshape(-1, NB), target.reshape(-1), bins)
+        loss = twohot_ce_ref(rows, flat, bins)
+    else:
+        loss, _lse = _twohot_ce_op(rows, flat, bins)
     return loss.reshape(target.shape)

@@ -8,7 +8,9 @@ field's docstring is its ``--help`` text.
 
 :func:`resolve` runs once, before anything is built: it validates every field and fills the
 derived sizes (the paper's imagination rule, the world-model sequences per agent), so the
-``config.json`` of a run records the sizes that ran.
+``config.json`` of a run records the sizes that ran.  :func:`diff` is the one comparison of two
+configs (a resume, a checkpoint's run directory, a sweep's runs, their preset): it returns the
+differences as data, and each caller words its own message.
 """
 
 from __future__ import annotations
@@ -487,3 +489,22 @@ def load_config(d: Any) -> Config:
 
 def is_derived(f: dataclasses.Field) -> bool:
     return bool(f.metadata.get("derived"))
+
+
+# ----------------------------------------------------------------------------- comparing configs
+def flatten(cfg: Config | dict, sections: tuple[str, ...] = LEARNED) -> dict[str, Any]:
+    """``{"section.field": value}`` over ``sections`` (by default what is learned), in field order:
+    the inverse of :func:`with_fields`.  ``cfg`` may be a dict as :meth:`Config.to_dict` wrote it (a
+    ``config.json``, perhaps of another version: a section it lacks adds nothing)."""
+    d = cfg.to_dict() if isinstance(cfg, Config) else cfg
+    return {f"{sec}.{k}": v for sec in sections if isinstance(d.get(sec), dict) for k, v in d[sec].items()}
+
+
+def diff(a: Config, b: Config, sections: tuple[str, ...] = LEARNED,
+         include_preset: bool = False) -> list[tuple[str, Any, Any]]:
+    """``(key, a's value, b's value)`` for every ``section.field`` of ``sections`` where ``a`` and
+    ``b`` differ, in field order; led by ``("preset", a's, b's)`` when ``include_preset`` and the
+    presets differ.  Data, not text: each caller words its own message."""
+    fa, fb = flatten(a, sections), flatten(b, sections)
+    presets = [("preset", a.preset, b.preset)] if include_preset and a.preset != b.preset else []
+    return presets + [(k, v, fb[k]) for k, v in fa.items() if v != fb[k]]

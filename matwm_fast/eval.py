@@ -19,13 +19,12 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ck
-from .actor_critic import ActorCritic, state_dim
 from .cli import Parser, fail
-from .config import Config, load_config
-from .env import EnvSpec, env_spec
-from .play import play, report, summarise, write_video
-from .runtime import resolve_device, resolve_kernels
-from .world_model import WorldModel
+from .env import EnvSpec
+from .metrics import EpisodeSummary, summarise_returns
+from .play import play, report, write_video
+from .policy import Policy
+from .runtime import resolve_device
 
 VIDEO_EXTS = (".gif", ".mp4")
 
@@ -56,35 +55,6 @@ def build_parser() -> Parser:
     return p
 
 
-class Policy:
-    """A trained policy loaded from one checkpoint file: what ``eval``, ``sweep`` and ``bench/experiments/diagnose.py`` play."""
-
-    def __init__(self, path: Path | str, device: torch.device | str = "cpu", kernels: str = "auto"):
-        """``path``: a checkpoint file, or a run directory (its latest checkpoint, resolved once
-        here: ``self.path`` is the file evaluated even if training writes a newer one meanwhile).
-        Only the networks are rebuilt — no replay or optimisers — so a large run evaluates cheaply."""
-        self.path = ck.resolve(path)
-        state = ck.load(self.path)["trainer"]
-        try:
-            self.cfg: Config = load_config(state["config"])
-            self.step = int(state["step"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise ck.CheckpointError(f"{self.path}: {e}") from e
-        device = torch.device(device)
-        impl = resolve_kernels(kernels, device, "eager")
-        self.spec: EnvSpec = env_spec(self.cfg.env)
-        c = self.cfg
-        self.wm = WorldModel(c.wm, self.spec, impl).to(device)
-        s_dim = state_dim(c.wm.latent_vars, c.wm.latent_classes, c.wm.width, self.spec.n_agents, self.spec.n_actions)
-        self.ac = ActorCritic(c.ac, self.spec, s_dim, self.wm.bins, impl).to(device)
-        try:
-            self.wm.load_state_dict(state["wm"])
-            self.ac.load_state_dict(state["ac"])
-        except (RuntimeError, KeyError, TypeError) as e:
-            raise ck.CheckpointError(f"{self.path} does not fit the model built from its config: {e}") from e
-        self.wm.eval()  # no dropout when playing
-
-
 def _check_output(what: str, f: Path) -> None:
     """Refuse, before any episode is played, an output path that cannot be written."""
     if f.is_dir():
@@ -102,12 +72,11 @@ def _has_mp4_writer() -> bool:
     return any(importlib.util.find_spec(m) is not None for m in ("imageio_ffmpeg", "av"))
 
 
-def table(summary: dict, spec: EnvSpec) -> str:
+def table(summary: EpisodeSummary, spec: EnvSpec) -> str:
     """The summary as an aligned text table: one row per agent, per team, and all agents."""
-    rows = [(name, summary[f"{name}_return_mean"], summary[f"{name}_return_std"]) for name in spec.agents]
-    rows += [(f"team {t} (mean of {len(idx)})", summary[f"team_{t}_return_mean"], summary[f"team_{t}_return_std"])
-             for t, idx in spec.teams.items()]
-    rows.append(("all agents (mean)", summary["return_mean"], summary["return_std"]))
+    rows = [(name, v.mean, v.std) for name, v in summary.agents.items()]
+    rows += [(f"team {t} (mean of {len(spec.teams[t])})", v.mean, v.std) for t, v in summary.teams.items()]
+    rows.append(("all agents (mean)", summary.all.mean, summary.all.std))
     w = max(len(r[0]) for r in rows)
     lines = [f"{'who':<{w}}  {'mean':>10}  {'std':>9}", "-" * (w + 23)]
     lines += [f"{n:<{w}}  {m:>10.3f}  {s:>9.3f}" for n, m, s in rows]
@@ -146,10 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     returns, frames, spec = play(pol.wm, pol.ac, cfg.env, cfg.train.act_context, args.episodes, args.seed, device,
                                  greedy=args.mode == "greedy", random_policy=args.mode == "random",
                                  capture_frames=n_video)  # returns (E, N)
-    summary = summarise(returns, spec)
     print(f"{cfg.env.scenario}: {args.mode} policy of {path} (env step {step}), "
           f"{args.episodes} episodes, seed {args.seed}")
-    print(table(summary, spec))
+    print(table(summarise_returns(returns, spec.agents, spec.teams), spec))
     out = Path(args.out) if args.out else run_dir / f"eval_step_{step}{'' if args.mode == 'greedy' else '_' + args.mode}.json"
     result = {
         "run_dir": str(run_dir), "checkpoint": str(path), "env_step": step, "scenario": cfg.env.scenario,

@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .actor_critic import ActorCritic, agent_state
-from .losses import two_hot_decode
+from .losses import twohot_decode
 from .nn import LowPrecisionCopy
 from .transformer import KVCache, segment_mask
 from .world_model import WorldModel
@@ -223,7 +223,7 @@ def outcomes(wm: WorldModel, h: Tensor) -> tuple[Tensor, Tensor]:
     continuation heads once over the whole rollout rather than once per step (row-wise maps:
     the same numbers, H times fewer launches).  c_t is the Bernoulli mode, 1 where p > 0.5."""
     rew_logits, con_logit = wm.heads(h)  # (R, H, NB), (R, H)
-    return two_hot_decode(rew_logits, wm.bins), (con_logit > 0).float()
+    return twohot_decode(rew_logits, wm.bins), (con_logit > 0).float()
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """The math of MATWM as pure functions: transforms, distributions and the two losses.
 
 Public, stable API (others test against these names and shapes; time is the last dimension):
-``symlog``, ``symexp``, ``two_hot_decode``, ``lambda_returns``.  Losses are pure functions
-returning ``(loss, metrics)`` where metrics is a dict of detached tensors (no ``.item()`` here:
-the training loop reads them only at a log interval).  ``kernels`` names the implementation of
-the fused two-hot cross-entropy ('ref' or 'triton'), the caller's model's choice.
+``symlog``, ``symexp``, ``twohot_decode``, ``lambda_returns``.  Losses are pure functions of
+tensors and their config section, returning the loss and a dict of detached metric tensors (no
+``.item()`` here: the training loop reads them only at a log interval); the actor-critic loss
+also returns the state it updates, the return scale.  ``kernels`` names the implementation of the
+fused two-hot cross-entropy (``kernels.twohot_ce``: 'ref' or 'triton'), the runtime's choice.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .config import ActorCriticConfig, WorldModelConfig
 from .kernels import twohot_ce
 
 Tensor = torch.Tensor
@@ -33,22 +35,11 @@ def symexp(x: Tensor) -> Tensor:
     return torch.sign(x) * torch.expm1(torch.abs(x))
 
 
-def two_hot_decode(logits: Tensor, bins: Tensor) -> Tensor:
+def twohot_decode(logits: Tensor, bins: Tensor) -> Tensor:
     """The value a symlog two-hot head predicts, in real space: symexp of its expectation in symlog
     space (DreamerV3's decoding), not the expectation of symexp — a spread head decodes below its
     real-space mean: (..., NB) → (...,)."""
     return symexp((torch.softmax(fp32(logits), -1) * bins).sum(-1))
-
-
-def two_hot_ce(logits: Tensor, target_symlog: Tensor, bins: Tensor, kernels: str) -> Tensor:
-    """Cross-entropy of a two-hot head against targets in symlog space: (..., NB), (...,) → (...,).
-
-    The fused op of ``kernels.twohot_ce`` (two-hot weights never materialised on the Triton path).
-    """
-    lead = target_symlog.shape
-    nb = logits.shape[-1]
-    out = twohot_ce(logits.reshape(-1, nb), fp32(target_symlog.reshape(-1)), bins, impl=kernels)  # (M,)
-    return out.reshape(lead)
 
 
 def lambda_returns(rewards: Tensor, continues: Tensor, values: Tensor, gamma: float, lam: float) -> Tensor:
@@ -102,19 +93,19 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- world-model loss
 def world_model_loss(out, obs: Tensor, rew: Tensor, cont: Tensor, team_act: Tensor, obs_mask: Tensor,
-                     bins: Tensor, dyn_weight: float, rep_weight: float, free_bits: float, kernels: str = "ref",
-                     recon_symlog: bool = False):
+                     bins: Tensor, cfg: WorldModelConfig, kernels: str = "ref") -> tuple[Tensor, dict[str, Tensor]]:
     """Paper Eq. 3, averaged over batch and time: rec + rew + con + team + 0.5·dyn + 0.1·rep.
 
     out: :class:`~matwm_fast.world_model.WMOutputs` for R rows × T steps; obs (R, T, O); rew,
-    cont (R, T); team_act (R, T, N−1); obs_mask (R, O) marks each row's real features; the
-    reconstruction target is obs, or symlog(obs) with ``recon_symlog``.  The KL
+    cont (R, T); team_act (R, T, N−1); obs_mask (R, O) marks each row's real features.  From
+    ``cfg``: the KL weights (``dyn_weight``, ``rep_weight``), ``free_bits``, and the reconstruction
+    target, obs or symlog(obs) with ``recon_symlog``.  The KL
     pairs (prior at t, posterior at t+1) count only where t+1 lies in t's episode: across an
     episode start the "next latent" is a reset, not a consequence of a_t.
     """
-    target = symlog(obs) if recon_symlog else obs  # (R, T, O)
+    target = symlog(obs) if cfg.recon_symlog else obs  # (R, T, O)
     rec = ((fp32(out.recon) - target).pow(2) * obs_mask[:, None]).sum(-1).mean()
-    rew_loss = two_hot_ce(out.reward_logits, symlog(rew), bins, kernels).mean()
+    rew_loss = twohot_ce(out.reward_logits, symlog(rew), bins, kernels).mean()
     con_loss = F.binary_cross_entropy_with_logits(fp32(out.cont_logits), cont)
     if out.team_logits is None:  # the teammate predictor is off (ablation)
         team_loss = torch.zeros((), device=obs.device)
@@ -123,10 +114,10 @@ def world_model_loss(out, obs: Tensor, rew: Tensor, cont: Tensor, team_act: Tens
         team = F.cross_entropy(team_logits.flatten(0, 2), team_act.flatten(), reduction="none")  # (R·T·(N-1),)
         has_team = (team_logits.amax(-1) > -1e8).flatten().float()  # dummy slot of a lone agent: 0
         team_loss = (team * has_team).view(team_act.shape).sum(-1).mean()
-    dyn, rep, kl = kl_free_bits(out.post_probs[:, 1:], out.prior_probs[:, :-1], free_bits)  # (R, T-1) each
+    dyn, rep, kl = kl_free_bits(out.post_probs[:, 1:], out.prior_probs[:, :-1], cfg.free_bits)  # (R, T-1) each
     same_episode = out.seg_mask[:, 1:, :-1].diagonal(dim1=1, dim2=2)  # (R, T-1): t+1 attends t
     dyn_loss, rep_loss = masked_mean(dyn, same_episode), masked_mean(rep, same_episode)
-    total = rec + rew_loss + con_loss + team_loss + dyn_weight * dyn_loss + rep_weight * rep_loss
+    total = rec + rew_loss + con_loss + team_loss + cfg.dyn_weight * dyn_loss + cfg.rep_weight * rep_loss
     metrics = {
         "total": total, "rec": rec, "rew": rew_loss, "con": con_loss, "team": team_loss,
         "dyn": dyn_loss, "rep": rep_loss, "kl": masked_mean(kl, same_episode),
@@ -154,37 +145,38 @@ def return_range(returns: Tensor, low: float, high: float) -> Tensor:
 
 
 def actor_critic_loss(policy_logits: Tensor, actions: Tensor, critic_logits: Tensor, slow_logits: Tensor,
-                      rewards: Tensor, continues: Tensor, bins: Tensor, prev_scale: Tensor, gamma: float,
-                      lam: float, entropy_coef: float, scale_decay: float, pct_low: float, pct_high: float,
-                      kernels: str = "ref"):
+                      rewards: Tensor, continues: Tensor, bins: Tensor, prev_scale: Tensor, cfg: ActorCriticConfig,
+                      kernels: str = "ref") -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Paper Eqs. 10–13 (DreamerV3 form) for N agents at once, each on its own imagined batch.
 
     policy_logits (N, B, H, A); actions (N, B, H); critic_logits, slow_logits (N, B, H+1, NB);
     rewards, continues (N, B, H); prev_scale (N,) the EMA of the return range S before this batch.
-    Returns (loss, metrics) with loss = Σ_agents (actor_i + critic_i): summing keeps agent i's
-    gradient equal to the gradient of its own loss.  metrics hold (N,) tensors, among them
-    ``return_scale``, the updated EMA the caller stores (EMA from 0, as DreamerV3; max(1, S) makes
-    the first updates unscaled).
+    From ``cfg``: ``gamma``, ``lam``, ``entropy``, ``return_scale_decay``, ``return_pct_low`` and
+    ``return_pct_high``.  Returns ``(loss, scale, metrics)``: loss = Σ_agents (actor_i + critic_i),
+    summing keeps agent i's gradient equal to the gradient of its own loss; scale (N,) the updated
+    EMA of S, which the caller stores for the next batch (EMA from 0, as DreamerV3; max(1, S) makes
+    the first updates unscaled); metrics (N,) tensors.
     """
-    values = two_hot_decode(critic_logits, bins)  # (N, B, H+1)
-    returns = lambda_returns(rewards, continues, values.detach(), gamma, lam)  # (N, B, H)
+    values = twohot_decode(critic_logits, bins)  # (N, B, H+1)
+    returns = lambda_returns(rewards, continues, values.detach(), cfg.gamma, cfg.lam)  # (N, B, H)
     # actor: REINFORCE with normalised advantage, plus entropy bonus
     logp_all = torch.log_softmax(fp32(policy_logits), -1)  # (N, B, H, A)
     logp = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (N, B, H)
     probs = logp_all.exp()
     entropy = -(probs * logp_all.clamp_min(-1e4)).sum(-1)  # (N, B, H); masked actions contribute 0
-    scale = scale_decay * prev_scale + (1.0 - scale_decay) * return_range(returns, pct_low, pct_high)  # (N,)
+    decay = cfg.return_scale_decay
+    scale = decay * prev_scale + (1.0 - decay) * return_range(returns, cfg.return_pct_low, cfg.return_pct_high)  # (N,)
     adv = (returns - values[..., :-1]) / scale.clamp_min(1.0).view(-1, 1, 1)  # (N, B, H)
-    actor = (-adv.detach() * logp - entropy_coef * entropy).flatten(1).mean(1)  # (N,)
+    actor = (-adv.detach() * logp - cfg.entropy * entropy).flatten(1).mean(1)  # (N,)
     # critic: two-hot CE to sg(G_t), plus CE to the slow critic's value as a regulariser
-    slow_v = two_hot_decode(slow_logits, bins)  # (N, B, H+1)
+    slow_v = twohot_decode(slow_logits, bins)  # (N, B, H+1)
     crit_logits = critic_logits[..., :-1, :]  # (N, B, H, NB)
-    critic = (two_hot_ce(crit_logits, symlog(returns.detach()), bins, kernels)
-              + two_hot_ce(crit_logits, symlog(slow_v[..., :-1].detach()), bins, kernels)).flatten(1).mean(1)  # (N,)
+    critic = (twohot_ce(crit_logits, symlog(returns.detach()), bins, kernels)
+              + twohot_ce(crit_logits, symlog(slow_v[..., :-1].detach()), bins, kernels)).flatten(1).mean(1)  # (N,)
     loss = (actor + critic).sum()
     metrics = {
         "actor_loss": actor.detach(), "critic_loss": critic.detach(), "entropy": entropy.detach().flatten(1).mean(1),
         "return": returns.detach().flatten(1).mean(1), "value": values.detach().flatten(1).mean(1),
-        "imag_reward": rewards.flatten(1).mean(1), "return_scale": scale.detach(),
+        "imag_reward": rewards.flatten(1).mean(1),
     }
-    return loss, metrics
+    return loss, scale, metrics

@@ -2,6 +2,8 @@
 
 Training steps hand in dicts of tensors; :class:`RowLogger` sums them on the device and reads
 them back (one host sync) only when a row is written, every ``run.log_every`` env steps.
+:func:`summarise_returns` is the one summary of episode returns: the training row, the evaluation
+(``play``) and ``eval``'s table each format it.
 
 A power loss or a full disk can leave a torn last line in ``metrics.jsonl`` or ``metrics.csv``.
 :func:`repair` drops it (with a warning) before anything appends to or reads the files, so a run
@@ -18,6 +20,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +29,7 @@ from tqdm import tqdm
 
 Tensor = torch.Tensor
 FILES = ("metrics.jsonl", "metrics.csv")
-# a finished run's rows as archived under bench/results: gzip keeps the committed tree small enough
-# to travel to a lent GPU with its wheels (the device tool's 64 MiB), and the rows exactly as written
+# a finished run's rows as archived with its results: gzip makes them ~5× smaller, byte for byte as written
 ARCHIVED = "metrics.jsonl.gz"
 
 
@@ -281,19 +283,52 @@ class RowLogger:
         self.acc.load_state_dict(sd, device)
 
 
+# ----------------------------------------------------------------------------- episode returns
+@dataclass(frozen=True)
+class Stat:
+    """Mean and standard deviation (numpy's, ddof 0) of ``count`` values."""
+
+    mean: float
+    std: float
+    count: int
+
+    @staticmethod
+    def of(values: np.ndarray) -> "Stat":
+        return Stat(float(values.mean()), float(values.std()), int(values.size))
+
+
+@dataclass(frozen=True)
+class EpisodeSummary:
+    """Episode returns per agent, per team and over all agents: the one summary that the training
+    rows, the evaluation rows, ``eval``'s table and its JSON record each format their own way."""
+
+    agents: dict[str, Stat]  # agent → its returns
+    teams: dict[str, Stat]  # team → each episode's mean over the team's members
+    all: Stat  # each episode's mean over all agents
+
+    @property
+    def episodes(self) -> int:
+        return self.all.count
+
+
+def summarise_returns(returns: np.ndarray, agents: tuple[str, ...], teams: dict[str, list[int]]) -> EpisodeSummary:
+    """returns (E, N), E ≥ 1, agents in env order → :class:`EpisodeSummary`."""
+    return EpisodeSummary({name: Stat.of(returns[:, i]) for i, name in enumerate(agents)},
+                          {team: Stat.of(returns[:, idx].mean(1)) for team, idx in teams.items()},
+                          Stat.of(returns.mean(1)))
+
+
 def episode_row(finished: list[np.ndarray], agents: tuple[str, ...], teams: dict[str, list[int]]) -> dict:
-    """Mean returns of the episodes finished in an interval: per agent, per team, all."""
+    """Mean returns of the episodes finished in an interval (each (N,)): per agent, per team, all."""
     if not finished:
         return {}
-    r = np.stack(finished)  # (E, N)
-    row = {"episodes": int(r.shape[0]), "episode_return": float(r.mean())}
-    for i, name in enumerate(agents):
-        row[f"{name}_episode_return"] = float(r[:, i].mean())
-    for team, idx in teams.items():
-        row[f"team_{team}_episode_return"] = float(r[:, idx].mean())
-    return row
+    s = summarise_returns(np.stack(finished), agents, teams)
+    return {"episodes": s.episodes, "episode_return": s.all.mean,
+            **{f"{name}_episode_return": v.mean for name, v in s.agents.items()},
+            **{f"team_{team}_episode_return": v.mean for team, v in s.teams.items()}}
 
 
+# ----------------------------------------------------------------------------- progress
 class Progress:
     """Training progress: env steps/s and imagined steps/s since the last logged row.
 

@@ -15,36 +15,35 @@ import torch
 from .acting import ContextQueues, policy_step
 from .config import EnvConfig
 from .env import EnvSpec, MultiAgentEnv, random_actions
+from .metrics import summarise_returns
 
 
 def summarise(returns: np.ndarray, spec: EnvSpec) -> dict:
-    """returns (E, N) episode returns → mean/std per agent, per team (mean over members), overall."""
-    out: dict = {"episodes": int(returns.shape[0])}
-    for i, name in enumerate(spec.agents):
-        out[f"{name}_return_mean"] = float(returns[:, i].mean())
-        out[f"{name}_return_std"] = float(returns[:, i].std())
-    for team, idx in spec.teams.items():
-        r = returns[:, idx].mean(1)  # (E,) the team's per-member average
-        out[f"team_{team}_return_mean"] = float(r.mean())
-        out[f"team_{team}_return_std"] = float(r.std())
-    allr = returns.mean(1)  # (E,)
-    out["return_mean"], out["return_std"] = float(allr.mean()), float(allr.std())
+    """returns (E, N) episode returns → the flat evaluation summary (the ``eval_*`` columns of a
+    metrics row): mean/std per agent, per team (each episode's mean over members), overall."""
+    s = summarise_returns(returns, spec.agents, spec.teams)
+    out: dict = {"episodes": s.episodes}
+    for name, v in s.agents.items():
+        out[f"{name}_return_mean"], out[f"{name}_return_std"] = v.mean, v.std
+    for team, v in s.teams.items():
+        out[f"team_{team}_return_mean"], out[f"team_{team}_return_std"] = v.mean, v.std
+    out["return_mean"], out["return_std"] = s.all.mean, s.all.std
     return out
-
 
 
 def report(returns: np.ndarray, spec: EnvSpec) -> dict:
     """returns (E, N) → the evaluation record every evaluator writes: per agent, per team, all
     agents, the flat summary and the raw returns (so any other statistic can be recomputed)."""
-    s = summarise(returns, spec)
+    s = summarise_returns(returns, spec.agents, spec.teams)
     return {
-        "agents": {a: {"mean": s[f"{a}_return_mean"], "std": s[f"{a}_return_std"]} for a in spec.agents},
-        "teams": {t: {"mean": s[f"team_{t}_return_mean"], "std": s[f"team_{t}_return_std"],
-                      "members": [spec.agents[i] for i in idx]} for t, idx in spec.teams.items()},
-        "all": {"mean": s["return_mean"], "std": s["return_std"]},
-        "summary": s,
+        "agents": {a: {"mean": v.mean, "std": v.std} for a, v in s.agents.items()},
+        "teams": {t: {"mean": v.mean, "std": v.std, "members": [spec.agents[i] for i in spec.teams[t]]}
+                  for t, v in s.teams.items()},
+        "all": {"mean": s.all.mean, "std": s.all.std},
+        "summary": summarise(returns, spec),
         "returns": np.round(returns, 6).tolist(),  # (E, N) in agent order
     }
+
 
 @torch.no_grad()
 def play(wm, ac, env_cfg: EnvConfig, act_context: int, episodes: int, seed: int, device,

@@ -6,8 +6,9 @@ holds state):
 1. :func:`wm_loss` — the shared world model on real sequences and paper Eq. 3;
 2. :func:`wm_opt_step` — its global-norm clip and Adam step (after autograd's backward);
 3. :func:`rollout` — Algorithm 1 for every agent at once (prefill, then H decode steps);
-4. :func:`ac_loss` — every agent's actor and critic on its own imagined batch, Eqs. 10–13;
-5. :func:`ac_opt_step` — per-agent clip, Adam, slow-critic EMA, return-scale EMA.
+4. :func:`ac_loss` — every agent's actor and critic on its own imagined batch, Eqs. 10–13, and
+   the return scale updated on it;
+5. :func:`ac_opt_step` — per-agent clip, Adam, slow-critic EMA, and the new return scale stored.
 
 Each is a function of explicit arguments (modules, optimisers, tensors, config sections), so
 :func:`compile_steps` can hand them to ``torch.compile`` as they are, the way gpt-fast rebinds
@@ -42,13 +43,11 @@ Tensor = torch.Tensor
 
 # ----------------------------------------------------------------------------- the five pieces
 def wm_loss(wm: WorldModel, obs: Tensor, act: Tensor, rew: Tensor, cont: Tensor, first: Tensor, team_act: Tensor,
-            agent: Tensor, amp: torch.dtype | None) -> tuple[Tensor, dict[str, Tensor]]:
+            agent: Tensor, amp: torch.dtype | None, kernels: str) -> tuple[Tensor, dict[str, Tensor]]:
     """Paper Eq. 3 on the combined batch of all agents: R = N·(B/N) rows of T steps."""
     with autocast(obs.device, amp):
         out = wm.observe(obs, act, first, agent)
-    c = wm.cfg
-    return world_model_loss(out, obs, rew, cont, team_act, wm.obs_mask[agent], wm.bins, c.dyn_weight, c.rep_weight,
-                            c.free_bits, wm.kernels, c.recon_symlog)
+    return world_model_loss(out, obs, rew, cont, team_act, wm.obs_mask[agent], wm.bins, wm.cfg, kernels)
 
 
 def optimizer_step(opt: torch.optim.Optimizer) -> None:
@@ -98,8 +97,10 @@ def rollout_pieces(rt: Runtime, compile_fn: Callable) -> Pieces:
 
 
 def ac_loss(ac: ActorCritic, states: Tensor, actions: Tensor, rewards: Tensor, continues: Tensor,
-            cfg: ActorCriticConfig, amp: torch.dtype | None) -> tuple[Tensor, dict[str, Tensor]]:
+            cfg: ActorCriticConfig, amp: torch.dtype | None, kernels: str) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Eqs. 10–13 for every agent at once, each on its own imagined batch: states (N, B, H+1, S).
+    Returns ``(loss, scale, metrics)``, scale the return scale updated on this batch, (N,), which
+    :func:`ac_opt_step` stores in ``ac.return_scale``.
 
     The networks run under ``amp`` (their matmuls are most of the update's FLOPs); the loss
     itself — softmaxes, λ-returns, percentiles, cross-entropies — is computed in float32."""
@@ -111,8 +112,7 @@ def ac_loss(ac: ActorCritic, states: Tensor, actions: Tensor, rewards: Tensor, c
         with torch.no_grad():
             slow_logits = ac.slow_critic(flat).view(n, b, h1, -1)  # (N, B, H+1, NB)
     return actor_critic_loss(logits, actions, critic_logits, slow_logits, rewards, continues, ac.bins,
-                             ac.return_scale, cfg.gamma, cfg.lam, cfg.entropy, cfg.return_scale_decay,
-                             cfg.return_pct_low, cfg.return_pct_high, ac.kernels)
+                             ac.return_scale, cfg, kernels)
 
 
 def ac_opt_step(ac: ActorCritic, opt: torch.optim.Optimizer, new_scale: Tensor,

@@ -17,14 +17,14 @@ import argparse
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ck
 from .cli import Parser, add_config_flags, apply_overrides, config_from_args, describe, fail, overrides
-from .config import Config, check_fields, load_config, resolve
+from .config import Config, check_fields, diff, load_config, resolve, with_fields
 from .env import env_spec
 from .metrics import MetricsWriter, Progress, RowLogger, repair, truncate_after
 from .play import evaluate
@@ -66,23 +66,24 @@ def default_run_dir(cfg: Config) -> Path:
 
 def _config_for_resume(args, saved: Config) -> Config:
     """The checkpoint's config with the run.* flags given now; learned settings are refused."""
-    over = overrides(args)
-    get = lambda c, k: getattr(getattr(c, k.split(".")[0]), k.split(".")[1])  # noqa: E731
-    refused = [f"{k} (checkpoint {get(saved, k)!r}, requested {v!r})"
-               for k, v in sorted(over.items()) if not k.startswith("run.") and v != get(saved, k)]
-    if args.preset is not None and args.preset != saved.preset:
-        refused.append(f"--preset (checkpoint {saved.preset!r}, requested {args.preset!r})")
-    wanted = apply_overrides(saved, {}, args.scenario_args).env.kwargs if args.scenario_args else saved.env.kwargs
-    if wanted != saved.env.kwargs:
-        refused.append(f"--scenario-arg (checkpoint {dict(saved.env.kwargs)}, requested {dict(wanted)})")
+    # the scenario args are read against the checkpoint's scenario, then the flags set as given
+    wanted = with_fields(apply_overrides(saved, {}, args.scenario_args), overrides(args))
+    wanted = replace(wanted, preset=saved.preset if args.preset is None else args.preset)
+    refused = [_refusal(k, a, b) for k, a, b in diff(saved, wanted, include_preset=True)]
     if refused:
         raise ValueError(f"cannot change {'; '.join(refused)} when resuming: the checkpoint was trained with its "
                          "values. Only run.* settings may change on resume; to continue with other settings start a "
                          "new run with --init-from")
-    changed = {k: v for k, v in over.items() if v != get(saved, k)}
-    for k, v in sorted(changed.items()):
-        print(f"resume: {k} = {v!r} (was {get(saved, k)!r})")
-    return apply_overrides(saved, changed)
+    for k, a, b in diff(saved, wanted, sections=("run",)):
+        print(f"resume: {k} = {b!r} (was {a!r})")
+    return wanted
+
+
+def _refusal(key: str, saved, requested) -> str:
+    """A learned setting a resume may not change, named as the flag that asked for it."""
+    if key == "env.kwargs":
+        return f"--scenario-arg (checkpoint {dict(saved)}, requested {dict(requested)})"
+    return f"{'--preset' if key == 'preset' else key} (checkpoint {saved!r}, requested {requested!r})"
 
 
 def prepare(args) -> Session:
@@ -111,12 +112,10 @@ def prepare(args) -> Session:
     if resume:
         on_disk = rd.read_config()
         if on_disk is not None:
-            from .trainer import config_diff
-
-            diff = config_diff(load_config(on_disk), cfg)
-            if diff:
+            changed = [f"{k}: checkpoint {a!r} vs this run {b!r}" for k, a, b in diff(cfg, load_config(on_disk))]
+            if changed:
                 raise ValueError(f"the checkpoint does not belong to {rd.path} (its config.json differs: "
-                                 + "; ".join(diff) + ")")
+                                 + "; ".join(changed) + ")")
     rd.open(fresh=not resume, overwrite=args.overwrite)  # from here on this process owns the directory
     return Session(cfg, runtime, rd, state, resume)
 
@@ -213,7 +212,9 @@ def _newest(rd: ck.RunDir, resume: bool = False) -> str:
 def start(s: Session) -> Trainer:
     """Threads, seeds, the trainer (restored from the checkpoint when there is one), the run
     directory made ready for it (what an interrupted run left behind removed) and its config.json."""
-    if s.cfg.run.threads > 0:  # on a shared CPU, idle-waiting OpenMP threads cost ~60× (README)
+    # beside one busy process a second, idle-waiting thread made a cpu-preset step 2.5× slower (4× in
+    # the worst step; bench/results/cpu-threads.md): run.threads defaults to 1
+    if s.cfg.run.threads > 0:
         torch.set_num_threads(s.cfg.run.threads)
     seed_everything(s.cfg.train.seed)
     tr = Trainer(s.cfg, s.runtime)

@@ -17,16 +17,15 @@ import numpy as np
 import torch
 
 from .acting import ContextQueues
-from .actor_critic import ActorCritic, state_dim
-from .config import LEARNED, Config, load_config, resolve
+from .config import Config, diff, load_config, resolve
 from .env import MultiAgentEnv, env_spec, random_actions
 from .graphs import Graph, Staged
 from .imagination import ImagCaches, ImagNoise, Rollout
 from .nvtx import phase
+from .policy import build_networks
 from .replay import Batch, ReplayBuffer
 from .runtime import Runtime, adam, grads_to_none, resolve_runtime
 from .steps import compile_steps
-from .world_model import WorldModel
 
 Tensor = torch.Tensor
 
@@ -82,10 +81,8 @@ class Trainer:
         self.cfg, self.rt, self.device = cfg, runtime, runtime.device
         self.n = n = spec.n_agents
         self.rng = np.random.default_rng(cfg.train.seed)
-        self.wm = WorldModel(cfg.wm, spec, runtime.kernels).to(self.device)
-        s_dim = state_dim(cfg.wm.latent_vars, cfg.wm.latent_classes, cfg.wm.width, n, spec.n_actions)
-        self.ac = ActorCritic(cfg.ac, spec, s_dim, self.wm.bins, runtime.kernels).to(self.device)
-        self.wm.eval()  # imagination and acting; only the world model's own update trains it (dropout)
+        # the world model in eval mode: imagination and acting; only its own update trains it (dropout)
+        self.wm, self.ac = build_networks(cfg, spec, runtime.kernels, self.device)
         self.wm_opt = adam(self.wm.parameters(), cfg.wm.lr, cfg.wm.adam_eps, runtime)
         self.ac_opt = adam([{"params": self.ac.actor_params()}, {"params": self.ac.critic_params()}], cfg.ac.lr,
                            cfg.ac.adam_eps, runtime)
@@ -169,7 +166,7 @@ class Trainer:
         s = self.fns
         self.wm.train()  # wm.dropout acts here, and only here
         loss, m = s.wm_loss(self.wm, batch.obs, batch.act, batch.rew, batch.cont, batch.first, batch.team_act,
-                            batch.agent, self.rt.amp)
+                            batch.agent, self.rt.amp, self.rt.kernels)
         self.wm.eval()
         self.wm_opt.zero_grad(set_to_none=grads_to_none(self.rt))
         loss.backward()
@@ -181,13 +178,15 @@ class Trainer:
                                   self.caches, noise, self.rt.amp)
 
     def ac_update(self, roll: Rollout) -> dict[str, Tensor]:
-        """One actor-critic step for every agent (per-agent clipping inside)."""
+        """One actor-critic step for every agent (per-agent clipping inside); the loss updates the
+        return scale, the optimiser step stores it in ``ac.return_scale``."""
         s = self.fns
-        loss, m = s.ac_loss(self.ac, roll.states, roll.actions, roll.rewards, roll.continues, self.cfg.ac, self.rt.amp)
+        loss, scale, m = s.ac_loss(self.ac, roll.states, roll.actions, roll.rewards, roll.continues, self.cfg.ac,
+                                   self.rt.amp, self.rt.kernels)
         self.ac_opt.zero_grad(set_to_none=grads_to_none(self.rt))
         loss.backward()
-        m["actor_grad_norm"], m["critic_grad_norm"] = s.ac_opt_step(self.ac, self.ac_opt, m["return_scale"],
-                                                                     self.cfg.ac)
+        m["return_scale"] = scale  # logged too: <agent>_return_scale
+        m["actor_grad_norm"], m["critic_grad_norm"] = s.ac_opt_step(self.ac, self.ac_opt, scale, self.cfg.ac)
         return m
 
     # the phases: functions of the trainer's fixed state and staged inputs only (see graphs.py)
@@ -296,9 +295,9 @@ class Trainer:
         the weights must still fit).  Raises ValueError saying what does not fit."""
         saved = load_config(sd["config"])
         if same_config:
-            diff = config_diff(saved, self.cfg, LEARNED)
-            if diff:
-                raise ValueError("checkpoint is from a different config: " + "; ".join(diff))
+            changed = [f"{k}: checkpoint {a!r} vs this run {b!r}" for k, a, b in diff(saved, self.cfg)]
+            if changed:
+                raise ValueError("checkpoint is from a different config: " + "; ".join(changed))
         if list(sd["agents"]) != list(self.spec.agents):
             raise ValueError(f"checkpoint agents {sd['agents']} differ from this env's {list(self.spec.agents)}")
         try:
@@ -327,13 +326,6 @@ class Trainer:
             self.rng.bit_generator.state = rng["trainer"]
         except (RuntimeError, KeyError, TypeError, AttributeError, IndexError) as e:  # another model or a damaged state
             raise ValueError(f"checkpoint does not fit the model built from its config: {type(e).__name__}: {e}") from e
-
-
-def config_diff(a: Config, b: Config, sections=LEARNED) -> list[str]:
-    """``section.field: checkpoint A vs this run B`` for every difference within ``sections``."""
-    da, db = a.to_dict(), b.to_dict()
-    return [f"{sec}.{k}: checkpoint {da[sec][k]!r} vs this run {db[sec][k]!r}"
-            for sec in sections for k in da[sec] if da[sec][k] != db[sec][k]]
 
 
 # how an optimiser runs, not what it learns: kept from the trainer's own optimiser on load

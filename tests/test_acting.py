@@ -6,11 +6,11 @@ import torch
 
 from matwm_fast import acting
 from matwm_fast.acting import ContextQueues, policy_step
-from matwm_fast.actor_critic import ActorCritic, agent_state, state_dim
+from matwm_fast.actor_critic import agent_state
 from matwm_fast.config import preset
 from matwm_fast.env import EnvSpec
+from matwm_fast.policy import build_networks
 from matwm_fast.transformer import segment_mask
-from matwm_fast.world_model import WorldModel
 
 SPEC = EnvSpec(agents=("a_0", "a_1", "b_0"), obs_sizes=(5, 7, 6), action_counts=(5, 3, 4))
 
@@ -18,9 +18,7 @@ SPEC = EnvSpec(agents=("a_0", "a_1", "b_0"), obs_sizes=(5, 7, 6), action_counts=
 def models():
     torch.manual_seed(0)
     cfg = preset("smoke")
-    wm = WorldModel(cfg.wm, SPEC).double()
-    s_dim = state_dim(cfg.wm.latent_vars, cfg.wm.latent_classes, cfg.wm.width, SPEC.n_agents, SPEC.n_actions)
-    ac = ActorCritic(cfg.ac, SPEC, s_dim, wm.bins).double()
+    wm, ac = (m.double() for m in build_networks(cfg, SPEC))
     # deterministic latents (the mode): both formulations then see the same z
     wm.sample = lambda logits, noise: (lambda p: (torch.nn.functional.one_hot(p.argmax(-1), wm.C).to(p.dtype).flatten(-2),
                                                   p))(torch.softmax(logits, -1))

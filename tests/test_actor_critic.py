@@ -56,8 +56,9 @@ def make_ac():
 
 
 def loss_of(ac, states, actions, rewards, conts, cfg):
-    """The trainer's own actor-critic step function (its reshape of N × B × (H+1) states included)."""
-    return ac_loss(ac, states, actions, rewards, conts, cfg, None)
+    """The trainer's own actor-critic step function (its reshape of N × B × (H+1) states included):
+    (loss, the updated return scale, metrics)."""
+    return ac_loss(ac, states, actions, rewards, conts, cfg, None, "ref")
 
 
 def test_agent_loss_touches_only_its_own_weights():
@@ -66,7 +67,7 @@ def test_agent_loss_touches_only_its_own_weights():
     states = torch.randn(n, b, h + 1, 10)
     actions = torch.randint(0, 3, (n, b, h))
     rewards, conts = torch.randn(n, b, h), torch.ones(n, b, h)
-    loss, m = loss_of(ac, states, actions, rewards, conts, cfg)
+    loss, _, m = loss_of(ac, states, actions, rewards, conts, cfg)
     assert m["actor_loss"].shape == (3,) and m["critic_loss"].shape == (3,)
     ac.zero_grad()
     torch.testing.assert_close(loss.detach(), (m["actor_loss"] + m["critic_loss"]).sum())
@@ -76,7 +77,7 @@ def test_agent_loss_touches_only_its_own_weights():
     ac.zero_grad()
     states2 = states.clone()
     states2[0] += 10.0  # change only agent 0's data
-    loss2, _ = loss_of(ac, states2, actions, rewards, conts, cfg)
+    loss2, _, _ = loss_of(ac, states2, actions, rewards, conts, cfg)
     loss2.backward()
     for g, p in zip(g_all, ac.actor.parameters()):
         torch.testing.assert_close(p.grad[1], g)
@@ -88,8 +89,8 @@ def test_return_scale_is_an_ema_of_the_percentile_range():
     states = torch.randn(n, b, h + 1, 10)
     actions = torch.zeros(n, b, h, dtype=torch.long)
     rewards = torch.randn(n, b, h) * torch.tensor([1.0, 10.0, 100.0]).view(3, 1, 1)
-    _, m = loss_of(ac, states, actions, rewards, torch.ones(n, b, h), cfg)
-    scale = m["return_scale"]
+    _, scale, m = loss_of(ac, states, actions, rewards, torch.ones(n, b, h), cfg)
+    assert "return_scale" not in m  # state, returned as such, not a metric
     assert scale[0] < scale[1] < scale[2]  # per agent, not shared
     # with V ≡ 0 at init the returns are the discounted reward sums: S = (1−d)·(q95 − q5)
     from matwm_fast.losses import lambda_returns
@@ -115,17 +116,17 @@ def test_batched_loss_equals_each_agents_own_loss():
     states = torch.randn(n, b, h + 1, 10)
     actions = torch.randint(0, 3, (n, b, h))
     rewards, conts = torch.randn(n, b, h), (torch.rand(n, b, h) > 0.2).float()
-    _, m = loss_of(ac, states, actions, rewards, conts, cfg)
+    _, scale, m = loss_of(ac, states, actions, rewards, conts, cfg)
     for i in range(n):
         idx = torch.tensor([i])
         flat = states[i].reshape(1, -1, 10)  # (1, B·(H+1), S)
         logits = ac.policy_logits(flat, idx).view(1, b, h + 1, -1)[:, :, :-1]
         crit = ac.critic(flat, idx).view(1, b, h + 1, -1)
         slow = ac.slow_critic(flat, idx).view(1, b, h + 1, -1)
-        _, mi = actor_critic_loss(logits, actions[i:i + 1], crit, slow, rewards[i:i + 1], conts[i:i + 1], ac.bins,
-                                  ac.return_scale[idx], cfg.gamma, cfg.lam, cfg.entropy, cfg.return_scale_decay,
-                                  cfg.return_pct_low, cfg.return_pct_high)
-        for k in ("actor_loss", "critic_loss", "return_scale", "entropy"):
+        _, si, mi = actor_critic_loss(logits, actions[i:i + 1], crit, slow, rewards[i:i + 1], conts[i:i + 1], ac.bins,
+                                      ac.return_scale[idx], cfg)
+        torch.testing.assert_close(scale[i], si[0])
+        for k in ("actor_loss", "critic_loss", "entropy"):
             torch.testing.assert_close(m[k][i], mi[k][0])
 
 

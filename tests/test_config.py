@@ -3,7 +3,7 @@
 import pytest
 
 from matwm_fast.cli import config_from_args
-from matwm_fast.config import PRESETS, SCENARIO_TUNING, RULES, check_fields, preset, resolve, with_fields
+from matwm_fast.config import PRESETS, SCENARIO_TUNING, RULES, check_fields, diff, flatten, preset, resolve, with_fields
 from matwm_fast.env import SCENARIOS, env_spec
 from matwm_fast.train import build_parser
 
@@ -93,4 +93,18 @@ def test_a_tuned_run_reports_no_change_from_its_preset():
     spread = resolve(from_cli("--preset", "cpu", "--env", "simple_spread", "--seed", "2"), 3)
     assert config_changes(spread) == []
     tag = resolve(from_cli("--preset", "cpu", "--env", "simple_tag", "--ac.entropy", "3e-3"), 4)
-    assert [line for line in config_changes(tag) if "entropy" in line], config_changes(tag)
+    assert config_changes(tag) == ["ac.entropy: run 0.003 vs preset 0.0003"]
+
+
+def test_diff_returns_each_learned_difference_as_data():
+    """``config.diff``: (key, a's, b's) in field order, the run section and the preset only when asked;
+    ``flatten`` is what it compares, and reads a config.json's dict as well as a Config."""
+    from dataclasses import replace
+
+    a = preset("smoke")
+    b = replace(with_fields(a, {"wm.lr": 0.1, "env.kwargs": (("N", 2),), "run.steps": 5}), preset="cpu")
+    assert diff(a, a) == [] and diff(a, b) == [("env.kwargs", (), (("N", 2),)), ("wm.lr", 1e-3, 0.1)]
+    assert diff(a, b, include_preset=True)[0] == ("preset", "smoke", "cpu")
+    assert diff(a, b, sections=("run",)) == [("run.steps", 60, 5)]
+    assert flatten(a.to_dict()) == flatten(a) and "wm.lr" in flatten(a) and "run.steps" not in flatten(a)
+    assert flatten({"wm": {"lr": 1.0}, "run": {"steps": 3}}) == {"wm.lr": 1.0}  # another version's config.json

@@ -72,13 +72,25 @@ def test_eval_modes_and_reproducibility(run_dir, tmp_path, capsys):
     assert "sample policy of" in capsys.readouterr().out
 
 
-def test_policy_rebuilds_trained_networks(run_dir):
-    from matwm_fast import checkpoint as ck
+def test_the_table_and_the_records_format_one_summary():
+    """``eval``'s table, the flat ``eval_*`` summary and the JSON record: the same numbers."""
+    from matwm_fast.env import EnvSpec
+    from matwm_fast.metrics import summarise_returns
+    from matwm_fast.play import report, summarise
 
-    pol = ev.Policy(run_dir)
-    assert pol.cfg.preset == "smoke" and pol.step == 50 and pol.path == run_dir / "checkpoints" / "step_000000050.pt"
-    saved = ck.load(ck.resolve(run_dir))["trainer"]["ac"]
-    assert all(torch.equal(v, saved[k]) for k, v in pol.ac.state_dict().items())
+    spec = EnvSpec(agents=("a_0", "a_1", "b_0"), obs_sizes=(2, 2, 2), action_counts=(2, 2, 2))
+    returns = np.array([[1.0, 2.0, 6.0], [3.0, 0.0, 2.0]])  # (E, N)
+    flat, record = summarise(returns, spec), report(returns, spec)
+    assert flat["episodes"] == 2 and record["summary"] == flat and record["returns"] == returns.tolist()
+    assert flat["a_1_return_mean"] == record["agents"]["a_1"]["mean"] == 1.0
+    assert flat["team_a_return_mean"] == record["teams"]["a"]["mean"] == 1.5
+    assert record["teams"]["a"]["members"] == ["a_0", "a_1"]
+    assert flat["return_std"] == record["all"]["std"] == pytest.approx(2 / 3)
+    lines = ev.table(summarise_returns(returns, spec.agents, spec.teams), spec).splitlines()
+    assert [line.split() for line in lines[2:]] == [
+        ["a_0", "2.000", "1.000"], ["a_1", "1.000", "1.000"], ["b_0", "4.000", "2.000"],
+        ["team", "a", "(mean", "of", "2)", "1.500", "0.000"], ["team", "b", "(mean", "of", "1)", "4.000", "2.000"],
+        ["all", "agents", "(mean)", "2.333", "0.667"]]
 
 
 def test_eval_records_the_checkpoint_it_evaluated(run_dir, tmp_path, monkeypatch):

@@ -24,9 +24,9 @@ def test_bf16_world_model_loss_close_to_fp32():
     batch = fp32.replay.sample_sequences(fp32.cfg.wm.batch_per_agent, fp32.cfg.wm.seq_len, 0.9998)
     args = (batch.obs, batch.act, batch.rew, batch.cont, batch.first, batch.team_act, batch.agent)
     torch.manual_seed(0)
-    l32, _ = steps.wm_loss(fp32.wm, *args, fp32.rt.amp)
+    l32, _ = steps.wm_loss(fp32.wm, *args, fp32.rt.amp, fp32.rt.kernels)
     torch.manual_seed(0)
-    l16, _ = steps.wm_loss(bf16.wm, *args, bf16.rt.amp)
+    l16, _ = steps.wm_loss(bf16.wm, *args, bf16.rt.amp, bf16.rt.kernels)
     assert abs(l16.item() - l32.item()) / abs(l32.item()) < 5e-2  # bf16: ~3 significant digits
 
 

@@ -122,7 +122,7 @@ def foreach_adam(tr):
     ("adam", None, "[wm_update] host sync aten._local_scalar_dense.default at matwm_fast/steps.py"),
 ])
 def test_check_names_the_blockers_it_was_built_for(blocker, patch, expect, monkeypatch, one_thread):
-    """Each capture blocker the design notes found in earlier code, put back, is reported with
+    """Each capture blocker found in earlier code, put back, is reported with
     its call site: a queue rolled into new storage, a Python step number baked into the
     non-finite record, a quantile tensor made from host data, and a non-fused Adam's ``.item()``."""
     if patch:

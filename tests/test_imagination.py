@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from matwm_fast.actor_critic import ActorCritic, state_dim
 from matwm_fast.config import preset
 from matwm_fast.env import EnvSpec
 from matwm_fast.imagination import ImagCaches, ImagNoise, imagine
-from matwm_fast.world_model import WorldModel
+from matwm_fast.policy import build_networks
 
 SPEC = EnvSpec(agents=("speaker_0", "listener_0", "x_0"), obs_sizes=(3, 11, 7), action_counts=(3, 5, 4))
 
@@ -15,9 +14,7 @@ SPEC = EnvSpec(agents=("speaker_0", "listener_0", "x_0"), obs_sizes=(3, 11, 7), 
 def build(dtype=torch.float64, kernels="ref"):
     torch.manual_seed(0)
     cfg = preset("smoke")
-    wm = WorldModel(cfg.wm, SPEC, kernels).to(dtype)
-    s_dim = state_dim(cfg.wm.latent_vars, cfg.wm.latent_classes, cfg.wm.width, SPEC.n_agents, SPEC.n_actions)
-    ac = ActorCritic(cfg.ac, SPEC, s_dim, wm.bins, kernels).to(dtype)
+    wm, ac = (m.to(dtype) for m in build_networks(cfg, SPEC, kernels))
     # a non-trivial actor: random last layer so actions depend on the state
     torch.nn.init.normal_(ac.actor.net[-1].weight, std=1.0)
     return cfg, wm, ac
@@ -122,7 +119,7 @@ def uncached_rollout(wm, ac, obs, act, first, agents, horizon, noise):
     """Algorithm 1 recomputed from scratch at every step: whole causal passes over the growing
     token and latent sequences (no cache, no per-rollout tables), the heads at every step."""
     from matwm_fast.actor_critic import agent_state
-    from matwm_fast.losses import two_hot_decode
+    from matwm_fast.losses import twohot_decode
     from matwm_fast.transformer import segment_mask
 
     r, length = act.shape
@@ -150,7 +147,7 @@ def uncached_rollout(wm, ac, obs, act, first, agents, horizon, noise):
         tokens = torch.cat([tokens, wm.mix(z, agent, a)[:, None]], 1)  # (R, L+t+1, D)
         h = last(wm.seq, tokens, t + 1)
         rew, con = wm.heads(h)
-        rewards.append(two_hot_decode(rew, wm.bins))
+        rewards.append(twohot_decode(rew, wm.bins))
         conts.append((con > 0).to(obs.dtype))
         actions.append(a)
         z, _ = wm.prior(h, noise.latent[:, t + 1])

@@ -1,7 +1,7 @@
 """The math API: transforms, two-hot, λ-returns, KL with free bits, unimix, straight-through.
 
 The two-hot weights and the straight-through estimator are tested as the model runs them: the
-reference ops of ``matwm_fast.kernels`` (``two_hot_ref`` inside ``twohot_ce_ref``,
+reference ops of ``matwm_fast.kernels`` (``twohot_ref`` inside ``twohot_ce_ref``,
 ``straight_through`` inside ``sample_latent``)."""
 
 import math
@@ -9,10 +9,9 @@ import math
 import pytest
 import torch
 
-from matwm_fast.kernels import straight_through
-from matwm_fast.kernels import two_hot_ref as two_hot
+from matwm_fast.kernels import straight_through, twohot_ref
 from matwm_fast import losses
-from matwm_fast.losses import categorical_kl, kl_free_bits, lambda_returns, symexp, symlog, two_hot_decode, unimix_probs
+from matwm_fast.losses import categorical_kl, kl_free_bits, lambda_returns, symexp, symlog, twohot_decode, unimix_probs
 
 
 def test_symlog_symexp_inverse():
@@ -23,28 +22,28 @@ def test_symlog_symexp_inverse():
     assert symlog(torch.tensor(-(math.e - 1))).item() == pytest.approx(-1.0)
 
 
-def test_two_hot_round_trip_and_edges():
+def test_twohot_round_trip_and_edges():
     bins = torch.linspace(-20, 20, 255, dtype=torch.float64)
     x = torch.empty(1000, dtype=torch.float64).uniform_(-20, 20)
-    w = two_hot(x, bins)
+    w = twohot_ref(x, bins)
     assert w.shape == (1000, 255)
     torch.testing.assert_close(w.sum(-1), torch.ones(1000, dtype=torch.float64))
     torch.testing.assert_close((w * bins).sum(-1), x)  # exact decode inside the range
     assert ((w > 0).sum(-1) <= 2).all()  # at most two neighbours carry mass
     # a value on a bin is one-hot on it; the ends are one-hot on the end bins
-    on = two_hot(bins[[0, 17, 254]], bins)
+    on = twohot_ref(bins[[0, 17, 254]], bins)
     assert torch.equal(on.argmax(-1), torch.tensor([0, 17, 254])) and torch.allclose(on.max(-1).values, torch.ones(3, dtype=torch.float64))
     # out-of-range values clamp to the end bins
-    out = two_hot(torch.tensor([-100.0, 100.0], dtype=torch.float64), bins)
+    out = twohot_ref(torch.tensor([-100.0, 100.0], dtype=torch.float64), bins)
     assert out[0, 0] == 1 and out[1, -1] == 1
 
 
-def test_two_hot_decode_inverts_a_two_hot_target():
+def test_twohot_decode_inverts_a_twohot_target():
     """A head that puts a two-hot of symlog(y) decodes to y: symexp of the symlog-space mean."""
     bins = torch.linspace(-20, 20, 255)
     target = torch.tensor([3.5, -0.25, 0.0])
-    logits = torch.log(two_hot(symlog(target), bins) + 1e-30)
-    torch.testing.assert_close(two_hot_decode(logits, bins), target, rtol=1e-4, atol=1e-4)
+    logits = torch.log(twohot_ref(symlog(target), bins) + 1e-30)
+    torch.testing.assert_close(twohot_decode(logits, bins), target, rtol=1e-4, atol=1e-4)
 
 
 def test_lambda_returns_hand_computed():

@@ -91,3 +91,22 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log():
     out = tty.getvalue()
     assert "\r" in out and "60/100" in out and "env steps/s" in out and "imagined steps/s" in out
     assert out.endswith("\n")  # closed: what is printed next starts on a line of its own
+
+
+def test_one_episode_summary_and_the_training_row_formatted_from_it():
+    """Per agent, per team (each episode's mean over the members) and over all agents: mean, std
+    (ddof 0) and count; the training row shows the means."""
+    import numpy as np
+
+    from matwm_fast.metrics import Stat, episode_row, summarise_returns
+
+    returns = np.array([[1.0, 2.0, 6.0], [3.0, 0.0, 2.0]])  # (E, N)
+    agents, teams = ("a_0", "a_1", "b_0"), {"a": [0, 1], "b": [2]}
+    s = summarise_returns(returns, agents, teams)
+    assert s.agents == {"a_0": Stat(2.0, 1.0, 2), "a_1": Stat(1.0, 1.0, 2), "b_0": Stat(4.0, 2.0, 2)}
+    assert s.teams == {"a": Stat(1.5, 0.0, 2), "b": Stat(4.0, 2.0, 2)}
+    assert s.all == Stat(7 / 3, pytest.approx(2 / 3), 2) and s.episodes == 2  # episode means 3 and 5/3
+    assert episode_row(list(returns), agents, teams) == {
+        "episodes": 2, "episode_return": 7 / 3, "a_0_episode_return": 2.0, "a_1_episode_return": 1.0,
+        "b_0_episode_return": 4.0, "team_a_episode_return": 1.5, "team_b_episode_return": 4.0}
+    assert episode_row([], agents, teams) == {}

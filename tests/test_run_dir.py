@@ -81,7 +81,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(done_run, tmp_path):
     proc = cli("--resume", str(other), "--steps", "70")
     assert proc.returncode == 2
     assert f"the checkpoint does not belong to {other} (its config.json differs: train.seed: checkpoint 0 vs " \
-           "this run 1)" in proc.stderr.replace("checkpoint 1 vs this run 0", "checkpoint 0 vs this run 1")
+           "this run 1)" in proc.stderr
 
 
 def test_temporary_files_and_torn_lines_are_cleaned_up_and_the_run_resumes_exactly(done_run, tmp_path):

@@ -210,7 +210,7 @@ def test_bf16_on_the_cpu_stays_close_to_fp32():
     m = {}
     for amp, tr in trs.items():
         torch.manual_seed(0)  # the same posterior draws
-        _, m[amp] = steps.wm_loss(tr.wm, *args, tr.rt.amp)
+        _, m[amp] = steps.wm_loss(tr.wm, *args, tr.rt.amp, tr.rt.kernels)
     for k in ("total", "rec", "rew", "con", "team", "kl"):
         torch.testing.assert_close(m["bf16"][k], m["fp32"][k], rtol=0.03, atol=1e-3, msg=k)
     ctx = fp32.replay.sample_contexts(c.ac.imag_batch, c.ac.context_len)
@@ -219,7 +219,7 @@ def test_bf16_on_the_cpu_stays_close_to_fp32():
     assert rolls["bf16"].states.dtype is torch.bfloat16 and torch.isfinite(rolls["bf16"].states.float()).all()
     assert rolls["bf16"].states.shape == rolls["fp32"].states.shape
     roll = rolls["fp32"]  # the same imagined data for both losses
-    loss = {amp: steps.ac_loss(tr.ac, roll.states, roll.actions, roll.rewards, roll.continues, c.ac, tr.rt.amp)[1]
-            for amp, tr in trs.items()}
+    loss = {amp: steps.ac_loss(tr.ac, roll.states, roll.actions, roll.rewards, roll.continues, c.ac, tr.rt.amp,
+                               tr.rt.kernels)[2] for amp, tr in trs.items()}
     for k in ("critic_loss", "entropy", "value", "return"):
         torch.testing.assert_close(loss["bf16"][k], loss["fp32"][k], rtol=0.03, atol=1e-3, msg=k)

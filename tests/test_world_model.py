@@ -1,6 +1,7 @@
 """World model: action scaling, shapes, causal/episode masking, decode == forward, loss masking."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,6 +20,11 @@ SPEC = EnvSpec(agents=("adversary_0", "adversary_1", "adversary_2", "agent_0"), 
 def wm():
     torch.manual_seed(0)
     return WorldModel(preset("smoke").wm, SPEC).double()
+
+
+def loss_cfg(wm, **changes):
+    """The world model's config section with the paper's KL weights, as the loss reads them."""
+    return replace(wm.cfg, dyn_weight=0.5, rep_weight=0.1, **changes)
 
 
 def batch(r=4, t=8, seed=0):
@@ -118,7 +124,7 @@ def test_loss_ignores_pairs_across_episode_start(wm):
     first[:, 4] = True
     out = wm.observe(obs, act, first, agent)
     args = (obs, torch.zeros(4, 8, dtype=torch.float64), torch.ones(4, 8, dtype=torch.float64),
-            torch.zeros(4, 8, 3, dtype=torch.long), wm.obs_mask[agent].double(), wm.bins.double(), 0.5, 0.1, 0.0)
+            torch.zeros(4, 8, 3, dtype=torch.long), wm.obs_mask[agent].double(), wm.bins.double(), loss_cfg(wm, free_bits=0.0))
     base, m = world_model_loss(out, *args)
     assert set(m) >= {"total", "rec", "rew", "con", "team", "dyn", "rep"}
     # the posterior at the episode start is a reset, not a prediction target of step 3
@@ -138,7 +144,7 @@ def test_loss_backward_reaches_every_parameter(wm):
     out = wm.observe(obs, act, first, agent)
     team = torch.randint(0, 5, (4, 8, 3))
     loss, _ = world_model_loss(out, obs, torch.randn(4, 8, dtype=torch.float64), torch.ones(4, 8, dtype=torch.float64),
-                               team, wm.obs_mask[agent].double(), wm.bins.double(), 0.5, 0.1, 1.0)
+                               team, wm.obs_mask[agent].double(), wm.bins.double(), loss_cfg(wm, free_bits=1.0))
     loss.backward()
     missing = [n for n, p in wm.named_parameters() if p.grad is None]
     assert missing == []
@@ -219,8 +225,6 @@ def test_compiled_decode_allocates_no_cache_sized_buffer():
 
 
 def ablated(**changes):
-    from dataclasses import replace
-
     torch.manual_seed(0)
     cfg = preset("smoke")
     return WorldModel(replace(cfg.wm, **changes), SPEC).double()
@@ -235,7 +239,7 @@ def test_teammate_predictor_off_is_a_constant_and_costs_no_loss():
     assert out.team_logits is None
     team_act = torch.zeros(*act.shape, SPEC.n_agents - 1, dtype=torch.long)
     loss, m = world_model_loss(out, obs, torch.zeros(act.shape, dtype=torch.float64), torch.ones(act.shape, dtype=torch.float64), team_act,
-                               wm.obs_mask[agent], wm.bins, 0.5, 0.1, 1.0)
+                               wm.obs_mask[agent], wm.bins, loss_cfg(wm, free_bits=1.0))
     assert m["team"] == 0
     loss.backward()
     assert all(p.grad is None for p in wm.teammates.parameters())
@@ -283,9 +287,9 @@ def test_symlog_reconstruction_target():
     out = wm.observe(obs, act, first, agent)
     args = (torch.zeros(act.shape, dtype=torch.float64), torch.ones(act.shape, dtype=torch.float64),
             torch.zeros(*act.shape, SPEC.n_agents - 1, dtype=torch.long),
-            wm.obs_mask[agent], wm.bins, 0.5, 0.1, 1.0)
-    _, raw = world_model_loss(out, obs, *args)
-    _, sym = world_model_loss(out, obs, *args, recon_symlog=True)
+            wm.obs_mask[agent], wm.bins)
+    _, raw = world_model_loss(out, obs, *args, loss_cfg(wm, free_bits=1.0))
+    _, sym = world_model_loss(out, obs, *args, loss_cfg(wm, free_bits=1.0, recon_symlog=True))
     from matwm_fast.losses import symlog
 
     want = ((out.recon - symlog(obs)).pow(2) * wm.obs_mask[agent][:, None]).sum(-1).mean()

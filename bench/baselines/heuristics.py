@@ -1,4 +1,5 @@
-"""Scripted reference policies for simple_spread, scored by this project's evaluator (issue 15).
+"""Scripted reference policies for simple_spread, scored by this project's evaluator: the
+heuristic rows of the learning results (``bench/results/learning/README.md``).
 
     python bench/baselines/heuristics.py --seeds 0 1 2                  # the sweep's matchup episodes
     python bench/baselines/heuristics.py --seeds 0 --eval-seed 777 --episodes 100 --out DIR

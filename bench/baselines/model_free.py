@@ -1,5 +1,6 @@
 """Model-free baselines at MATWM's env-step budgets: BenchMARL's MAPPO and IPPO on MPE2, scored
-with this project's evaluator (issue 15).
+with this project's evaluator: the model-free rows of the learning results
+(``bench/results/learning/baselines/``).
 
     python bench/baselines/model_free.py train --scenario simple_spread --algo mappo --seed 0 --budgets 20000 50000
     python bench/baselines/model_free.py eval runs/baselines/simple_spread/mappo/seed0/policy_step20000.pt

@@ -52,7 +52,7 @@ from matwm_fast.config import PRESETS, Config, EnvConfig, preset, resolve
 from matwm_fast.env import SCENARIOS, MultiAgentEnv, random_actions
 from matwm_fast.imagination import ImagNoise
 from matwm_fast import steps as step_fns  # not `steps`: world_model_data's argument of that name
-from matwm_fast.losses import symexp, symlog, two_hot_decode
+from matwm_fast.losses import symexp, symlog, twohot_decode
 from matwm_fast.replay import ReplayBuffer
 from matwm_fast.transformer import segment_mask
 from matwm_fast.world_model import WorldModel
@@ -146,7 +146,7 @@ def teacher_forced(wm, data: dict[str, np.ndarray]) -> dict:
         z_mode = torch.nn.functional.one_hot(out.post_probs.argmax(-1), wm.C).float().flatten(-2)  # (E·N, W, K·C)
         dec = wm.decoder(z_mode)  # (E·N, W, O): in symlog space when the model reconstructs symlog(obs)
         recon.append(symexp(dec) if wm.cfg.recon_symlog else dec)
-        pred_rew.append(two_hot_decode(out.reward_logits, wm.bins))  # (E·N, W)
+        pred_rew.append(twohot_decode(out.reward_logits, wm.bins))  # (E·N, W)
         probs.append(out.post_probs)  # (E·N, W, K, C)
     recon = torch.cat(recon, 1).numpy()  # (E·N, T, O)
     pred_rew = torch.cat(pred_rew, 1).numpy()  # (E·N, T)
@@ -189,7 +189,7 @@ def imagine_held_action(wm, obs: Tensor, act: Tensor, agent: int, action: int, h
         mask, pos = segment_mask(first)
         h = wm.seq(wm.mix(z, ag, acts), pos, mask)[:, -1]  # (M, D)
         if t > 0:  # h now holds the last token's (z, held action): its reward
-            rewards.append(two_hot_decode(wm.heads(h)[0], wm.bins))
+            rewards.append(twohot_decode(wm.heads(h)[0], wm.bins))
         if t == horizon:
             break
         z_next, _ = wm.prior(h, None if noise is None else noise.latent[:, t])  # (M, K·C)
@@ -257,7 +257,7 @@ def action_effects(wm, ac, env_cfg: EnvConfig, contexts: int, context_len: int, 
 
 
 def diagnose_model(path: str, episodes: int, contexts: int, horizon: int, samples: int, seed: int) -> dict:
-    from matwm_fast.eval import Policy
+    from matwm_fast.policy import Policy
 
     pol = Policy(path, "cpu")
     cfg, wm, ac = pol.cfg, pol.wm, pol.ac
@@ -338,9 +338,9 @@ def world_model_data(cfg: Config, steps: list[int], updates: int, test_episodes:
         for e in range(episodes):
             for t in range(t_len):
                 rb.add(train["obs"][e, t], train["act"][e, t], train["rew"][e, t], ones, t == 0)
-        for _ in range(updates):  # the trainer's own world-model step, fp32
+        for _ in range(updates):  # the trainer's own world-model step, fp32, reference kernels
             b = rb.sample_sequences(wmc.batch_per_agent, wmc.seq_len, 1.0)
-            loss, _ = step_fns.wm_loss(wm, b.obs, b.act, b.rew, b.cont, b.first, b.team_act, b.agent, None)
+            loss, _ = step_fns.wm_loss(wm, b.obs, b.act, b.rew, b.cont, b.first, b.team_act, b.agent, None, "ref")
             opt.zero_grad()
             loss.backward()
             step_fns.wm_opt_step(wm, opt, wmc.grad_clip)

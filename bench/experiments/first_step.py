@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from matwm_fast.acting import ContextQueues, policy_step  # noqa: E402
-from matwm_fast.eval import Policy  # noqa: E402
+from matwm_fast.policy import Policy  # noqa: E402
 from matwm_fast.play import play, summarise  # noqa: E402
 
 EVAL_SEED, EPISODES, NOOP = heuristics.EVAL_SEED, 50, 0  # the sweep's --baseline-seed and episodes; MPE's no-op

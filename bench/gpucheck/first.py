@@ -70,12 +70,12 @@ class Record:
 
 
 def probe(args, rec: Record) -> None:
-    from matwm_fast.tools.warm import WarmTrainer
+    from matwm_fast.tools.harness import SteadyTrainer
 
     from .probes import STRICT, SyncCensus, profile_step
 
-    w = rec.piece("build", lambda: WarmTrainer.build(args.cfg, args.warmup_steps, backend="eager",
-                                                      device=str(args.device), kernels="ref"),
+    w = rec.piece("build", lambda: SteadyTrainer.build(args.cfg, args.warmup_steps, backend="eager",
+                                                        device=str(args.device), kernels="ref"),
                   keep=lambda w: {"fill_s": round(w.fill_s, 3), "warmup_s": round(w.warmup_s, 3)})
     if w is None:
         return

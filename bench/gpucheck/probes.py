@@ -227,7 +227,8 @@ def phase_kernels(trace: dict | list) -> dict:
 # ----------------------------------------------------------------------------------- equality
 def tolerance(amp: str) -> float:
     """Relative error allowed between two runs of the same kernels: bf16 operands land between
-    1e-3 and 1e-2, float32 far under 1e-3 (the device tool's METHOD.md)."""
+    1e-3 and 1e-2 (8 significant bits: a rounding of up to 2^-8 ≈ 4e-3 per operand), float32 far
+    under 1e-3."""
     return 1e-2 if amp == "bf16" else 1e-4
 
 

@@ -3,7 +3,7 @@ judges what came back.
 
 Each stage is a function ``(check, record) → (status, note, result)``: ``status`` one of
 :data:`STATUS_ORDER`, ``note`` a line for the summary table, ``result`` the figures kept in
-``results.json``.  It runs its commands through ``check.sh`` (the checkout's modules and tests, as
+``results.json``.  It runs its commands through :meth:`Check.sh` (the checkout's modules and tests, as
 subprocesses under the stage's deadline) and may update ``record["result"]`` and call
 ``check.save()`` part-way, so a stage cut short still leaves what it finished.
 """

@@ -1,3 +1,3 @@
-"""Tooling around the algorithm: ``sweep``, ``profile``, ``plot`` and the warm-trainer
-harness they, the benchmarks and the GPU check (``bench/``) share.  Nothing in the algorithm core
-imports these."""
+"""Tooling around the algorithm: ``sweep``, ``profile``, ``plot`` and the timing harness
+(:mod:`.harness`) that ``profile``, the benchmarks and the GPU check (``bench/``) share.  Nothing
+in the algorithm core imports these (``tests/test_packaging.py`` checks it)."""

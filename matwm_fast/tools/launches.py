@@ -1,8 +1,8 @@
 """Kernel launches of one training env step, counted by dispatch, per phase — and the fake-tensor
-run that costs the paper-size CUDA step on any machine (issue 31, items 3 and 4).
+run that costs the paper-size CUDA step on any machine.
 
 Eager on a GPU the step is host-bound: every dispatched op costs ~14 µs of host time on the H100,
-far more than most of its kernels take (``../shared/design/gpu-graphs.md`` §1).  The number of
+far more than most of its kernels take (``docs/performance.md``, "Kernel launches").  The number of
 kernels per env step is therefore the budget that fusions and CUDA graphs are judged by, and it
 can be counted without a GPU.
 
@@ -76,7 +76,7 @@ from .. import kernels, nvtx
 from ..config import Config, preset
 from ..env import env_spec
 from . import cuda_policy
-from .warm import WarmTrainer
+from .harness import SteadyTrainer
 
 PHASES = nvtx.PHASES + ("other",)
 KINDS = ("kernel", "view", "metadata", "allocation", "sync")
@@ -346,7 +346,7 @@ def fake_budget(cfg: Config, kernels_impl: str = "ref", amp: str = "bf16", polic
     if kernels_impl == "triton" and not kernels.HAS_TRITON:
         raise ValueError(f"--kernels 'triton': {kernels.why_triton_cannot_run(DEVICE)}; valid here: ref")
     with fake_tensors(policy):
-        w = WarmTrainer.build(cfg, 1, device=str(DEVICE), backend=backend, kernels=kernels_impl, amp=amp)
+        w = SteadyTrainer.build(cfg, 1, device=str(DEVICE), backend=backend, kernels=kernels_impl, amp=amp)
         report = count_step(w.tr).report(top)
     return report | {"runtime": w.tr.rt.describe() | {"device": f"fake {DEVICE}", "policy": policy},
                      "fill_s": round(w.fill_s, 2), "warmup_s": round(w.warmup_s, 2)}

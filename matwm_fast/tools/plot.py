@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import RunConfig
+from ..config import RunConfig, flatten
 from ..cli import Parser, fail
 from ..metrics import read_metrics
 
@@ -66,15 +66,10 @@ class Run:
         return np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
 
     def group_key(self) -> dict:
-        """The config minus the seed and minus settings that do not change what is learned."""
-        out = {}
-        for sec, values in self.config.items():
-            if not isinstance(values, dict) or sec in ("run", "runtime"):
-                continue
-            for k, v in values.items():
-                if f"{sec}.{k}" != "train.seed" and k not in RUN_FIELDS:
-                    out[f"{sec}.{k}"] = json.dumps(v)
-        return out
+        """What the run learned (``config.flatten`` of its ``config.json``, the items ``config.diff``
+        compares) minus the seed, each value as JSON."""
+        return {k: json.dumps(v) for k, v in flatten(self.config).items()
+                if k != "train.seed" and k.split(".", 1)[1] not in RUN_FIELDS}
 
 
 def metrics_of(runs: list[Run]) -> list[str]:

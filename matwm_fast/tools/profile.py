@@ -56,8 +56,8 @@ from ..config import PRESETS
 from ..runtime import resolve_backend, resolve_device, resolve_kernels
 from . import budget, flops, launches
 from . import report as report_
+from .harness import SteadyTrainer, sync
 from .report import giga
-from .warm import WarmTrainer, sync
 
 BACKENDS = config.BACKENDS
 KERNELS = (*kernels.IMPLS, "auto")
@@ -129,8 +129,8 @@ class BackendRun:
     def __init__(self, cfg, variant: str, device: torch.device, warmup_steps: int, log=print):
         self.backend, kern = parse_variant(variant)
         self.variant, self.device, self.warmup_steps = variant, device, warmup_steps
-        w = WarmTrainer.build(cfg, warmup_steps, backend=self.backend, device=str(device),
-                              kernels=kern or cfg.run.kernels)
+        w = SteadyTrainer.build(cfg, warmup_steps, backend=self.backend, device=str(device),
+                                kernels=kern or cfg.run.kernels)
         self.tr, self.fill_s, self.warmup_s, self.cfg = w.tr, w.fill_s, w.warmup_s, w.tr.cfg
         self.first_step_s = w.first_step_s
         first = ", ".join(f"{k} {v:.1f}" for k, v in w.first_step_s.items())

@@ -36,7 +36,7 @@ import torch
 
 from .. import checkpoint as ck
 from ..cli import config_from_args, fail
-from ..config import LEARNED, Config, check_fields, preset, resolve
+from ..config import Config, check_fields, diff, preset, resolve
 from ..env import env_spec
 from . import launch
 from .sweep_results import aggregate, figures, markdown, read_rows, run_dir, saved_config
@@ -108,12 +108,9 @@ def expected_config(train_args: list[str]) -> Config:
 
 
 def differences(a: Config, b: Config, names=("run", "sweep")) -> list[str]:
-    """What is learned differently under ``a`` and ``b``: the preset and every field of the
-    learned sections (the run section — length, device, evaluation — may differ)."""
-    out = [] if a.preset == b.preset else [f"preset: {names[0]} {a.preset!r}, {names[1]} {b.preset!r}"]
-    da, db = a.to_dict(), b.to_dict()
-    return out + [f"{sec}.{k}: {names[0]} {da[sec][k]!r}, {names[1]} {db[sec][k]!r}"
-                  for sec in LEARNED for k in da[sec] if da[sec][k] != db[sec][k]]
+    """What is learned differently under ``a`` and ``b``, worded for a refusal: the preset and
+    every field of the learned sections (the run section — length, device, evaluation — may differ)."""
+    return [f"{k}: {names[0]} {x!r}, {names[1]} {y!r}" for k, x, y in diff(a, b, include_preset=True)]
 
 
 def unseeded(cfg: Config) -> Config:
@@ -221,8 +218,9 @@ def _run(args, argv: list[str], extra: list[str], train: bool, out: Path, result
             fail(str(e))
         print(f"sweep: training done in {time.perf_counter() - t0:.1f} s")
     # Evaluation acts on batches of N rows: a second thread gains ~1.1x on an idle 2-core machine
-    # (5-7 s per run's matchups), and beside other trainings it only spin-waits (issue 15, niced,
-    # 2-core AMD EPYC: ~17 min per run's matchups with two threads, ~2.5 min with one).  So one
+    # (5-7 s per run's matchups), and beside other trainings it only spin-waits (measured during
+    # the tuning runs, niced, 2-core AMD EPYC: ~17 min per run's matchups with two threads, ~2.5
+    # min with one).  So one
     # thread, as eval.py's default, unless --threads says otherwise.
     torch.set_num_threads(args.threads or 1)
     try:

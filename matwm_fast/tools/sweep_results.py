@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import checkpoint as ck
-from ..config import LEARNED, Config, load_config, preset, resolve
+from ..config import Config, diff, load_config, preset, resolve
 from ..env import env_spec
-from ..eval import Policy
 from ..metrics import metrics_file, read_metrics
 from ..play import evaluate
-from ..trainer import config_diff
+from ..policy import Policy
 
 TRAINED, SAMPLED, RANDOM = "trained", "trained_sampled", "random"
 
@@ -124,8 +123,7 @@ def config_changes(cfg: Config) -> list[str]:
     base = preset(cfg.preset, cfg.env.scenario)
     base = resolve(replace(base, env=cfg.env, train=replace(base.train, seed=cfg.train.seed)),
                    env_spec(cfg.env).n_agents)
-    return [line.replace("checkpoint", "run").replace("this run", "preset")
-            for line in config_diff(cfg, base, LEARNED) if line.split(":")[0] not in SWEEP_SET]
+    return [f"{k}: run {a!r} vs preset {b!r}" for k, a, b in diff(cfg, base) if k not in SWEEP_SET]
 
 
 def run_settings(cfgs: list[Config]) -> dict:

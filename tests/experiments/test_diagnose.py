@@ -15,11 +15,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "experiments"))
 import diagnose as dg  # noqa: E402
 from matwm_fast import train
-from matwm_fast.actor_critic import ActorCritic, state_dim
 from matwm_fast.config import EnvConfig, preset
 from matwm_fast.env import EnvSpec, MultiAgentEnv, random_actions
 from matwm_fast.imagination import ImagCaches, ImagNoise, imagine
-from matwm_fast.world_model import WorldModel
+from matwm_fast.policy import build_networks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,9 +60,7 @@ def test_held_action_imagination_equals_training_imagination():
     the held action and both see the same latent draws (float64)."""
     torch.manual_seed(0)
     cfg = preset("smoke")
-    wm = WorldModel(cfg.wm, SPEC).double().eval()
-    s_dim = state_dim(cfg.wm.latent_vars, cfg.wm.latent_classes, cfg.wm.width, SPEC.n_agents, SPEC.n_actions)
-    ac = ActorCritic(cfg.ac, SPEC, s_dim, wm.bins).double()
+    wm, ac = (m.double() for m in build_networks(cfg, SPEC))
     held = 2  # valid for every agent
     with torch.no_grad():
         ac.actor.net[-1].weight.zero_()

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "bench" / "experiments"))
 import first_step  # noqa: E402
 
 from matwm_fast import train  # noqa: E402
-from matwm_fast.eval import Policy  # noqa: E402
+from matwm_fast.policy import Policy  # noqa: E402
 from matwm_fast.play import evaluate  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -154,7 +154,7 @@ def test_rehearsal_inductor_stage_and_compile_cache(rehearsal):
 
 
 def test_rehearsal_stays_cheap(rehearsal):
-    """The rehearsal is in every CI run: a minute and a half of it was too much (issue 33)."""
+    """The rehearsal is in every CI run: a minute and a half of it was too much."""
     *_, seconds = rehearsal
     assert seconds < 90, f"the rehearsal took {seconds:.0f} s"
 

@@ -21,7 +21,7 @@ def _targets(M, bins, seed=0):
     return t
 
 
-def _two_hot_loop(t, bins):
+def _twohot_loop(t, bins):
     """Brute force: scan the bins in Python."""
     t = min(max(t, bins[0]), bins[-1])
     w = [0.0] * len(bins)
@@ -34,20 +34,20 @@ def _two_hot_loop(t, bins):
 
 
 # ----------------------------------------------------------------------------- #
-# two_hot_ref                                                                    #
+# twohot_ref                                                                    #
 # ----------------------------------------------------------------------------- #
-def test_two_hot_ref_matches_loop():
+def test_twohot_ref_matches_loop():
     bins = torch.linspace(-3.0, 3.0, 13).double()
     t = torch.tensor([-7.0, -3.0, -2.9, -0.25, 0.0, 0.1, 1.5, 2.99, 3.0, 9.0]).double()
-    tw = kernels.two_hot_ref(t, bins)
+    tw = kernels.twohot_ref(t, bins)
     assert tw.shape == (10, 13) and tw.dtype == torch.float64
-    expected = torch.tensor([_two_hot_loop(float(x), bins.tolist()) for x in t], dtype=torch.float64)
+    expected = torch.tensor([_twohot_loop(float(x), bins.tolist()) for x in t], dtype=torch.float64)
     torch.testing.assert_close(tw, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_two_hot_ref_properties():
+def test_twohot_ref_properties():
     t = _targets(64, BINS)
-    tw = kernels.two_hot_ref(t, BINS)  # (M, NB)
+    tw = kernels.twohot_ref(t, BINS)  # (M, NB)
     assert tw.dtype == torch.float32
     assert torch.all(tw >= 0) and torch.all((tw > 0).sum(-1) <= 2)
     torch.testing.assert_close(tw.sum(-1), torch.ones(64))
@@ -60,9 +60,9 @@ def test_two_hot_ref_properties():
         assert torch.equal(tw[row], onehot), row
 
 
-def test_two_hot_ref_leading_dims():
+def test_twohot_ref_leading_dims():
     t = _targets(12, BINS).reshape(3, 4)
-    assert torch.equal(kernels.two_hot_ref(t, BINS), kernels.two_hot_ref(t.reshape(12), BINS).reshape(3, 4, 255))
+    assert torch.equal(kernels.twohot_ref(t, BINS), kernels.twohot_ref(t.reshape(12), BINS).reshape(3, 4, 255))
 
 
 # ----------------------------------------------------------------------------- #
@@ -151,7 +151,7 @@ def test_bad_shapes_raise():
         kernels.twohot_ce(torch.randn(4, 255), torch.zeros(5), BINS)
 
 
-def test_fused_two_hot_weights_match_ref(impl, device):
+def test_fused_twohot_weights_match_ref(impl, device):
     """With zero logits and grad 1, dlogits = 1/NB - twohot: read back the kernel's weights.
 
     Targets sit on every bin and a hair either side of it, where the kernel's
@@ -163,4 +163,4 @@ def test_fused_two_hot_weights_match_ref(impl, device):
     logits = torch.zeros(target.shape[0], NB, device=device, requires_grad=True)
     kernels.twohot_ce(logits, target, BINS.to(device), impl=impl).sum().backward()
     tw = 1.0 / NB - logits.grad
-    torch.testing.assert_close(tw, kernels.two_hot_ref(target, BINS.to(device)), rtol=0, atol=2e-5)
+    torch.testing.assert_close(tw, kernels.twohot_ref(target, BINS.to(device)), rtol=0, atol=2e-5)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The commands that produced bench/results/learning/ (2-core shared CPU, torch CPU, no GPU).
-# Run from the repository root with the venv active.  Wall times are in the summary of
-# docs/learning.md; the machine was shared with other engineers' jobs (load average 5-8).
+# Run from the repository root with the venv active.  Wall times are in bench/results/learning/README.md
+# ("The first runs"); the machine was shared with other engineers' jobs (load average 5-8).
 set -euo pipefail
 
 # seed 0 of each scenario, trained directly (two processes at once, one thread each); the sweep

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The exact commands behind bench/results/learning/baselines/ (issue 15's model-free baseline).
+# The exact commands behind bench/results/learning/baselines/ (the model-free baselines: MAPPO, IPPO).
 # Environment: a venv with torch 2.13.0 (CPU) and this project's baselines extra:
 #   pip install torch==2.13.0 && pip install -e '.[baselines]'
 # (the numbers were produced in a throwaway venv holding torch 2.13.0+cpu, benchmarl 1.5.2,

@@ -1,16 +1,17 @@
-"""A trainer past replay warm-up and compilation: the one harness that ``profile``, the GPU check
-and the benchmarks (``bench/``) time.
+"""The timing harness: :class:`SteadyTrainer`, a trainer past replay warm-up and compilation, the
+one harness that ``profile``, the kernel-launch count, the GPU check and the benchmarks
+(``bench/``) time.
 
-Building it fills the replay with random actions (what the trainer does before it is ``warm``),
-then runs a few training steps, where torch.compile traces and CUDA graphs are captured; both
-are timed separately and never inside a measurement.
+Building it fills the replay with random actions (what the trainer does until
+:attr:`~matwm_fast.trainer.Trainer.warm`), then runs a few training steps, where torch.compile
+traces and CUDA graphs are captured; both are timed separately and never inside a measurement.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,7 +28,9 @@ def sync(device: torch.device) -> None:
 
 
 @dataclass
-class WarmTrainer:
+class SteadyTrainer:
+    """A trainer in its steady state: every later ``train_step`` runs what a long training runs."""
+
     tr: Trainer
     fill_s: float  # seconds to fill the replay past warm-up
     warmup_s: float  # seconds of the warm-up training steps (compilation included)
@@ -35,7 +38,7 @@ class WarmTrainer:
     first_step_s: dict[str, float] = field(default_factory=dict)
 
     @staticmethod
-    def build(cfg: Config, warmup_steps: int = 3, **run) -> "WarmTrainer":
+    def build(cfg: Config, warmup_steps: int = 3, **run) -> "SteadyTrainer":
         """``run``: settings of the ``run`` section (backend, device, kernels, amp, ...)."""
         t0 = time.perf_counter()
         tr = build(cfg, **run)
@@ -51,7 +54,7 @@ class WarmTrainer:
             finally:
                 nvtx.set_listener(None)
         sync(tr.device)
-        return WarmTrainer(tr, fill_s, time.perf_counter() - t0, {k: round(v, 3) for k, v in first.items()})
+        return SteadyTrainer(tr, fill_s, time.perf_counter() - t0, {k: round(v, 3) for k, v in first.items()})
 
     def fixed_inputs(self) -> tuple[Batch, Batch, Rollout]:
         """A world-model batch, imagination contexts and a private copy of one rollout, sampled
@@ -74,7 +77,3 @@ def _timed(name: str, into: dict[str, float], device: torch.device):
     finally:
         sync(device)
         into[name] = into.get(name, 0.0) + time.perf_counter() - t0
-
-
-def with_run(cfg: Config, **run) -> Config:
-    return replace(cfg, run=replace(cfg.run, **run))
