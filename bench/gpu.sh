@@ -15,8 +15,10 @@
 set -uo pipefail
 : "${OUT:?run this on the device machine, where the device tool sets \$OUT}"
 export PYTHONPATH=$PWD/.site:$PWD PYTHONUNBUFFERED=1
-python3 -c 'import mpe2, pettingzoo' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
+python3 -c 'import mpe2, pettingzoo, safetensors' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
   --no-cache-dir --upgrade --target .site .whl/*.whl || { echo "no wheels in .whl: carry [\".whl\"]" >&2; exit 2; }
+python3 -c 'import safetensors' 2>/dev/null || { echo "no safetensors in .whl: fetch it with" \
+  "bash ../shared/tools/device-wheels.sh safetensors" >&2; exit 2; }
 WORK=${GPU_SH_WORK:-/tmp/gpu-sh}
 KEPT=$WORK/kept  # the last call's archive, for a rerun on this machine
 mkdir -p "$WORK" "$KEPT" "$OUT"
