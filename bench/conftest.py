@@ -1,11 +1,12 @@
 """Shared fixtures and helpers of the benchmarks: ``pytest bench/ --benchmark-only``.
 
-Sizes: the ``smoke`` preset by default on the CPU (the whole suite, torch.compile included, runs
-in a few minutes on 2 cores), the ``paper`` preset when CUDA is available.  Environment:
+Sizes: the ``smoke`` preset by default on the CPU (the whole suite runs in under a minute on 2
+cores), the ``paper`` preset when CUDA is available.  Environment:
 
 * ``MATWM_BENCH_PRESET=paper|cpu|smoke``  force a preset;
-* ``MATWM_BENCH_BACKENDS=eager,compile``  restrict the backends (default: eager, compile, and
-  graphs and cudagraphs on CUDA; on the CPU ``graphs`` is eager's own calls);
+* ``MATWM_BENCH_BACKENDS=eager,compile``  choose the backends (default on CUDA: eager, graphs,
+  compile, cudagraphs; on the CPU eager alone: ``graphs`` is eager's own calls there, and
+  ``compile`` costs 1.5 minutes of cold Inductor compilation, so it is asked for by name);
 * ``MATWM_BENCH_ROUNDS=N``               timed rounds per benchmark;
 * ``MATWM_BENCH_THREADS=N``              torch CPU threads; default 1 without CUDA (0: torch's
   own choice).  On a CPU shared with other work one thread is by far the steadiest: with two, every
@@ -47,7 +48,7 @@ if _THREADS > 0:
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 PRESET = os.environ.get("MATWM_BENCH_PRESET") or ("paper" if CUDA else "smoke")
 BACKENDS = [b for b in os.environ.get("MATWM_BENCH_BACKENDS", "").split(",") if b] or (
-    ["eager", "compile"] + (["graphs", "cudagraphs"] if CUDA else []))
+    ["eager", "graphs", "compile", "cudagraphs"] if CUDA else ["eager"])
 # few rounds at paper size on the CPU (~20 s per step); at small sizes a call takes milliseconds, so
 # many rounds are cheap and average over the stalls of a shared machine
 ROUNDS = int(os.environ.get("MATWM_BENCH_ROUNDS", "0")) or (

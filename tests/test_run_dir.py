@@ -159,7 +159,8 @@ def test_a_full_disk_ends_with_one_line_and_the_way_back(tmp_path):
 
 
 def test_sigterm_during_evaluation_exits_quickly_and_resumes_exactly(tmp_path):
-    flags = [*SMOKE, "--steps", "50", "--eval-every", "40", "--eval-episodes", "300"]
+    # 100 episodes: seconds of evaluation, so the SIGTERM half a second in lands inside it
+    flags = [*SMOKE, "--steps", "50", "--eval-every", "40", "--eval-episodes", "100"]
     baseline = tmp_path / "baseline"
     assert cli(*flags, "--run-dir", str(baseline), timeout=600).returncode == 0
     run = tmp_path / "run"
@@ -171,7 +172,7 @@ def test_sigterm_during_evaluation_exits_quickly_and_resumes_exactly(tmp_path):
         if any(json.loads(r)["env_step"] == 40 for r in rows):
             break
         time.sleep(0.01)
-    time.sleep(0.5)  # well inside the 300-episode evaluation
+    time.sleep(0.5)  # well inside the 100-episode evaluation
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
