@@ -6,7 +6,9 @@
 Loads the latest checkpoint of RUN_DIR (or the checkpoint file given), rebuilds the world model
 and the actors from the config saved in it, plays ``--episodes`` episodes of a fresh env and
 prints the mean ± std of episode returns per agent, per team and overall.  The same numbers go to
-``RUN_DIR/eval_step_<step>.json`` (``_sample``/``_random`` suffix for those policies).
+``RUN_DIR/eval_step_<step>.json`` (``_sample``/``_random`` suffix for those policies).  Episode e
+plays ``reset(seed=--seed + e)``, or with ``--split tuning|report`` the evaluation protocol's
+episodes of the run's training seed (:mod:`matwm_fast.protocol`, the sweep's matchup episodes).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .env import EnvSpec
 from .metrics import EpisodeSummary, summarise_returns
 from .play import play, report, write_video
 from .policy import Policy
+from .protocol import SPLITS, check_minimums, episode_block
 from .runtime import resolve_device
 
 VIDEO_EXTS = (".gif", ".mp4")
@@ -44,7 +47,13 @@ def build_parser() -> Parser:
     p.add_argument("--video", metavar="FILE", default=None, help="record episodes to FILE (.gif, or .mp4 with imageio-ffmpeg)")
     p.add_argument("--video-episodes", type=int, default=1, help="episodes to record with --video (default 1)")
     p.add_argument("--fps", type=int, default=10, help="frames per second of the video (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation envs and sampling (default 0)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--seed", type=int, default=None,
+                       help="seed of the evaluation envs and sampling: episode e plays reset(seed=SEED + e) (default 0)")
+    where.add_argument("--split", choices=list(SPLITS), default=None,
+                       help="play the protocol's episodes of the run's training seed instead (matwm_fast/protocol.py): "
+                            "tuning (seed s: 20,000 + s·episodes + e) or report (seed s: 2,000,000 + (s-100)·10,000 + e; "
+                            "at least 50 episodes); refused when the run's seed is not one of the split's")
     p.add_argument("--device", default="auto", help="torch device: auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: acting is a batch of N rows, and on a busy machine a "
@@ -107,8 +116,16 @@ def main(argv: list[str] | None = None) -> int:
                 _check_output(what, Path(f))
         device = resolve_device(args.device)
         pol = Policy(args.run, device)
+        if args.split is not None:  # the protocol's episodes of this run's seed (refused for another split's seed)
+            check_minimums(args.split, None, args.episodes)
+            where = episode_block(args.split, pol.cfg.train.seed, args.episodes)
+        else:
+            seed = 0 if args.seed is None else args.seed
+            where = {"split": None, "episodes": args.episodes, "seed": seed,
+                     "episode_seeds": [seed, seed + args.episodes - 1]}
     except (ValueError, RuntimeError) as e:  # bad arguments, missing or corrupt checkpoints
         fail(str(e))
+    args.seed = where["seed"]
     cfg, path, step = pol.cfg, pol.path, pol.step
     run_dir = ck.run_dir_of(path)
     n_video = min(args.video_episodes, args.episodes) if args.video else 0
@@ -116,12 +133,12 @@ def main(argv: list[str] | None = None) -> int:
                                  greedy=args.mode == "greedy", random_policy=args.mode == "random",
                                  capture_frames=n_video)  # returns (E, N)
     print(f"{cfg.env.scenario}: {args.mode} policy of {path} (env step {step}), "
-          f"{args.episodes} episodes, seed {args.seed}")
+          f"{args.episodes} episodes, seed {args.seed}" + (f" ({args.split} episodes)" if args.split else ""))
     print(table(summarise_returns(returns, spec.agents, spec.teams), spec))
     out = Path(args.out) if args.out else run_dir / f"eval_step_{step}{'' if args.mode == 'greedy' else '_' + args.mode}.json"
     result = {
         "run_dir": str(run_dir), "checkpoint": str(path), "env_step": step, "scenario": cfg.env.scenario,
-        "policy": args.mode, "episodes": args.episodes, "seed": args.seed,
+        "policy": args.mode, "episodes": args.episodes, "seed": args.seed, "evaluation": where,
         **report(returns, spec),
     }
     out.parent.mkdir(parents=True, exist_ok=True)

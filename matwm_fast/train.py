@@ -28,8 +28,10 @@ from .config import Config, check_fields, diff, load_config, resolve, with_field
 from .env import env_spec
 from .metrics import MetricsWriter, Progress, RowLogger, repair, truncate_after
 from .play import evaluate
+from .protocol import training_eval_first
 from .runtime import Runtime, resolve_runtime
 from .trainer import Trainer, seed_everything
+from .wm_probe import HeldOutProbe
 
 
 def build_parser() -> Parser:
@@ -149,13 +151,25 @@ def run(tr: Trainer, rd: ck.RunDir, extra: dict | None = None) -> int:
         return rd.checkpoints.write(tr.step, {"trainer": tr.state_dict(),
                                               "extra": {"logger": log.state_dict(), "pending_eval": pending}})
 
+    probe: list[HeldOutProbe] = []  # the world model's held-out scores, its episodes made at the first evaluation
+
     def evaluate_now() -> bool:
         """An evaluation row at this step; False when a signal cut it short (it reruns on resume)."""
+        t0 = time.perf_counter()
         summary, _ = evaluate(tr.wm, tr.ac, tr.cfg.env, tr.cfg.train.act_context, rc.eval_episodes,
-                              seed=10_000 + tr.step, device=tr.device, should_stop=lambda: stop["sig"] is not None)
+                              seed=training_eval_first(tr.step, rc.eval_episodes), device=tr.device,
+                              should_stop=lambda: stop["sig"] is not None)  # its own episodes: matwm_fast/protocol.py
         if summary is None:
             return False
-        log.writer.write({"env_step": tr.step, **{f"eval_{k}": v for k, v in summary.items()}})
+        t1 = time.perf_counter()
+        if not probe:
+            probe.append(HeldOutProbe(tr.cfg.env, tr.cfg.ac.context_len, tr.cfg.ac.horizon))
+        # reward R² and action-effect correlation on held-out random-policy episodes (wm_probe.py)
+        wm_scores = probe[0](tr.wm, tr.ac, should_stop=lambda: stop["sig"] is not None)
+        if wm_scores is None:
+            return False
+        log.writer.write({"env_step": tr.step, **{f"eval_{k}": v for k, v in {**summary, **wm_scores}.items()},
+                          "perf_eval_play_s": t1 - t0, "perf_eval_wm_probe_s": time.perf_counter() - t1})
         return True
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}

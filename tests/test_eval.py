@@ -72,6 +72,29 @@ def test_eval_modes_and_reproducibility(run_dir, tmp_path, capsys):
     assert "sample policy of" in capsys.readouterr().out
 
 
+def test_eval_plays_the_protocols_episodes_of_the_runs_seed(run_dir, tmp_path, monkeypatch, capsys):
+    """--split: the episodes of the run's training seed in that split (matwm_fast/protocol.py), the
+    sweep's matchup episodes; a run whose seed is not the split's is refused, naming it."""
+    from matwm_fast.play import play
+
+    out = tmp_path / "tuning.json"
+    assert ev.main([str(run_dir), "--split", "tuning", "--episodes", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["evaluation"] == {"split": "tuning", "episodes": 2, "seed": 20_000, "episode_seeds": [20_000, 20_001]}
+    pol = ev.Policy(run_dir, "cpu")
+    returns, _, _ = play(pol.wm, pol.ac, pol.cfg.env, pol.cfg.train.act_context, 2, 20_000, "cpu")
+    np.testing.assert_allclose(np.array(res["returns"]), returns, atol=1e-5)
+    monkeypatch.setattr(ev, "play", lambda *a, **k: pytest.fail("episodes were played"))
+    for args, message in [(["--split", "report", "--episodes", "50"],
+                           "--split report: seed 0 not allowed (it is a tuning seed); report runs use seeds 100–199"),
+                          (["--split", "report", "--episodes", "5"], "--split report: 5 episodes per seed; a report "
+                                                                     "result needs at least 50"),
+                          (["--split", "tuning", "--seed", "3"], "argument --seed: not allowed with argument --split")]:
+        with pytest.raises(SystemExit) as e:
+            ev.main([str(run_dir), *args])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_the_table_and_the_records_format_one_summary():
     """``eval``'s table, the flat ``eval_*`` summary and the JSON record: the same numbers."""
     from matwm_fast.env import EnvSpec

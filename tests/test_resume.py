@@ -124,6 +124,7 @@ def test_evaluation_during_training_does_not_change_training(tmp_path, baseline)
     # from warm-up's end (40) on, every 10 steps, into the same metrics stream
     assert [r["env_step"] for r in evals] == [40, 50, 60, 70]
     assert all(r["eval_episodes"] == 1 and "eval_team_adversary_return_mean" in r for r in evals)
+    assert all("eval_wm_reward_r2" in r and "eval_wm_effect_corr" in r for r in evals)  # the world-model probe ran too
     assert comparable([r for r in rows if "eval_return_mean" not in r]) == comparable(baseline)
 
 

@@ -55,6 +55,21 @@ def test_smoke_cli(tmp_path, scenario, agents):
     assert "\r" not in proc.stderr and len(progress) == len(rows) and "imagined steps/s" in progress[-1]
 
 
+def test_evaluation_rows_hold_the_world_models_held_out_scores(tmp_path):
+    """--eval-every: each evaluation row holds the world model's reward R² (pooled and per agent)
+    and action-effect correlation on held-out episodes; agents of 3 and 5 actions."""
+    _, rows = train(tmp_path, "--preset", "smoke", "--scenario", "simple_speaker_listener", "--steps", "60",
+                    "--eval-every", "20", "--eval-episodes", "2")
+    evals = [r for r in rows if "eval_return_mean" in r]
+    assert [r["env_step"] for r in evals] == [40, 60]
+    for r in evals:
+        for k in ("eval_wm_reward_r2", "eval_speaker_0_wm_reward_r2", "eval_listener_0_wm_reward_r2"):
+            assert isinstance(r[k], float) and r[k] <= 1.0, (k, r[k])
+        assert r["eval_wm_effect_corr"] is None or -1.0 <= r["eval_wm_effect_corr"] <= 1.0
+        assert r["perf_eval_play_s"] > 0 and r["perf_eval_wm_probe_s"] > 0
+    assert evals[0]["eval_wm_reward_r2"] != evals[1]["eval_wm_reward_r2"]  # the model of each step
+
+
 @pytest.mark.slow
 def test_paper_preset_budget_on_simple_tag(tmp_path):
     """One real update at the paper's sizes: 16 sequences (4 per agent) and 36,864 imagined steps."""

@@ -1,13 +1,17 @@
 """Scripted reference policies for simple_spread, scored by this project's evaluator: the
 heuristic rows of the learning results (``bench/results/learning/README.md``).
 
-    python bench/baselines/heuristics.py --seeds 0 1 2                  # the sweep's matchup episodes
-    python bench/baselines/heuristics.py --seeds 0 --eval-seed 777 --episodes 100 --out DIR
+    python bench/baselines/heuristics.py --seeds 0 1 2                  # the tuning episodes of seeds 0-2
+    python bench/baselines/heuristics.py --split report --seeds 100 101 102 103 104   # the reporting episodes
+    python bench/baselines/heuristics.py --seeds 0 --eval-seed 777 --episodes 100 --out DIR   # other episodes
 
 They need no training, so they have no env-step budget: they are the bar a learned policy must
 clear at any budget.  Each policy plays ``matwm_fast.play.play`` on the episodes a MATWM run of
-seed s plays its final matchups on (``reset(seed=EVAL_SEED + s·episodes + e)``), so every
-comparison with a trained run, MAPPO or IPPO of the same seed is paired.
+seed s plays its final matchups on in the same split of the protocol (``matwm_fast/protocol.py``:
+``--split tuning``, the default, seed s: ``reset(seed=20,000 + s·episodes + e)``; ``--split
+report``, seed s: ``reset(seed=2,000,000 + (s − 100)·10,000 + e)``), so every comparison with a
+trained run, MAPPO or IPPO of the same seed and split is paired.  ``--eval-seed S`` plays episodes
+outside the protocol instead (``S + s·episodes + e``; the file's split is then null).
 
 - ``noop``: every agent always takes action 0 (stays put, up to its drift);
 - ``nearest``: every agent heads for the landmark nearest to it (agents may pile onto one);
@@ -36,13 +40,15 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from matwm_fast import protocol  # noqa: E402
 from matwm_fast.config import EnvConfig  # noqa: E402
 from matwm_fast.env import env_spec  # noqa: E402
 from matwm_fast.play import play, report  # noqa: E402
 
 SCENARIO = "simple_spread"
-EVAL_SEED = 20_000  # the sweep's --baseline-seed (and model_free.py's): seed s plays 20,000 + s·episodes + e
+EVAL_SEED = protocol.TUNING.lo  # the tuning split's: seed s plays 20,000 + s·episodes + e
 RESULTS = ROOT / "bench" / "results" / "learning" / "baselines" / SCENARIO / "heuristics"
+REPORT_RESULTS = ROOT / "bench" / "results" / "learning" / "report" / "baselines" / SCENARIO / "heuristics"
 # steering: aim at the target minus this many steps of the current velocity (so an agent brakes
 # before it arrives), and stay put once the aim point is within this distance on both axes
 BRAKE_STEPS, ARRIVED = 0.5, 0.05
@@ -91,13 +97,19 @@ def assignment(obs: np.ndarray) -> np.ndarray:
 POLICIES: dict[str, Callable[[np.ndarray], np.ndarray]] = {"noop": noop, "nearest": nearest, "assignment": assignment}
 
 
-def evaluate(seed: int, episodes: int, eval_seed: int) -> dict:
-    """Every heuristic and the random policy on seed ``seed``'s matchup episodes."""
+def evaluate(seed: int, episodes: int, eval_seed: int | None = None, split: str = protocol.DEFAULT_SPLIT) -> dict:
+    """Every heuristic and the random policy on seed ``seed``'s matchup episodes of ``split``
+    (``eval_seed`` given: on ``eval_seed + seed·episodes + e`` instead, outside the protocol)."""
     env_cfg = EnvConfig(scenario=SCENARIO)
     spec = env_spec(env_cfg)
-    first = eval_seed + seed * episodes
+    if eval_seed is None:
+        where = protocol.episode_block(split, seed, episodes)
+    else:
+        first = eval_seed + seed * episodes
+        where = {"split": None, "episodes": episodes, "seed": first, "episode_seeds": [first, first + episodes - 1]}
+    first = where["seed"]
     out = {"scenario": SCENARIO, "seed": seed, "max_cycles": env_cfg.max_cycles,
-           "evaluation": {"episodes": episodes, "seed": first, "episode_seeds": [first, first + episodes - 1],
+           "evaluation": {**where,
                           "protocol": "matwm_fast.play.play: MultiAgentEnv, episode e from reset(seed=seed + e); "
                                       "returns summarised by matwm_fast.play.report"},
            "results": {}}
@@ -114,21 +126,35 @@ def main(argv: list[str] | None = None) -> int:
                                 allow_abbrev=False)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="run seeds whose episodes to play")
     p.add_argument("--episodes", type=int, default=50, help="episodes per seed (default 50, the paper's protocol)")
-    p.add_argument("--eval-seed", type=int, default=EVAL_SEED,
-                   help=f"seed s plays reset(seed=EVAL_SEED + s·episodes + e) (default {EVAL_SEED})")
-    p.add_argument("--out", default=str(RESULTS), help="where seed<s>.json go (default %(default)s)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--split", choices=list(protocol.SPLITS), default=None,
+                       help="the protocol's split whose episodes seed s plays (matwm_fast/protocol.py): tuning "
+                            "(default; seeds 0-99) or report (seeds 100-199, at least 5 seeds and 50 episodes)")
+    where.add_argument("--eval-seed", type=int, default=None,
+                       help="play reset(seed=EVAL_SEED + s·episodes + e) instead, outside the protocol")
+    p.add_argument("--out", default=None, help=f"where seed<s>.json go (default {RESULTS} for the tuning split and "
+                                               f"--eval-seed, {REPORT_RESULTS} for the report split)")
     args = p.parse_args(argv)
+    split = args.split or protocol.DEFAULT_SPLIT
     bad = ([f"--episodes {args.episodes}: must be at least 1"] * (args.episodes < 1)
            + [f"--seeds {s}: must be 0 or more" for s in args.seeds if s < 0]
-           + [f"--eval-seed {args.eval_seed}: must be 0 or more"] * (args.eval_seed < 0))
+           + [f"--eval-seed {args.eval_seed}: must be 0 or more"] * (args.eval_seed is not None and args.eval_seed < 0))
+    if not bad and args.eval_seed is None:
+        try:
+            protocol.check_seeds(split, args.seeds)
+            protocol.check_minimums(split, args.seeds, args.episodes)
+            for s in args.seeds:
+                protocol.first_episode(split, s, args.episodes)
+        except ValueError as e:
+            bad.append(str(e))
     if bad:
         p.exit(2, f"error: {bad[0]}\n")
-    out = Path(args.out)
+    out = Path(args.out or (REPORT_RESULTS if split == "report" and args.eval_seed is None else RESULTS))
     if out.exists() and not out.is_dir():
         p.exit(2, f"error: --out {out}: is a file, not a directory\n")
     out.mkdir(parents=True, exist_ok=True)
     for s in args.seeds:
-        res = evaluate(s, args.episodes, args.eval_seed)
+        res = evaluate(s, args.episodes, args.eval_seed, split)
         path = out / f"seed{s}.json"
         path.write_text(json.dumps(res, indent=1))
         print(f"seed {s} (episodes {res['evaluation']['episode_seeds']}): " +

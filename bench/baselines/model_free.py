@@ -14,12 +14,16 @@ transition of all agents (BenchMARL's "frame": one entry of a collected batch of
 (envs, steps)); the budgets must be multiples of ``--frames-per-batch``, so training stops at
 each budget exactly.
 
-The evaluation is ``matwm_fast.play``'s protocol: ``MultiAgentEnv`` on fresh episodes, episode e
-from ``reset(seed=S + e)`` with S = ``--eval-seed`` + seed·episodes (the sweep's matchup episodes
-of the same seed), the mean over agents of each agent's episode return, summarised by
-``matwm_fast.play.summarise``: greedy (argmax) and sampled, the uniformly random policy on the
-same episodes, and with several teams each team's policy against random opponents
-(``<team>_vs_random``).  One JSON per run and budget under ``RESULTS/<scenario>/<algo>/``.
+The evaluation is ``matwm_fast.play``'s, on the protocol's episodes (``matwm_fast/protocol.py``):
+``--split tuning`` (the default; seeds 0–99) plays seed s's tuning episodes ``reset(seed=20,000 +
+s·episodes + e)``, ``--split report`` (seeds 100–199, at least 50 episodes) its reporting episodes
+``reset(seed=2,000,000 + (s − 100)·10,000 + e)`` — the sweep's matchup episodes of the same seed
+and split; ``--eval-seed S`` plays ``S + s·episodes + e`` instead, outside the protocol.  Every
+agent's episode returns are kept (``returns``, (E, N)), summarised by ``matwm_fast.play.report``:
+greedy (argmax) and sampled, the uniformly random policy on the same episodes, and with several
+teams each team's policy against random opponents (``<team>_vs_random``).  One JSON per run and
+budget under ``RESULTS/<scenario>/<algo>/`` (default ``bench/results/learning/baselines``, and
+``bench/results/learning/report/baselines`` for the report split).
 
 BenchMARL, TorchRL and TensorDict are optional: ``pip install -e '.[baselines]'``.
 """
@@ -45,14 +49,15 @@ for p in (str(ROOT), str(HERE)):
 
 import numpy as np  # noqa: E402
 
+from matwm_fast import protocol  # noqa: E402
 from matwm_fast.config import EnvConfig  # noqa: E402
 from matwm_fast.env import SCENARIOS, env_spec  # noqa: E402
 
 INSTALL = "pip install -e '.[baselines]'"
 ALGOS = ("mappo", "ippo")
 BUDGETS = (20_000, 50_000)
-EVAL_SEED = 20_000  # the sweep's --baseline-seed: seed s plays episodes 20,000 + s·episodes + e
 RESULTS = ROOT / "bench" / "results" / "learning" / "baselines"
+REPORT_RESULTS = ROOT / "bench" / "results" / "learning" / "report" / "baselines"
 FORMAT = "matwm_fast-model-free-policy/1"
 # BenchMARL's experiment defaults (conf/experiment/base_experiment.yaml) that the budget changes:
 # 6,000 frames per batch divides neither 20,000 nor 50,000; 5,000 does (4 and 10 iterations)
@@ -110,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--minibatch-iters", type=int, default=None,
                    help="PPO epochs over each batch (default BenchMARL's: 45)")
     add_eval_args(t)
-    t.add_argument("--results", default=str(RESULTS), help="where the JSONs go: RESULTS/<scenario>/<algo>/"
-                                                            "seed<s>_step<budget>.json (default %(default)s)")
+    t.add_argument("--results", default=None, help="where the JSONs go: RESULTS/<scenario>/<algo>/"
+                                                    f"seed<s>_step<budget>.json (default {RESULTS}; {REPORT_RESULTS} "
+                                                    "for the report split)")
     t.add_argument("--run-dir", default=None,
                    help="where the policies and BenchMARL's folder go (default runs/baselines/<scenario>/<algo>/seed<s>)")
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = torch's default)")
@@ -129,9 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--episodes", type=int, default=50, help="evaluation episodes (default 50, the paper's protocol)")
-    p.add_argument("--eval-seed", type=int, default=EVAL_SEED,
-                   help=f"run seed s is evaluated on episodes reset(seed=EVAL_SEED + s·episodes + e), e < episodes "
-                        f"(default {EVAL_SEED}: the sweep's matchup episodes)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--split", choices=list(protocol.SPLITS), default=None,
+                       help="the protocol's split whose episodes the run's seed s plays (matwm_fast/protocol.py): "
+                            "tuning (default; seeds 0-99) or report (seeds 100-199, at least 50 episodes)")
+    where.add_argument("--eval-seed", type=int, default=None,
+                       help="play reset(seed=EVAL_SEED + s·episodes + e) instead, outside the protocol")
+
+
+def evaluation_block(args, seed: int) -> dict:
+    """The episodes seed ``seed``'s policy is scored on: the split's, or --eval-seed's."""
+    if args.eval_seed is None:
+        return protocol.episode_block(args.split or protocol.DEFAULT_SPLIT, seed, args.episodes)
+    first = args.eval_seed + seed * args.episodes
+    return {"split": None, "episodes": args.episodes, "seed": first, "episode_seeds": [first, first + args.episodes - 1]}
 
 
 def check_train_args(args) -> None:
@@ -155,14 +172,21 @@ def check_train_args(args) -> None:
             raise ValueError(f"--budgets {b}: each budget must be a positive multiple of --frames-per-batch "
                              f"{args.frames_per_batch}, so that training stops exactly there")
     check_eval_args(args)
+    if args.eval_seed is None:
+        protocol.check_seeds(args.split or protocol.DEFAULT_SPLIT, [args.seed])
+        evaluation_block(args, args.seed)
+    if args.results is None:
+        args.results = str(REPORT_RESULTS if args.split == "report" else RESULTS)
     check_dir("--results", Path(args.results))
 
 
 def check_eval_args(args) -> None:
     if args.episodes < 1:
         raise ValueError(f"--episodes {args.episodes}: need at least 1")
-    if args.eval_seed < 0:
+    if args.eval_seed is not None and args.eval_seed < 0:
         raise ValueError(f"--eval-seed {args.eval_seed}: must be 0 or more")
+    if args.eval_seed is None:
+        protocol.check_minimums(args.split or protocol.DEFAULT_SPLIT, None, args.episodes)
     if args.threads < 0:
         raise ValueError(f"--threads {args.threads}: need 0 (torch's default) or more")
 
@@ -230,7 +254,8 @@ def cmd_train(args) -> int:
         if v is not None:
             changes[key] = v
     settings = {"experiment": changes}
-    episodes, eval_seed = args.episodes, args.eval_seed + args.seed * args.episodes
+    where = evaluation_block(args, args.seed)
+    episodes, eval_seed = args.episodes, where["seed"]
 
     t0 = time.perf_counter()
     snaps = bm.Snapshots(budgets)
@@ -268,10 +293,9 @@ def cmd_train(args) -> int:
         out = {**info, "budget": b, "env_steps": b, "iterations": snap["iterations"],
                "train_wall_s": round(snap["train_wall_s"], 3), "eval_wall_s": round(time.perf_counter() - t, 3),
                "policy_file": str(policy_file),
-               "evaluation": {"episodes": episodes, "seed": eval_seed,
-                              "episode_seeds": [eval_seed, eval_seed + episodes - 1],
+               "evaluation": {**where,
                               "protocol": "matwm_fast.play.play: MultiAgentEnv, episode e from reset(seed=seed + e); "
-                                          "returns summarised by matwm_fast.play.summarise"},
+                                          "returns summarised by matwm_fast.play.report"},
                "results": res}
         path = Path(args.results) / args.scenario / args.algo / f"seed{args.seed}_step{b}.json"
         write_json(path, out)
@@ -293,19 +317,17 @@ def cmd_eval(args) -> int:
         raise ValueError(f"{path}: not a policy file written by train ({e})") from e
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise ValueError(f"{path}: not a policy file written by train (format {FORMAT})")
+    where = evaluation_block(args, saved["seed"])  # refuses a seed that is not the split's
     with tempfile.TemporaryDirectory() as tmp:
         fpb = saved["build"]["experiment"]["on_policy_collected_frames_per_batch"]
         exp = bm.build(SCENARIOS[saved["scenario"]], saved["scenario"], saved["max_cycles"], {}, saved["algorithm"],
                        saved["seed"], saved["build"], tmp, fpb)
         exp.policy.load_state_dict(saved["policy"])
         env_cfg = EnvConfig(scenario=saved["scenario"], max_cycles=saved["max_cycles"])
-        eval_seed = args.eval_seed + saved["seed"] * args.episodes
-        res = evaluate_policy(bm, exp.policy, exp.group_map, env_cfg, args.episodes, eval_seed)
+        res = evaluate_policy(bm, exp.policy, exp.group_map, env_cfg, args.episodes, where["seed"])
         exp.close()
     out = {k: v for k, v in saved.items() if k not in ("policy", "format", "build")}
-    out.update(policy_file=str(path), evaluation={"episodes": args.episodes, "seed": eval_seed,
-                                                   "episode_seeds": [eval_seed, eval_seed + args.episodes - 1]},
-               results=res)
+    out.update(policy_file=str(path), evaluation=where, results=res)
     dest = Path(args.out) if args.out else path.with_name(path.stem + "_eval.json")
     write_json(dest, out)
     print_summary(f"{saved['algorithm']} on {saved['scenario']}, seed {saved['seed']}, step {saved['budget']}", res)
@@ -348,8 +370,10 @@ def cmd_table(args) -> int:
               "BenchMARL's default MAPPO/IPPO, MLP and experiment settings except "
               f"`on_policy_collected_frames_per_batch` = {runs[0]['settings']['changed']['on_policy_collected_frames_per_batch']} "
               "(see README.md). Evaluation: this project's protocol (`matwm_fast.play`), "
-              f"{runs[0]['evaluation']['episodes']} episodes per run and policy, seed s on episodes "
-              "reset(seed = 20,000 + s·50 + e) — the MATWM sweep's matchup episodes of the same seed. "
+              f"{runs[0]['evaluation']['episodes']} episodes per run and policy, seed s on the protocol's episodes "
+              f"of split {' / '.join(sorted({str(r['evaluation'].get('split', 'tuning')) for r in runs}))} "
+              "(matwm_fast/protocol.py; tuning: reset(seed = 20,000 + s·50 + e)) — the MATWM sweep's matchup "
+              "episodes of the same seed. "
               "Median [min, max] over seeds of the mean return; `random`: the uniformly random policy on the "
               "same episodes.", ""]
     for scenario in sorted({k[0] for k in groups}):

@@ -19,6 +19,11 @@ not on the data the model was trained on):
   the score is the correlation of the centred effects (each row minus its mean over actions),
   with the regret of acting on the model's best action and on the actor's greedy action.
 
+Both are computed by ``matwm_fast/wm_probe.py``, which a training run's evaluation also calls
+(``--eval-every``): its ``eval_wm_reward_r2`` and ``eval_wm_effect_corr`` are this report's
+``reward_r2`` and ``effect_corr`` with ``--seed 1000000000 --samples 8 --horizon`` the run's
+``ac.horizon`` (8 at the ``cpu`` preset).
+
 ``wm-data`` trains the world model alone, offline, on ``--steps`` random-policy transitions
 (uniform replay sampling, ``--updates`` steps each) and scores its reward head on held-out
 episodes: the same question for the model itself, with the policy and its data drift removed.
@@ -45,217 +50,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from matwm_fast.acting import ContextQueues, policy_step
 from matwm_fast.checkpoint import CheckpointError
 from matwm_fast.cli import Parser, fail
 from matwm_fast.config import PRESETS, Config, EnvConfig, preset, resolve
-from matwm_fast.env import SCENARIOS, MultiAgentEnv, random_actions
-from matwm_fast.imagination import ImagNoise
+from matwm_fast.env import SCENARIOS, MultiAgentEnv
 from matwm_fast import steps as step_fns  # not `steps`: world_model_data's argument of that name
-from matwm_fast.losses import symexp, symlog, twohot_decode
+from matwm_fast.losses import symlog
 from matwm_fast.replay import ReplayBuffer
-from matwm_fast.transformer import segment_mask
+from matwm_fast.wm_probe import action_effects, effect_scores, r2_score, random_episodes, teacher_forced
 from matwm_fast.world_model import WorldModel
-
-Tensor = torch.Tensor
-
-
-# ----------------------------------------------------------------------------- scores
-def r2_score(pred: np.ndarray, true: np.ndarray, axis=None) -> np.ndarray:
-    """1 − MSE / Var(true): 1 is perfect, 0 is predicting the mean, < 0 is worse than the mean;
-    NaN where the target is constant (MPE2's silent communication slots), where R² means nothing."""
-    mse = ((pred - true) ** 2).mean(axis=axis)
-    var = true.var(axis=axis)
-    return np.where(var > 1e-12, 1.0 - mse / np.maximum(var, 1e-12), np.nan)
-
-
-def effect_scores(true: np.ndarray, pred: np.ndarray, choice: np.ndarray | None = None) -> dict:
-    """true, pred (X, A) returns per context and held action (NaN = action not available);
-    choice (X,) the actor's action per context → correlation of centred effects, regrets."""
-    valid = ~np.isnan(true)
-    tc = true - np.nanmean(true, 1, keepdims=True)  # (X, A) effect of each action
-    pc = pred - np.nanmean(np.where(valid, pred, np.nan), 1, keepdims=True)  # (X, A)
-    best = np.nanmax(true, 1)  # (X,)
-    rows = np.arange(true.shape[0])
-    model_pick = np.nanargmax(np.where(valid, pred, np.nan), 1)  # (X,)
-    out = {
-        "contexts": int(true.shape[0]),
-        "effect_corr": float(np.corrcoef(tc[valid], pc[valid])[0, 1]),
-        "effect_std_true": float(np.nanstd(tc)),
-        "effect_std_pred": float(np.nanstd(np.where(valid, pc, np.nan))),
-        "level_corr": float(np.corrcoef(np.nanmean(true, 1), np.nanmean(np.where(valid, pred, np.nan), 1))[0, 1]),
-        "best_action_agreement": float((np.nanargmax(true, 1) == model_pick).mean()),
-        "regret_model_pick": float((best - true[rows, model_pick]).mean()),
-        "regret_uniform_pick": float((best - np.nanmean(true, 1)).mean()),
-    }
-    if choice is not None:
-        out["regret_actor_pick"] = float((best - true[rows, choice]).mean())
-    return out
-
-
-# ----------------------------------------------------------------------------- data
-def random_episodes(env_cfg: EnvConfig, episodes: int, seed: int) -> dict[str, np.ndarray]:
-    """Play whole episodes with uniformly random actions → obs (E, T, N, O), act (E, T, N),
-    rew (E, T, N), next_obs (E, T, N, O); every episode runs to the time limit (MPE2 has no
-    termination in the discrete scenarios), so all have T = max_cycles steps."""
-    env = MultiAgentEnv(env_cfg, seed=seed)
-    rng = np.random.default_rng(seed)
-    keys = ("obs", "act", "rew", "next_obs")
-    eps: dict[str, list] = {k: [] for k in keys}
-    for e in range(episodes):
-        obs = env.reset(seed=seed + e)
-        ep: dict[str, list] = {k: [] for k in keys}
-        done = False
-        while not done:
-            act = random_actions(rng, env.spec)  # (N,)
-            nxt, rew, _, done = env.step(act)
-            for k, v in zip(keys, (obs, act, rew, nxt)):
-                ep[k].append(v)
-            obs = nxt
-        if len(ep["act"]) != env_cfg.max_cycles:
-            env.close()
-            raise ValueError(f"an episode of {env_cfg.scenario} ended after {len(ep['act'])} of "
-                             f"{env_cfg.max_cycles} steps; diagnose needs fixed-length episodes")
-        for k in keys:
-            eps[k].append(np.stack(ep[k]))
-    env.close()
-    return {k: np.stack(v) for k, v in eps.items()}
 
 
 # ----------------------------------------------------------------------------- model
-@torch.no_grad()
-def teacher_forced(wm, data: dict[str, np.ndarray]) -> dict:
-    """Reconstruction R² per real feature and reward R² of a teacher-forced pass over episodes.
-
-    Episodes are cut into windows of the training sequence length, each starting a segment, which
-    is how the world model sees them in training (and keeps them within its positional range).
-    """
-    e, t, n, o = data["obs"].shape
-    obs = torch.as_tensor(data["obs"]).float().permute(0, 2, 1, 3).reshape(e * n, t, o)  # (E·N, T, O)
-    act = torch.as_tensor(data["act"]).long().permute(0, 2, 1).reshape(e * n, t)  # (E·N, T)
-    rew = data["rew"].transpose(0, 2, 1).reshape(e * n, t)  # (E·N, T)
-    agent = torch.arange(n).repeat(e)  # (E·N,)
-    window = min(wm.cfg.seq_len, t)
-    recon, pred_rew, probs = [], [], []
-    for start in range(0, t, window):
-        sl = slice(start, start + window)
-        first = torch.zeros(act[:, sl].shape, dtype=torch.bool)  # (E·N, W)
-        first[:, 0] = True
-        out = wm.observe(obs[:, sl], act[:, sl], first, agent)
-        # the posterior's most likely latent, so the score is the latent's content, not its noise
-        z_mode = torch.nn.functional.one_hot(out.post_probs.argmax(-1), wm.C).float().flatten(-2)  # (E·N, W, K·C)
-        dec = wm.decoder(z_mode)  # (E·N, W, O): in symlog space when the model reconstructs symlog(obs)
-        recon.append(symexp(dec) if wm.cfg.recon_symlog else dec)
-        pred_rew.append(twohot_decode(out.reward_logits, wm.bins))  # (E·N, W)
-        probs.append(out.post_probs)  # (E·N, W, K, C)
-    recon = torch.cat(recon, 1).numpy()  # (E·N, T, O)
-    pred_rew = torch.cat(pred_rew, 1).numpy()  # (E·N, T)
-    probs = torch.cat(probs, 1)  # (E·N, T, K, C)
-    feats = r2_score(recon.reshape(-1, o), obs.numpy().reshape(-1, o), axis=0)  # (O,)
-    # features some agent really has (not padding) and that vary (not a silent comm slot)
-    real = wm.obs_mask.any(0).numpy() & np.isfinite(feats)  # (O,)
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()  # nats per latent variable
-    return {
-        "recon_r2_per_feature": [float(x) if m else None for x, m in zip(feats, real)],
-        "recon_r2_mean": float(feats[real].mean()),
-        "reward_r2": float(r2_score(pred_rew, rew)),  # NaN if the scenario's reward never varied
-        "reward_corr": float(np.corrcoef(pred_rew.ravel(), rew.ravel())[0, 1]),
-        "reward_bias": float((pred_rew - rew).mean()),
-        "reward_std": float(rew.std()),
-        "posterior_entropy": float(entropy),
-        "posterior_entropy_max": float(np.log(wm.C)),
-    }
-
-
-@torch.no_grad()
-def imagine_held_action(wm, obs: Tensor, act: Tensor, agent: int, action: int, horizon: int, samples: int,
-                        noise: ImagNoise | None = None) -> Tensor:
-    """Open-loop imagination: context obs (L, O), act (L,) of one agent, then ``action`` held for
-    ``horizon`` steps → predicted rewards (samples, H).
-
-    A full causal pass per step (no KV cache): slow but plainly the model's own definition, which
-    is what a diagnostic should rest on.  Token t is (z_t, a_t); the reward of a_t is read from
-    h_t and z_{t+1} is drawn from the prior on h_t, as in imagination (Algorithm 1).  ``noise``
-    (``samples`` rows) fixes the latent draws, so this can be checked against :func:`imagine`.
-    """
-    ctx = obs.shape[0]
-    ag = torch.full((samples,), agent, dtype=torch.long)  # (M,)
-    z, _ = wm.posterior(obs[None].expand(samples, -1, -1), None if noise is None else noise.ctx)  # (M, L, K·C)
-    acts = act[None].expand(samples, -1)  # (M, L)
-    rewards = []
-    for t in range(horizon + 1):
-        first = torch.zeros(samples, ctx + t, dtype=torch.bool)  # (M, L+t)
-        first[:, 0] = True
-        mask, pos = segment_mask(first)
-        h = wm.seq(wm.mix(z, ag, acts), pos, mask)[:, -1]  # (M, D)
-        if t > 0:  # h now holds the last token's (z, held action): its reward
-            rewards.append(twohot_decode(wm.heads(h)[0], wm.bins))
-        if t == horizon:
-            break
-        z_next, _ = wm.prior(h, None if noise is None else noise.latent[:, t])  # (M, K·C)
-        z = torch.cat([z, z_next[:, None]], 1)  # (M, L+t+1, K·C)
-        acts = torch.cat([acts, torch.full((samples, 1), action, dtype=torch.long)], 1)  # (M, L+t+1)
-    return torch.stack(rewards, 1)  # (M, H)
-
-
-def true_held_returns(env: MultiAgentEnv, state: bytes, agent: int, actions: list[int],
-                      mates: np.ndarray) -> np.ndarray:
-    """Branch the env at ``state`` once per action: ``agent`` holds it while the others replay
-    ``mates`` (H, N); → the agent's summed reward over the H steps, one per action."""
-    out = []
-    for a in actions:
-        env.set_state(state)
-        total = 0.0
-        for step in mates:
-            joint = step.copy()
-            joint[agent] = a
-            _, rew, _, done = env.step(joint)
-            total += float(rew[agent])
-            if done:
-                break
-        out.append(total)
-    return np.array(out)
-
-
-@torch.no_grad()
-def action_effects(wm, ac, env_cfg: EnvConfig, contexts: int, context_len: int, horizon: int, samples: int,
-                   seed: int) -> dict:
-    """True vs imagined returns of holding each action, per context and agent (see module doc)."""
-    if context_len + horizon > env_cfg.max_cycles:
-        raise ValueError(f"context {context_len} + horizon {horizon} exceeds the episode length {env_cfg.max_cycles}")
-    if context_len + horizon > wm.cfg.max_len:
-        raise ValueError(f"context {context_len} + horizon {horizon} exceeds the transformer's max_len {wm.cfg.max_len}")
-    env = MultiAgentEnv(env_cfg, seed=seed)
-    spec = env.spec
-    rng = np.random.default_rng(seed)
-    n, a_max = spec.n_agents, spec.n_actions
-    true = np.full((contexts * n, a_max), np.nan)  # (X, A)
-    pred = np.full((contexts * n, a_max), np.nan)  # (X, A)
-    choice = np.zeros(contexts * n, dtype=np.int64)  # (X,)
-    queues = ContextQueues(n, spec.obs_dim, context_len, "cpu")
-    for c in range(contexts):
-        obs = env.reset(seed=seed + c)
-        queues.reset()
-        for _ in range(context_len):
-            act = random_actions(rng, spec)
-            queues.push(torch.as_tensor(obs), torch.as_tensor(act))
-            obs, _, _, _ = env.step(act)
-        state = env.get_state()
-        mates = np.stack([random_actions(rng, spec) for _ in range(horizon)])  # (H, N)
-        past_obs, past_act = queues.view()  # (N, L, O), (N, L)
-        picks = policy_step(wm, ac, queues.obs, queues.act, queues.count_t, torch.as_tensor(obs), greedy=True).numpy()  # (N,)
-        for i in range(n):
-            row = c * n + i
-            valid = list(range(spec.action_counts[i]))  # this agent's real actions
-            true[row, valid] = true_held_returns(env, state, i, valid, mates)
-            for a in valid:
-                pred[row, a] = imagine_held_action(wm, past_obs[i].float(), past_act[i], i, a, horizon,
-                                                   samples).sum(1).mean()
-            choice[row] = picks[i]
-    env.close()
-    return {"true": true, "pred": pred, "choice": choice}
-
-
 def diagnose_model(path: str, episodes: int, contexts: int, horizon: int, samples: int, seed: int) -> dict:
     from matwm_fast.policy import Policy
 

@@ -42,7 +42,7 @@ from matwm_fast.acting import ContextQueues, policy_step  # noqa: E402
 from matwm_fast.policy import Policy  # noqa: E402
 from matwm_fast.play import play, summarise  # noqa: E402
 
-EVAL_SEED, EPISODES, NOOP = heuristics.EVAL_SEED, 50, 0  # the sweep's --baseline-seed and episodes; MPE's no-op
+EVAL_SEED, EPISODES, NOOP = heuristics.EVAL_SEED, 50, 0  # the tuning split's first episode and episodes; MPE's no-op
 ARMS = ("h0", "primed", "nearest", "assignment")
 FIRST_FROM_HEURISTIC = ("nearest", "assignment")  # simple_spread's scripted policies
 
@@ -92,7 +92,8 @@ def measure(run: Path, arms: tuple[str, ...], episodes: int) -> dict:
     cache = run / "matchups.json"
     if cache.exists():
         m = json.loads(cache.read_text())
-        if m["key"] == {"step": pol.step, "episodes": episodes, "seed": first}:
+        if {k: m["key"].get(k) for k in ("step", "episodes", "seed")} == {"step": pol.step, "episodes": episodes,
+                                                                        "seed": first}:  # any split
             out["matchups_trained"] = m["results"]["trained"]["return_mean"]
     return out
 

@@ -4,6 +4,7 @@
     python -m matwm_fast.sweep --env simple_tag --seeds 0 1 --out runs/sweep --aggregate-only
     python -m matwm_fast.sweep --env simple_spread --seeds 0 -- --wm.lr 1e-4   # flags after -- go to train
     python -m matwm_fast.sweep --env simple_tag --seeds 0 1 2 --launcher ray --address auto --gpus-per-trial 0.5
+    python -m matwm_fast.sweep --split report --env simple_spread --seeds 100 101 102 103 104 --configs-tried 30
 
 Each (env, seed) is one ``python -m matwm_fast.train`` run in ``OUT/<env>/seed<k>``, evaluated
 with the paper's protocol (greedy policy, every ``--eval-every`` env steps, mean return over
@@ -15,6 +16,15 @@ training), the uniformly random policy, and for scenarios with several teams eac
 against random opponents.  Results: ``results.json``, ``results.md`` (median and min/max across
 seeds at fixed step counts, described from the runs' own ``config.json``) and
 ``learning_<env>.png`` (drawn by :mod:`matwm_fast.tools.plot`, with the random baseline).
+
+The matchups follow the protocol (:mod:`matwm_fast.protocol`): ``--split tuning`` (default) allows
+training seeds 0–99 and plays seed s's tuning episodes; ``--split report`` allows seeds 100–199 —
+never used while tuning — at least 5 of them and 50 episodes each, on held-out episodes; a seed of
+the other split is refused before anything starts (status 2, naming it and the allowed ones).
+Every episode's returns are kept, and ``results.json``/``results.md`` give the IQM and mean over
+seeds × episodes with 95 % stratified-bootstrap intervals (rliable), the probability of
+improvement over the random policy on the same episodes, and ``--configs-tried``: how many
+configurations were scored on tuning episodes before this one was chosen.
 
 A run already finished is not retrained, and one with a checkpoint is resumed, so a sweep can be
 rerun to add seeds; ``--aggregate-only`` only rebuilds the table and plots from the run dirs.  A
@@ -35,6 +45,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ck
+from .. import protocol
 from ..cli import config_from_args, fail
 from ..config import Config, check_fields, diff, preset, resolve
 from ..env import env_spec
@@ -56,14 +67,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-episodes", type=int, default=50, help="episodes per evaluation (paper: 50)")
     p.add_argument("--baseline-episodes", type=int, default=None,
                    help="episodes per matchup evaluation (default: --eval-episodes)")
-    p.add_argument("--baseline-seed", type=int, default=20_000,
-                   help="evaluation seed of seed s's matchups is this + s·episodes (disjoint episodes per "
-                        "run, and away from training's 10,000 + step)")
+    p.add_argument("--split", default=protocol.DEFAULT_SPLIT, choices=list(protocol.SPLITS),
+                   help="the protocol's split (matwm_fast/protocol.py): which training seeds are allowed and which "
+                        "episodes the final checkpoints are scored on. tuning (default): seeds 0-99, the episodes "
+                        "settings are chosen on (seed s: 20,000 + s·E + e); report: seeds 100-199, at least 5 seeds "
+                        "and 50 episodes each, held-out episodes (seed s: 2,000,000 + (s-100)·10,000 + e)")
+    p.add_argument("--configs-tried", type=int, default=1, metavar="N",
+                   help="configurations tried on tuning episodes before this one was chosen (default 1), written "
+                        "beside the results")
+    p.add_argument("--bootstrap-reps", type=int, default=protocol.BOOTSTRAP_REPS, metavar="N",
+                   help=f"bootstrap resamples of the confidence intervals (default {protocol.BOOTSTRAP_REPS})")
     p.add_argument("--table-steps", nargs="+", type=int, default=None,
                    help="env steps shown in the table (default: every evaluated step)")
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild table and plots from OUT")
     p.add_argument("--no-matchups", action="store_true", help="skip the final-checkpoint matchup evaluations")
     return p
+
+
+def check_protocol(args) -> None:
+    """The seeds belong to the split, a reporting sweep has the protocol's minimums, and the
+    library of its intervals is here — refused (ValueError, ImportError) before anything starts."""
+    protocol.check_seeds(args.split, args.seeds)
+    episodes = args.baseline_episodes or args.eval_episodes
+    protocol.check_minimums(args.split, args.seeds, episodes)
+    for s in args.seeds:
+        protocol.first_episode(args.split, s, episodes)  # the episodes fit the split's range
+    if args.configs_tried < 1:
+        raise ValueError(f"--configs-tried {args.configs_tried}: must be at least 1 (this configuration)")
+    if args.bootstrap_reps < 1:
+        raise ValueError(f"--bootstrap-reps {args.bootstrap_reps}: must be at least 1")
+    if not args.no_matchups:
+        protocol.rliable()
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -177,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preset(args.preset)
         launch.check_flags(args)
+        check_protocol(args)
         if train and args.launcher == "ray":
             launch.import_ray()  # missing: say which extra brings it, before anything starts
         # what each scenario's runs will be (a bad flag after -- is refused here, once)

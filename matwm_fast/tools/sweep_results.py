@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import checkpoint as ck
+from .. import protocol
 from ..config import Config, diff, load_config, preset, resolve
 from ..env import env_spec
 from ..metrics import metrics_file, read_metrics
-from ..play import evaluate
+from ..play import play, summarise
 from ..policy import Policy
 
 TRAINED, SAMPLED, RANDOM = "trained", "trained_sampled", "random"
@@ -43,33 +44,40 @@ def saved_config(d: Path) -> Config | None:
 
 
 # ----------------------------------------------------------------------------- matchups
-def matchups(d: Path, episodes: int, seed: int) -> dict:
+def matchups(d: Path, episodes: int, seed: int, split: str = protocol.DEFAULT_SPLIT) -> dict:
     """Returns of: the trained agents (greedy and sampled), the random policy, and (several teams)
-    each team trained against random others.
+    each team trained against random others — each the summary of ``play.summarise`` and every
+    episode's returns (``returns``: (E, N), agents in env order), played from episode seed ``seed``
+    on (the protocol's episodes of ``split`` for this run's seed).
 
-    Cached in ``d/matchups.json`` per (checkpoint step, episodes, seed): rebuilding the table
-    does not replay the episodes.
+    Cached in ``d/matchups.json`` per (checkpoint step, episodes, first episode seed, split):
+    rebuilding the table does not replay the episodes.  A cache written before the protocol (no
+    split, no per-episode returns) does not match, so its matchups are played again.
     """
     cache = Path(d) / "matchups.json"
     pol = Policy(d)  # the final checkpoint, on the CPU
     cfg, wm, ac, step, spec = pol.cfg, pol.wm, pol.ac, pol.step, pol.spec
-    key = {"step": step, "episodes": episodes, "seed": seed}
+    key = {"step": step, "episodes": episodes, "seed": seed, "split": split}
     if cache.exists():
         old = json.loads(cache.read_text())
         if old.get("key") == key:
             return old
     act_ctx, dev = cfg.train.act_context, "cpu"
+
+    def run(**kw) -> dict:
+        returns, _, _ = play(wm, ac, cfg.env, act_ctx, episodes, seed, dev, **kw)  # (E, N)
+        return {**summarise(returns, spec), "returns": np.round(returns, 6).tolist()}
+
     # the protocol's policy is greedy; the sampled one (as in training) shows whether argmax is the problem
-    res = {TRAINED: evaluate(wm, ac, cfg.env, act_ctx, episodes, seed, dev)[0],
-           SAMPLED: evaluate(wm, ac, cfg.env, act_ctx, episodes, seed, dev, greedy=False)[0],
-           RANDOM: evaluate(None, None, cfg.env, act_ctx, episodes, seed, dev, random_policy=True)[0]}
+    res = {TRAINED: run(), SAMPLED: run(greedy=False), RANDOM: run(random_policy=True)}
     teams = spec.teams
     if len(teams) > 1:
         for team, idx in teams.items():
             mask = np.zeros(spec.n_agents, bool)
             mask[idx] = True  # this team plays its learned policy, every other agent acts at random
-            res[f"{team}_vs_random"] = evaluate(wm, ac, cfg.env, act_ctx, episodes, seed, dev, policies=mask)[0]
-    out = {"key": key, "teams": {t: [spec.agents[i] for i in idx] for t, idx in teams.items()}, "results": res}
+            res[f"{team}_vs_random"] = run(policies=mask)
+    out = {"key": key, "teams": {t: [spec.agents[i] for i in idx] for t, idx in teams.items()},
+           "agents": list(spec.agents), "results": res}
     cache.write_text(json.dumps(out, indent=1))
     return out
 
@@ -162,7 +170,7 @@ def aggregate(args, argv: list[str]) -> dict:
                 cfgs.append(cfg)
                 changes.update(config_changes(cfg))
             if not args.no_matchups and ck.has_checkpoint(d):
-                match[seed] = matchups(d, episodes, args.baseline_seed + seed * episodes)
+                match[seed] = matchups(d, episodes, protocol.first_episode(args.split, seed, episodes), args.split)
         if not per_seed:
             continue
         keys = list(next(iter(per_seed.values())))
@@ -176,9 +184,50 @@ def aggregate(args, argv: list[str]) -> dict:
         result["envs"][env] = {"seeds": sorted(per_seed), "steps": steps, "curves": curves,
                                "matchups": mres, "matchup_episodes": episodes,
                                "teams": next(iter(match.values()))["teams"] if match else None,
+                               "protocol": {**protocol.describe(args.split), "episodes_per_seed": episodes,
+                                            "episode_seeds": {s: m["key"]["seed"] for s, m in match.items()},
+                                            "configs_tried": args.configs_tried,
+                                            "bootstrap": protocol.bootstrap_record(args.bootstrap_reps)},
+                               **protocol_aggregates(match, keys, args.bootstrap_reps),
                                "diagnostics": diag, "config_changes": sorted(changes),
                                "settings": run_settings(cfgs)}
+    result["split"], result["configs_tried"] = args.split, args.configs_tried
     return result
+
+
+def episode_returns(match: dict, keys: list[str]) -> dict:
+    """{matchup: {key: {seed: [each episode's mean return over the key's agents]}}} from the runs'
+    matchups (each holding its (E, N) returns)."""
+    out: dict = {}
+    for seed, m in match.items():
+        agents = m["agents"]
+        for name, res in m["results"].items():
+            for key in keys:
+                members = None if key == "all" else [agents.index(a) for a in m["teams"][key]]
+                out.setdefault(name, {}).setdefault(key, {})[seed] = protocol.column(res["returns"], members).tolist()
+    return out
+
+
+def improvements_over_random(names, keys: list[str]) -> list[tuple[str, str]]:
+    """(matchup, key) pairs compared with the random policy on the same episodes: the trained
+    agents for every key, each team against random opponents for that team."""
+    pairs = [(TRAINED, k) for k in keys]
+    return pairs + [(n, n[:-len("_vs_random")]) for n in names if n.endswith("_vs_random") and n[:-len("_vs_random")] in keys]
+
+
+def protocol_aggregates(match: dict, keys: list[str], reps: int) -> dict:
+    """The per-episode returns, IQM and mean with their intervals per (matchup, key), and the
+    probability of improvement over the random policy (paired: same seeds and episodes)."""
+    if not match:
+        return {"episode_returns": {}, "aggregates": {}, "improvement": {}}
+    returns = episode_returns(match, keys)
+    agg = {name: {key: protocol.interval_estimates(protocol.stack(per_seed)[1], reps)
+                  for key, per_seed in by_key.items()} for name, by_key in returns.items()}
+    better: dict = {}
+    for name, key in improvements_over_random(returns, keys):
+        x, y = (protocol.stack(returns[n][key])[1] for n in (name, RANDOM))
+        better.setdefault(f"{name} > {RANDOM}", {})[key] = protocol.improvement(x, y, reps)
+    return {"episode_returns": returns, "aggregates": agg, "improvement": better}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -188,6 +237,44 @@ def fmt(s: dict) -> str:
     if s["n"] == 1:
         return f"{s['median']:.2f}"
     return f"{s['median']:.2f} [{s['min']:.2f}, {s['max']:.2f}]"
+
+
+def fmt_ci(value: float, ci: list[float]) -> str:
+    return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def protocol_lines(r: dict) -> list[str]:
+    """The final checkpoints under the protocol: what was played, IQM and mean with intervals,
+    the probability of improvement over the random policy."""
+    pr = r.get("protocol")
+    if not pr or not r.get("aggregates"):
+        return []
+    keys = list(r["curves"])
+    bs = pr["bootstrap"]
+    tuned = ("**Tuning episodes**: settings chosen by their score here look better than they are on fresh "
+             "episodes; report on held-out ones with `--split report`." if pr["split"] == "tuning" else
+             "**Reporting episodes**: held out from tuning, on training seeds never used while tuning.")
+    lines = ["", f"The protocol (`matwm_fast/protocol.py`), split `{pr['split']}`: the final checkpoints of seeds "
+             f"{', '.join(map(str, r['seeds']))} on {pr['episodes_per_seed']} episodes each ({pr['layout']}). {tuned} "
+             f"Configurations tried on tuning episodes before this one: {pr['configs_tried']}. IQM and mean over all "
+             f"seeds × episodes returns, with {round(bs['confidence'] * 100)} % stratified-bootstrap intervals "
+             f"(rliable, {bs['reps']} resamples of the seeds and of the episodes within each):", "",
+             "| matchup | " + " | ".join(f"{label(k)}: IQM | {label(k)}: mean" for k in keys) + " |",
+             "|---|" + "---:|---:|" * len(keys)]
+    for name, by_key in r["aggregates"].items():
+        cells = []
+        for k in keys:
+            a = by_key.get(k)
+            cells += [fmt_ci(a["iqm"], a["iqm_ci"]), fmt_ci(a["mean"], a["mean_ci"])] if a else ["–", "–"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if r.get("improvement"):
+        lines += ["", "Probability of improvement over the random policy on the same episodes (paired; 0.5: "
+                  "level), with its interval:", "", "| comparison | " + " | ".join(label(k) for k in keys) + " |",
+                  "|---|" + "---:|" * len(keys)]
+        for name, by_key in r["improvement"].items():
+            lines.append(f"| {name} | " + " | ".join(fmt_ci(by_key[k]["p"], by_key[k]["p_ci"]) if k in by_key else "–"
+                                                     for k in keys) + " |")
+    return lines
 
 
 def label(key: str) -> str:
@@ -226,6 +313,7 @@ def markdown(result: dict, args) -> str:
                       "", "| matchup | " + " | ".join(label(k) for k in keys) + " |", "|---|" + "---:|" * len(keys)]
             for name, m in r["matchups"].items():
                 lines.append(f"| {name} | " + " | ".join(fmt(m[k]) for k in keys) + " |")
+            lines += protocol_lines(r)
         lines += ["", "Training diagnostics (first → last logged row after warm-up; agent means):", "",
                   "| seed | WM total | WM reward | WM rec | entropy | imag. reward | λ-return | return scale |",
                   "|---:|---|---|---|---|---|---|---|"]

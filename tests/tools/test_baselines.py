@@ -51,10 +51,13 @@ def test_nearest_reaches_the_landmarks():
 
 
 def test_evaluation_is_paired_with_the_sweep(tmp_path):
-    """Seed s plays the sweep's matchup episodes of seed s: its random policy is play's, there;
-    and the scripted policies rank as coordination predicts."""
-    res = heuristics.evaluate(seed=1, episodes=6, eval_seed=20_000)
-    assert res["evaluation"]["episode_seeds"] == [20_006, 20_011]
+    """Seed s plays the sweep's matchup episodes of seed s in the same split: its random policy is
+    play's, there; and the scripted policies rank as coordination predicts."""
+    res = heuristics.evaluate(seed=1, episodes=6)  # the tuning split, as before the protocol
+    assert res["evaluation"]["episode_seeds"] == [20_006, 20_011] and res["evaluation"]["split"] == "tuning"
+    assert heuristics.evaluate(seed=1, episodes=2, eval_seed=20_000)["evaluation"]["split"] is None  # off-protocol
+    rep = heuristics.evaluate(seed=101, episodes=2, split="report")["evaluation"]
+    assert (rep["split"], rep["episode_seeds"]) == ("report", [2_010_000, 2_010_001])
     returns, _, _ = play(None, None, EnvConfig(scenario="simple_spread"), 1, 6, 20_006, "cpu", random_policy=True)
     np.testing.assert_allclose(np.array(res["results"]["random"]["returns"]), returns, atol=1e-5)
     mean = {k: v["all"]["mean"] for k, v in res["results"].items()}
@@ -67,6 +70,11 @@ def test_evaluation_is_paired_with_the_sweep(tmp_path):
     (["--seeds", "-1"], "--seeds -1: must be 0 or more"),
     (["--episodes", "0"], "--episodes 0: must be at least 1"),
     (["--eval-seed", "-3"], "--eval-seed -3: must be 0 or more"),
+    (["--split", "report", "--seeds", "0", "101"], "--split report: seed 0 not allowed (it is a tuning seed); report "
+                                                   "runs use seeds 100–199"),
+    (["--split", "report", "--seeds", "100", "101", "102", "103", "104", "--episodes", "10"],
+     "--split report: 10 episodes per seed; a report result needs at least 50"),
+    (["--split", "report", "--eval-seed", "5"], "argument --eval-seed: not allowed with argument --split"),
 ])
 def test_heuristics_refuse_bad_arguments(tmp_path, args, says):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "baselines" / "heuristics.py"), *args,
@@ -113,12 +121,15 @@ def test_table_from_result_files(tmp_path):
     assert rc == 0
     text = readme.read_text()
     assert "old" not in text and text.endswith(f"{learning_table.END}\n\nafter\n")
-    assert "| MATWM | 2,000 | 3 | -20.0 [-22.0, -18.0] |" in text and "](learning/summary_simple_spread.png)" in text
+    tuning = "tuning episodes, no CI | —"  # files without a split: the tuning episodes, no configurations recorded
+    assert f"| MATWM | 2,000 | 3 | {tuning} | -20.0 [-22.0, -18.0] |" in text
+    assert "](learning/summary_simple_spread.png)" in text
     md = (learning / "summary.md").read_text()
-    assert "| MATWM | 2,000 | 3 | -20.0 [-22.0, -18.0] | -21.0 [-23.0, -19.0] |" in md
-    assert "| MAPPO (BenchMARL) | 20,000 | 2 | -35.0 [-40.0, -30.0] | -34.0 [-39.0, -29.0] |" in md
-    assert "| nearest landmark | no training | 3 | -18.0 [-19.0, -17.0] | -18.0 [-19.0, -17.0] |" in md
-    assert "| uniformly random | no training | 3 | -26.0 [-27.0, -25.0]" in md
+    assert f"| MATWM | 2,000 | 3 | {tuning} | -20.0 [-22.0, -18.0] | -21.0 [-23.0, -19.0] |" in md
+    assert f"| MAPPO (BenchMARL) | 20,000 | 2 | {tuning} | -35.0 [-40.0, -30.0] | -34.0 [-39.0, -29.0] |" in md
+    assert f"| nearest landmark | no training | 3 | {tuning} | -18.0 [-19.0, -17.0] | -18.0 [-19.0, -17.0] |" in md
+    assert f"| uniformly random | no training | 3 | {tuning} | -26.0 [-27.0, -25.0]" in md
+    assert "#### Tuning episodes (tuning episodes, no CI" in md and "Reporting episodes" not in md
     assert "simple_tag" not in md  # no results for it: no section
     rows = [line for line in md.splitlines() if line.startswith("| ") and "policy" not in line]
     assert [r.split(" | ")[0] for r in rows] == ["| MATWM", "| MAPPO (BenchMARL)", "| uniformly random",
@@ -138,10 +149,73 @@ def test_a_run_continued_to_a_larger_budget_is_a_second_row(tmp_path):
             "matchups": {"trained": {"all": stats([v, v - 2])}, "random": {"all": stats([-27.0, -28.0])}}}}})
     assert learning_table.main(["--results", str(learning), "--readme", str(tmp_path / "none.md")]) == 0
     md = (learning / "summary.md").read_text()
-    assert f"| {label} | 2,000 | 2 | -20.0 [-21.0, -19.0] |" in md
-    assert f"| {label} | 5,000 | 2 | -16.0 [-17.0, -15.0] |" in md
+    assert f"| {label} | 2,000 | 2 | tuning episodes, no CI | — | -20.0 [-21.0, -19.0] |" in md
+    assert f"| {label} | 5,000 | 2 | tuning episodes, no CI | — | -16.0 [-17.0, -15.0] |" in md
     summary = json.loads((learning / "summary.json").read_text())["simple_spread"]
     assert summary[f"{label} @ 5000"]["greedy"] == [-15.0, -17.0]
+
+
+def heuristic_file(seed: int, returns: dict[str, np.ndarray], split: str) -> dict:
+    """heuristics.py's file for one seed: per policy its (E, 3) returns, as play.report writes them."""
+    from matwm_fast import protocol
+    from matwm_fast.config import EnvConfig
+    from matwm_fast.env import env_spec
+    from matwm_fast.play import report
+
+    spec = env_spec(EnvConfig(scenario="simple_spread"))
+    e = len(next(iter(returns.values())))
+    return {"seed": seed, "evaluation": protocol.episode_block(split, seed, e),
+            "results": {m: report(r, spec) for m, r in returns.items()}}
+
+
+def test_reporting_rows_get_intervals_and_tuning_counts(tmp_path):
+    """A reporting sweep and the heuristics on the reporting episodes: their own table, IQM and mean
+    with intervals (the protocol's), P(> nearest landmark) paired per seed, the configurations tried;
+    the files of the tuning split below them as before, marked."""
+    from matwm_fast import protocol
+
+    learning, reps = tmp_path / "learning", 100
+    rng = np.random.default_rng(0)
+    seeds, episodes = [100, 101, 102, 103, 104], 8
+    nearest = {s: rng.normal(-18, 3, (episodes, 3)) for s in seeds}  # (E, N) per seed
+    matwm = {s: nearest[s] + 20 for s in seeds}  # every episode far better than the heuristic's
+    per_ep = {str(s): nearest[s].mean(1).tolist() for s in seeds}
+    mine = {str(s): matwm[s].mean(1).tolist() for s in seeds}
+    write(learning / "report" / "cpu" / "simple_spread" / "results.json", {"envs": {"simple_spread": {
+        "seeds": seeds, "steps": [1000, 2000], "curves": {"all": {"2000": stats([-1.0] * 5)}},
+        "matchups": {"trained": {"all": stats([float(np.mean(v)) for v in mine.values()])},
+                     "random": {"all": stats([-27.0] * 5)}},
+        "protocol": {**protocol.describe("report"), "configs_tried": 30,
+                     "episode_seeds": {str(s): protocol.first_episode("report", s, episodes) for s in seeds}},
+        "episode_returns": {"trained": {"all": mine}, "random": {"all": per_ep}}}}})
+    for s in seeds:
+        write(learning / "report" / "baselines" / "simple_spread" / "heuristics" / f"seed{s}.json",
+              heuristic_file(s, {"noop": nearest[s] - 5, "nearest": nearest[s], "assignment": nearest[s] + 8,
+                                 "random": nearest[s] - 9}, "report"))
+    for s in range(3):  # the tuning split's heuristics
+        write(learning / "baselines" / "simple_spread" / "heuristics" / f"seed{s}.json",
+              heuristic_file(s, {m: np.full((4, 3), v) for m, v in
+                                 (("noop", -23.0), ("nearest", -17.0), ("assignment", -9.0), ("random", -27.0))},
+                             "tuning"))
+    assert learning_table.main(["--results", str(learning), "--readme", str(tmp_path / "none.md"),
+                                "--bootstrap-reps", str(reps)]) == 0
+    md = (learning / "summary.md").read_text()
+    report_part, tuning_part = md.split("#### Tuning episodes")
+    assert "#### Reporting episodes (held out: training seeds 100–199" in report_part
+    row = next(line for line in report_part.splitlines() if line.startswith("| MATWM, `cpu` preset |"))
+    assert row.startswith("| MATWM, `cpu` preset | 2,000 | 5 × 8 | 30 | IQM ")
+    assert "<br>mean " in row and "<br>P(> nearest landmark) 1.00 [1.00, 1.00]" in row
+    near = next(line for line in report_part.splitlines() if line.startswith("| nearest landmark |"))
+    assert "| no training | 5 × 8 | — | IQM " in near and "P(>" not in near  # the reference itself
+    assert "| nearest landmark | no training | 3 | tuning episodes, no CI | — | -17.0 [-17.0, -17.0] |" in tuning_part
+    assert "MATWM, `cpu` preset" not in tuning_part
+    summary = json.loads((learning / "summary.json").read_text())["simple_spread"]
+    got = summary["report"]["MATWM, `cpu` preset @ 2000"]
+    want = protocol.interval_estimates(np.array([mine[str(s)] for s in seeds]), reps)
+    assert got["aggregates"]["greedy"] == want and got["configs_tried"] == 30
+    p = protocol.improvement(np.array([mine[str(s)] for s in seeds]), np.array([per_ep[str(s)] for s in seeds]), reps)
+    assert got["improvement"]["greedy"] == {**p, "over": "nearest landmark"}
+    assert summary["nearest landmark @ None"]["split"] == "tuning"
 
 
 def test_table_refuses_a_missing_directory(tmp_path):

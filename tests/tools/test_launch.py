@@ -33,7 +33,7 @@ from support import subprocess_env
 HAS_RAY = importlib.util.find_spec("ray") is not None
 STEPS, CKPT_EVERY = 300, 50
 SWEEP = ["--env", "simple_tag", "--seeds", "0", "1", "--preset", "smoke", "--steps", str(STEPS), "--eval-every", "100",
-         "--eval-episodes", "2", "--threads", "1"]
+         "--eval-episodes", "2", "--threads", "1", "--bootstrap-reps", "100"]  # the plumbing, not the statistics
 TRAIN = ["--", "--max-cycles", "10", "--checkpoint-every", str(CKPT_EVERY), "--log-every", "10"]
 
 

@@ -60,6 +60,27 @@ def test_bad_arguments_are_refused(tmp_path, args, says):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--split", "report", "--seed", "0"],
+     "--split report: seed 0 not allowed (it is a tuning seed); report runs use seeds 100–199"),
+    (["--seed", "100"], "--split tuning: seed 100 not allowed (it is a report seed); tuning runs use seeds 0–99"),
+    (["--split", "report", "--seed", "100", "--episodes", "20"],
+     "--split report: 20 episodes per seed; a report result needs at least 50"),
+    (["--split", "report", "--eval-seed", "7"], "argument --eval-seed: not allowed with argument --split"),
+])
+def test_the_protocols_splits_are_checked(tmp_path, monkeypatch, capsys, args, says):
+    """The seed must be the split's, a report has 50 episodes or more (matwm_fast/protocol.py);
+    refused before anything is trained or written (in this process: the checks need no library)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import model_free
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        model_free.main(["train", "--scenario", "simple_spread", "--algo", "mappo", *args])
+    assert e.value.code == 2 and f"error: {says}" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_table_refuses_an_empty_results_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = script("table", "--results", "empty", cwd=tmp_path)
@@ -115,6 +136,7 @@ def test_tiny_run_writes_policies_and_evaluations(tiny_run):
         assert res["group_map"] == {"adversary": TAG[:3], "agent": TAG[3:]}
         # the sweep's matchup episodes of seed 1: 20,000 + 1·2, two episodes
         assert res["evaluation"]["episodes"] == 2 and res["evaluation"]["seed"] == 20_002
+        assert res["evaluation"]["split"] == "tuning"
         assert set(res["results"]) == {"greedy", "sampled", "random", "adversary_vs_random", "agent_vs_random"}
         for name, r in res["results"].items():
             returns = np.array(r["returns"])  # (E, N)

@@ -12,14 +12,18 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from matwm_fast import checkpoint as ck
+from matwm_fast import protocol
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 STEPS, EVAL_EVERY, EPISODES, MAX_CYCLES = 60, 20, 2, 10  # smoke warm-up is 40 steps: evals at 40 and 60
+REPS = 100  # bootstrap resamples: the plumbing, not the statistics (tests/test_protocol.py)
 
 
 def sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -30,16 +34,30 @@ def sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_tiny_sweep_writes_table_and_plot(tmp_path, capsys):
+def test_tiny_sweep_writes_table_and_plot(tmp_path, capsys, monkeypatch):
     out, res = tmp_path / "runs", tmp_path / "results"
     common = ["--env", "simple_tag", "--seeds", "0", "1", "--preset", "smoke", "--steps", str(STEPS),
               "--eval-every", str(EVAL_EVERY), "--eval-episodes", str(EPISODES), "--out", str(out),
-              "--results", str(res)]
-    sweep(tmp_path, *common, "--jobs", "2", "--", "--max-cycles", str(MAX_CYCLES))
+              "--results", str(res), "--split", "tuning", "--bootstrap-reps", str(REPS)]
+    sweep(tmp_path, *common, "--configs-tried", "3", "--jobs", "2", "--", "--max-cycles", str(MAX_CYCLES))
     for seed in (0, 1):
         assert (out / "simple_tag" / f"seed{seed}" / "metrics.jsonl").exists()
         assert (out / "simple_tag" / f"seed{seed}" / "matchups.json").exists()
     r = json.loads((res / "results.json").read_text())["envs"]["simple_tag"]
+    # the protocol: the tuning split's episodes (seed s: 20,000 + s·E + e), every episode's return kept,
+    # IQM and mean with intervals, P(improvement) over random, and the configurations tried
+    assert r["protocol"]["split"] == "tuning" and r["protocol"]["configs_tried"] == 3
+    assert r["protocol"]["episode_seeds"] == {"0": 20_000, "1": 20_000 + EPISODES}
+    m = json.loads((out / "simple_tag" / "seed1" / "matchups.json").read_text())
+    assert m["key"]["split"] == "tuning" and len(m["results"]["trained"]["returns"]) == EPISODES
+    trained = r["episode_returns"]["trained"]["all"]
+    assert sorted(trained) == ["0", "1"] and all(len(v) == EPISODES for v in trained.values())
+    assert trained["1"] == pytest.approx(np.mean(m["results"]["trained"]["returns"], axis=1).tolist())
+    agg = r["aggregates"]["trained"]["all"]
+    assert agg["mean"] == pytest.approx(np.mean(list(trained.values())))
+    assert agg["mean_ci"][0] <= agg["mean"] <= agg["mean_ci"][1] and (agg["seeds"], agg["episodes"]) == (2, EPISODES)
+    assert set(r["improvement"]["trained > random"]) == {"all", "adversary", "agent"}
+    assert set(r["improvement"]["agent_vs_random > random"]) == {"agent"}
     assert r["seeds"] == [0, 1]
     assert r["steps"] == [40, 60]
     assert set(r["curves"]) == {"all", "adversary", "agent"}  # competitive: per team too
@@ -49,6 +67,8 @@ def test_tiny_sweep_writes_table_and_plot(tmp_path, capsys):
     assert r["matchups"]["random"]["adversary"]["n"] == 2
     md = (res / "results.md").read_text()
     assert "| 60 | 2 |" in md and "adversary_vs_random" in md
+    assert "split `tuning`" in md and "**Tuning episodes**" in md and "before this one: 3." in md
+    assert "| trained > random |" in md
     png = res / "learning_simple_tag.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -83,6 +103,26 @@ def test_tiny_sweep_writes_table_and_plot(tmp_path, capsys):
     assert ("Preset `smoke`, 60 env steps per run, episodes of 10 steps; greedy evaluation every 20 env steps on "
             "2 episodes.") in md
     assert "cpu" not in md and "Command" not in md
+
+    # the report split: its seeds only, its minimums, its episodes. The plumbing on the runs above copied to
+    # seeds 100 and 101 (aggregation only, so no new training), with the protocol's minimums lowered to fit
+    rep = tmp_path / "report"
+    for s, t in ((0, 100), (1, 101)):
+        shutil.copytree(out / "simple_tag" / f"seed{s}", rep / "simple_tag" / f"seed{t}",
+                        ignore=shutil.ignore_patterns("matchups.json"))
+    report = ["--env", "simple_tag", "--preset", "smoke", "--out", str(rep), "--split", "report", "--aggregate-only",
+              "--bootstrap-reps", str(REPS), "--eval-episodes", str(EPISODES)]
+    with pytest.raises(SystemExit) as e:
+        sw.main([*report, "--seeds", "100", "101"])
+    assert e.value.code == 2 and "--split report: 2 seeds given; a report result needs at least 5" in capsys.readouterr().err
+    monkeypatch.setitem(protocol.SPLITS, "report", replace(protocol.SPLITS["report"], min_seeds=2, min_episodes=2))
+    assert sw.main([*report, "--seeds", "100", "101", "--configs-tried", "30"]) == 0
+    r = json.loads((rep / "results.json").read_text())["envs"]["simple_tag"]
+    assert r["protocol"]["split"] == "report" and r["protocol"]["configs_tried"] == 30
+    assert r["protocol"]["episode_seeds"] == {"100": 2_000_000, "101": 2_010_000}
+    assert json.loads((rep / "simple_tag" / "seed101" / "matchups.json").read_text())["key"] == {
+        "step": 60, "episodes": EPISODES, "seed": 2_010_000, "split": "report"}
+    assert "**Reporting episodes**" in (rep / "results.md").read_text()
 
     # --aggregate-only over seeds that differ in more than the seed is refused: one median would mix them
     other = tmp_path / "mixed"
@@ -158,3 +198,24 @@ def test_a_damaged_checkpoint_counts_as_one(tmp_path):
     assert ck.has_checkpoint(d) and sw.is_complete(d, 60) and not sw.is_complete(d, 70)
     with pytest.raises(ck.CheckpointError, match="names step_000000060.pt, which is missing"):
         ck.resolve(d)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--split", "report", "--seeds", "100", "1", "2", "103", "104"],
+     "--split report: seeds 1, 2 not allowed (they are tuning seeds); report runs use seeds 100–199 — seeds never "
+     "used while tuning, e.g. --seeds 100 101 102 103 104"),
+    (["--split", "report", "--seeds", "100", "101", "102", "103", "104", "--eval-episodes", "20"],
+     "--split report: 20 episodes per seed; a report result needs at least 50"),
+    (["--seeds", "0", "100"], "--split tuning: seed 100 not allowed (it is a report seed); tuning runs use seeds 0–99"),
+    (["--configs-tried", "0"], "--configs-tried 0: must be at least 1"),
+])
+def test_the_protocol_is_checked_before_anything_starts(tmp_path, capsys, args, says):
+    """A reporting sweep on a tuning seed exits 2 naming the seed and the allowed ones (and the
+    other refusals of the protocol), before any run directory is made."""
+    from matwm_fast.tools import sweep as sw
+
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        sw.main(["--env", "simple_spread", "--preset", "smoke", "--out", str(out), *args])
+    assert e.value.code == 2 and f"error: {says}" in capsys.readouterr().err
+    assert not out.exists()
