@@ -25,11 +25,15 @@ Tensor = torch.Tensor
 
 
 class ContextQueues:
-    """Per-agent rolling (observation, action) history, preallocated: (N, L, O), (N, L); the valid
-    steps are the first ``count`` (kept on the host, and mirrored in a 0-dim device tensor)."""
+    """Per-agent rolling (observation, action) history, preallocated: (N, L, *obs_shape), (N, L); the
+    valid steps are the first ``count`` (kept on the host, and mirrored in a 0-dim device tensor).
+    Observations keep the env's dtype: float32 vectors (N, L, O) or uint8 frames (N, L, C, H, W)."""
 
-    def __init__(self, n_agents: int, obs_dim: int, length: int, device):
-        self.obs = torch.zeros(n_agents, length, obs_dim, device=device)  # (N, L, O)
+    def __init__(self, n_agents: int, obs_shape: int | tuple[int, ...], length: int, device,
+                 obs_dtype: torch.dtype | str = torch.float32):
+        shape = (obs_shape,) if isinstance(obs_shape, int) else tuple(obs_shape)
+        dtype = getattr(torch, obs_dtype) if isinstance(obs_dtype, str) else obs_dtype
+        self.obs = torch.zeros(n_agents, length, *shape, dtype=dtype, device=device)  # (N, L, *obs_shape)
         self.act = torch.zeros(n_agents, length, dtype=torch.long, device=device)  # (N, L)
         self.length, self.count = length, 0
         self.count_t = torch.zeros((), dtype=torch.long, device=device)  # ()
@@ -39,7 +43,7 @@ class ContextQueues:
         self.count_t.fill_(0)
 
     def push(self, obs: Tensor, act: Tensor) -> None:
-        """Append one step (obs (N, O), act (N,)), dropping the oldest when full."""
+        """Append one step (obs (N, *obs_shape), act (N,)), dropping the oldest when full."""
         if self.count == self.length:
             # rolled into the same storage: the acting graph reads the queue at a fixed address
             self.obs.copy_(self.obs.roll(-1, dims=1))
@@ -60,7 +64,7 @@ class ContextQueues:
         self.count_t.fill_(self.count)
 
     def view(self) -> tuple[Tensor, Tensor]:
-        """The valid steps only: (N, count, O), (N, count)."""
+        """The valid steps only: (N, count, *obs_shape), (N, count)."""
         return self.obs[:, : self.count], self.act[:, : self.count]
 
 
@@ -75,8 +79,9 @@ def history_mask(valid: Tensor) -> Tensor:
 @torch.no_grad()
 def policy_step(wm: WorldModel, ac: ActorCritic, past_obs: Tensor, past_act: Tensor, count: Tensor, obs: Tensor,
                 greedy: bool = False) -> Tensor:
-    """past_obs (N, L, O), past_act (N, L) the queue of which the first ``count`` (0-dim) steps are
-    this episode's; obs (N, O) now → actions (N,)."""
+    """past_obs (N, L, *obs_shape), past_act (N, L) the queue of which the first ``count`` (0-dim)
+    steps are this episode's; obs (N, *obs_shape) now (float32 vectors or uint8 frames, as the
+    world model takes them) → actions (N,)."""
     n, length = past_act.shape
     agent = torch.arange(n, device=obs.device)  # (N,)
     z, _ = wm.posterior(torch.cat([past_obs, obs[:, None]], dim=1))  # (N, L+1, K·C): queue, then now

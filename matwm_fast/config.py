@@ -23,6 +23,9 @@ from typing import Any
 from .kernels import IMPLS
 
 DERIVED = {"derived": True}  # field metadata: filled by resolve(), not a flag
+# field metadata: added after runs were written; a saved config without it takes its preset's value
+# (what that run ran, since the field changed nothing before it existed): load_config
+LATER = {"later": True}
 # how the step functions may run (matwm_fast.runtime; RunConfig.backend's docstring says what each is)
 BACKENDS = ("eager", "graphs", "compile", "cudagraphs")
 
@@ -30,11 +33,15 @@ BACKENDS = ("eager", "graphs", "compile", "cudagraphs")
 @dataclass(frozen=True)
 class EnvConfig:
     scenario: str = "simple_tag"
-    """MPE2 scenario: one of matwm_fast.env.SCENARIOS (simple_tag, simple_spread, ...)."""
+    """Scenario: an MPE2 one of matwm_fast.env.SCENARIOS (simple_tag, simple_spread, ...) or a
+    PettingZoo Butterfly one of matwm_fast.butterfly.SCENARIOS (cooperative_pong, pistonball,
+    knights_archers_zombies: image observations, pip install 'matwm_fast[butterfly]')."""
     max_cycles: int = 25
-    """Episode length: the env truncates (not terminates) after this many steps."""
+    """Episode length: the env truncates (not terminates) after this many steps (the presets take
+    each Butterfly game's own: 900, 125, 900; SCENARIO_DEFAULTS)."""
     kwargs: tuple[tuple[str, Any], ...] = ()
-    """Extra scenario parameters as KEY=VALUE pairs (num_good, num_adversaries, num_obstacles, N, ...)."""
+    """Extra scenario parameters as KEY=VALUE pairs (num_good, num_adversaries, num_obstacles, N,
+    n_pistons, num_archers, ...)."""
 
 
 @dataclass(frozen=True)
@@ -46,9 +53,15 @@ class WorldModelConfig:
     unimix: float = 0.01
     """Uniform mixture weight of every categorical (posterior, prior): 0.99·softmax + 0.01/C."""
     mlp_width: int = 512
-    """Width of the encoder and decoder MLPs."""
+    """Width of the encoder and decoder MLPs (vector observations)."""
     mlp_layers: int = 3
-    """Hidden layers (Linear→LayerNorm→SiLU) of the encoder and of the decoder."""
+    """Hidden layers (Linear→LayerNorm→SiLU) of the encoder and of the decoder (vector observations)."""
+    cnn_channels: int = field(default=32, metadata=LATER)
+    """Image observations: channels of the encoder's first 4×4 stride-2 convolution, doubled at each
+    further stage; the decoder mirrors them (STORM: 32, so 32-64-128-256)."""
+    cnn_stages: int = field(default=4, metadata=LATER)
+    """Image observations: stride-2 convolution stages of the encoder (transposed ones of the
+    decoder), each halving the frame's sides (STORM: 4, 64×64 frames down to 4×4)."""
     width: int = 512
     """D: width of the sequence model (transformer) and of the action mixer."""
     layers: int = 2
@@ -83,7 +96,8 @@ class WorldModelConfig:
     """Dropout on the residual branches (attention, feed-forward) of both transformers while the
     world model trains (STORM uses 0.1; imagination and acting never drop)."""
     recon_symlog: bool = False
-    """Reconstruct symlog(obs) (DreamerV3) instead of the raw observation the encoder sees symlogged."""
+    """Reconstruct symlog(obs) (DreamerV3) instead of the raw observation the encoder sees symlogged
+    (vector observations; frames are reconstructed in [0, 1], as STORM)."""
     teammates: bool = True
     """The teammate predictor (paper §4.3).  Off (the paper's ablation): no teammate loss, and the
     agent state's teammate part is a constant, the uniform distribution over each teammate's actions."""
@@ -251,7 +265,7 @@ def _cpu() -> Config:
         preset="cpu",
         wm=replace(c.wm, latent_vars=16, latent_classes=16, mlp_width=128, mlp_layers=2, width=128,
                    layers=2, heads=4, max_len=32, head_width=128, tp_width=64, tp_heads=2,
-                   batch_size=12, seq_len=32, lr=3e-4),
+                   batch_size=12, seq_len=32, lr=3e-4, cnn_channels=8),
         ac=replace(c.ac, mlp_width=128, imag_batch=64, horizon=8, context_len=8),
         replay=replace(c.replay, warmup=500, capacity=20_000),
         run=replace(c.run, steps=3_000, log_every=100, checkpoint_every=1_000),
@@ -266,7 +280,7 @@ def _smoke() -> Config:
         preset="smoke",
         wm=replace(c.wm, latent_vars=4, latent_classes=4, mlp_width=32, mlp_layers=1, width=32, layers=1,
                    heads=2, max_len=16, head_width=32, tp_width=16, tp_heads=2, reward_bins=31,
-                   batch_size=4, seq_len=8, lr=1e-3),
+                   batch_size=4, seq_len=8, lr=1e-3, cnn_channels=2),
         ac=replace(c.ac, mlp_width=32, mlp_layers=1, imag_batch=6, horizon=3, context_len=4),
         replay=replace(c.replay, warmup=40, capacity=500),
         train=replace(c.train, act_context=6),
@@ -293,6 +307,17 @@ SCENARIO_TUNING: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# Every preset's settings for a scenario unlike MPE2's (applied by preset() before the tuning above):
+# the Butterfly games' episode lengths, PettingZoo's defaults (tests/test_butterfly.py checks them);
+# Pistonball's 20 pistons get one world-model sequence each, as no preset's batch (16, 12, 4) covers
+# them and the paper does not say how it split its 16 (docs/training.md, image scenarios)
+SCENARIO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cooperative_pong": {"env.max_cycles": 900},
+    "pistonball": {"env.max_cycles": 125, "wm.batch_size": 20},
+    "knights_archers_zombies": {"env.max_cycles": 900},
+}
+
+
 def with_fields(cfg: Config, values: dict[str, Any]) -> Config:
     """``cfg`` with ``{"section.field": value}`` set (the one place a flat override is applied)."""
     sections: dict[str, dict[str, Any]] = {}
@@ -309,6 +334,7 @@ def preset(name: str, scenario: str | None = None) -> Config:
     cfg = PRESETS[name]()
     scenario = scenario or cfg.env.scenario
     cfg = replace(cfg, env=replace(cfg.env, scenario=scenario))
+    cfg = with_fields(cfg, SCENARIO_DEFAULTS.get(scenario, {}))
     return with_fields(cfg, SCENARIO_TUNING.get(name, {}).get(scenario, {}))
 
 
@@ -335,6 +361,8 @@ RULES: dict[str, tuple] = {
     "env.max_cycles": _int(1),
     "wm.latent_vars": _int(1), "wm.latent_classes": _int(2), "wm.unimix": _num(0, 1, hi_open=True),
     "wm.mlp_width": _int(1), "wm.mlp_layers": _int(0), "wm.width": _int(1), "wm.layers": _int(1),
+    # the frames' size is checked against the stages when the model is built (vision.check_frames)
+    "wm.cnn_channels": _int(1, 4096), "wm.cnn_stages": _int(1, 10),
     "wm.heads": _int(1), "wm.ffn_mult": _int(1), "wm.max_len": _int(2), "wm.head_width": _int(1),
     "wm.tp_width": _int(1), "wm.tp_layers": _int(1), "wm.tp_heads": _int(1), "wm.reward_bins": _int(2),
     "wm.bins_low": _num(-1e6, 1e6), "wm.bins_high": _num(-1e6, 1e6), "wm.dyn_weight": _num(0, 1e6),
@@ -468,7 +496,8 @@ def load_config(d: Any) -> Config:
     """A dict written by :meth:`Config.to_dict` (``config.json``, a checkpoint) → Config.
 
     Unknown and missing fields are named; a missing ``run`` field (one a later version added:
-    it says how to run, not what is learned) takes its default.
+    it says how to run, not what is learned) takes its default, a missing field marked
+    :data:`LATER` the value of the config's preset.
     """
     if not isinstance(d, dict):
         raise ValueError("config is not a mapping")
@@ -477,8 +506,13 @@ def load_config(d: Any) -> Config:
         have = d.get(sec) if isinstance(d.get(sec), dict) else {}
         fields = {f.name: f for f in dataclasses.fields(cls)}
         problems += [f"unknown field {sec}.{k}" for k in sorted(set(have) - set(fields))]
-        problems += [f"missing field {sec}.{k}" for k in sorted(set(fields) - set(have)) if sec != "run"]
+        problems += [f"missing field {sec}.{k}" for k in sorted(set(fields) - set(have))
+                     if sec != "run" and not fields[k].metadata.get("later")]
         clean[sec] = {k: v for k, v in have.items() if k in fields}
+        later = [k for k in fields if k not in have and fields[k].metadata.get("later")]
+        if later:
+            base = getattr(PRESETS[clean["preset"]]() if clean["preset"] in PRESETS else Config(), sec)
+            clean[sec] |= {k: getattr(base, k) for k in later}
     if problems:
         raise ValueError("config was written by an incompatible version of matwm_fast: " + "; ".join(problems))
     try:

@@ -5,6 +5,11 @@ into fixed-shape numpy arrays: observations (N, O) zero-padded to the largest ag
 actions as integers in [0, A) with A the largest action count; an agent's padded actions are
 masked out (``action_mask``) so no policy can pick them.  A time-limit truncation ends the
 episode but is not a termination: the continuation flag stays 1 (SPEC §2).
+
+The PettingZoo Butterfly scenarios (image observations, :mod:`matwm_fast.butterfly`) sit behind
+the same interface: ``MultiAgentEnv(cfg)`` of a Butterfly scenario is a
+:class:`~matwm_fast.butterfly.ButterflyEnv`, whose observations are (N, C, H, W) uint8 frames
+(``EnvSpec.obs_shape``, ``EnvSpec.obs_dtype``).
 """
 
 from __future__ import annotations
@@ -36,34 +41,60 @@ SCENARIOS = {
 _RESERVED = {"continuous_actions", "render_mode", "max_cycles", "benchmark_data"}
 
 
+def is_butterfly(scenario: str) -> bool:
+    """Whether ``scenario`` is one of the PettingZoo Butterfly (image) scenarios."""
+    from .butterfly import SCENARIOS as BUTTERFLY
+
+    return scenario in BUTTERFLY
+
+
+def scenario_names() -> list[str]:
+    """Every scenario ``--scenario`` takes: the MPE2 ones, then the Butterfly ones."""
+    from .butterfly import SCENARIOS as BUTTERFLY
+
+    return [*SCENARIOS, *BUTTERFLY]
+
+
 def _module(scenario: str):
     if scenario not in SCENARIOS:
-        raise ValueError(f"--env.scenario {scenario!r}: unknown scenario; valid scenarios: {', '.join(SCENARIOS)}")
+        raise ValueError(f"--env.scenario {scenario!r}: unknown scenario; valid scenarios: {', '.join(scenario_names())}")
     return importlib.import_module(f"mpe2.{SCENARIOS[scenario]}")
 
 
 def scenario_params(scenario: str) -> dict[str, Any]:
     """The settable parameters of a scenario and their defaults."""
+    if is_butterfly(scenario):
+        from . import butterfly
+
+        return butterfly.scenario_params(scenario)
     sig = inspect.signature(_module(scenario).raw_env.__init__)
     return {k: p.default for k, p in sig.parameters.items() if k != "self" and k not in _RESERVED}
 
 
 def parse_kwargs(scenario: str, pairs: list[str] | tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
-    """``["num_good=2", ...]`` → validated ((key, value), ...), values parsed as Python literals."""
-    valid = scenario_params(scenario)
+    """``["num_good=2", ...]`` → validated ((key, value), ...), values parsed as Python literals
+    (a value that is none stays a string); MPE2's parameters checked here, Butterfly's by
+    :func:`matwm_fast.butterfly.check_kwargs`."""
     out = []
     for pair in pairs:
         if "=" not in pair:
             raise ValueError(f"scenario parameter {pair!r} must look like KEY=VALUE")
         key, raw = pair.split("=", 1)
-        if key not in valid:
-            raise ValueError(
-                f"{scenario} has no parameter {key!r}; valid: {', '.join(valid)} (and --env.max-cycles)")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
         out.append((key, value))
+    if is_butterfly(scenario):
+        from . import butterfly
+
+        butterfly.check_kwargs(scenario, tuple(out))
+        return tuple(out)
+    valid = scenario_params(scenario)
+    for key, _ in out:
+        if key not in valid:
+            raise ValueError(
+                f"{scenario} has no parameter {key!r}; valid: {', '.join(valid)} (and --env.max-cycles)")
     check_kwargs(scenario, tuple(out))
     return tuple(out)
 
@@ -75,6 +106,10 @@ _RATIOS = {"local_ratio"}
 
 def check_kwargs(scenario: str, kwargs: tuple[tuple[str, Any], ...]) -> None:
     """Each parameter against the type of the scenario's own default and a sane range."""
+    if is_butterfly(scenario):
+        from . import butterfly
+
+        return butterfly.check_kwargs(scenario, kwargs)
     valid = scenario_params(scenario)
     for key, value in kwargs:
         if key not in valid:
@@ -108,6 +143,26 @@ class EnvSpec:
     """Unpadded observation size of each agent."""
     action_counts: tuple[int, ...]
     """Number of discrete actions of each agent."""
+    obs_shape: tuple[int, ...] = ()
+    """One agent's observation as the env hands it out: ``(O,)`` for vector scenarios (O =
+    :attr:`obs_dim`, filled in when left empty), ``(C, H, W)`` for image scenarios.  Models
+    branch on ``len(obs_shape)``."""
+    obs_dtype: str = "float32"
+    """The observations' dtype: ``float32`` for vectors, ``uint8`` for image frames (stored as
+    such everywhere: env arrays, replay, queues, staged inputs; the world model converts)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "obs_shape", tuple(int(x) for x in self.obs_shape) or (max(self.obs_sizes),))
+        image = len(self.obs_shape) == 3
+        if (len(self.obs_shape), self.obs_dtype) not in ((1, "float32"), (3, "uint8")) or (
+                image and set(self.obs_sizes) != {int(np.prod(self.obs_shape))}):
+            raise ValueError(f"EnvSpec: obs_shape {self.obs_shape} / obs_dtype {self.obs_dtype!r} / obs_sizes "
+                             f"{self.obs_sizes}: want (O,) float32, or (C, H, W) uint8 with every size C·H·W")
+
+    @property
+    def is_image(self) -> bool:
+        """Whether observations are image frames (C, H, W), not vectors."""
+        return len(self.obs_shape) == 3
 
     @property
     def n_agents(self) -> int:
@@ -130,7 +185,9 @@ class EnvSpec:
         return teams
 
     def obs_mask(self) -> np.ndarray:
-        """(N, O) 1 for an agent's real observation features, 0 for padding."""
+        """(N, O) 1 for an agent's real observation features, 0 for padding.  Meaningful for
+        vector scenarios only: an image scenario's frames have no padding (all ones over
+        O = C·H·W), and the image world model does not use it."""
         return (np.arange(self.obs_dim)[None] < np.array(self.obs_sizes)[:, None]).astype(np.float32)
 
     def action_mask(self) -> np.ndarray:
@@ -139,7 +196,17 @@ class EnvSpec:
 
 
 class MultiAgentEnv:
-    """A PettingZoo MPE2 parallel env with padded array observations and actions."""
+    """A PettingZoo MPE2 parallel env with padded array observations and actions.
+
+    Constructed with a Butterfly scenario it is a :class:`matwm_fast.butterfly.ButterflyEnv`
+    (the same methods; observations are uint8 frames): every caller builds envs this one way."""
+
+    def __new__(cls, cfg: EnvConfig, *args, **kwargs):
+        if cls is MultiAgentEnv and is_butterfly(cfg.scenario):
+            from .butterfly import ButterflyEnv
+
+            cls = ButterflyEnv
+        return super().__new__(cls)
 
     def __init__(self, cfg: EnvConfig, seed: int = 0, render_mode: str | None = None):
         mod = _module(cfg.scenario)
@@ -174,18 +241,23 @@ class MultiAgentEnv:
         self._needs_reset = False
         return self._obs
 
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-        """Act with (N,) integer actions; returns (obs (N, O), rewards (N,), continues (N,), done).
-
-        ``continues`` is 0 only for an agent that really terminated; ``done`` says the episode is
-        over (termination or time limit) and the caller must ``reset``.
-        """
+    def _check_actions(self, actions: np.ndarray) -> np.ndarray:
+        """(N,) integer actions, each within its agent's count, in an episode still running."""
         if self._needs_reset:
             raise RuntimeError("episode is over: call reset() before step()")
         actions = np.asarray(actions).reshape(-1)
         for i, n in enumerate(self.spec.action_counts):
             if not 0 <= actions[i] < n:
                 raise ValueError(f"action {actions[i]} of {self.spec.agents[i]} outside [0, {n})")
+        return actions
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        """Act with (N,) integer actions; returns (obs (N, O), rewards (N,), continues (N,), done).
+
+        ``continues`` is 0 only for an agent that really terminated; ``done`` says the episode is
+        over (termination or time limit) and the caller must ``reset``.
+        """
+        actions = self._check_actions(actions)
         live = self.env.agents
         obs, rew, term, trunc, _ = self.env.step(
             {a: int(actions[i]) for i, a in enumerate(self.spec.agents) if a in live})

@@ -9,6 +9,8 @@ prints the mean ± std of episode returns per agent, per team and overall.  The 
 ``RUN_DIR/eval_step_<step>.json`` (``_sample``/``_random`` suffix for those policies).  Episode e
 plays ``reset(seed=--seed + e)``, or with ``--split tuning|report`` the evaluation protocol's
 episodes of the run's training seed (:mod:`matwm_fast.protocol`, the sweep's matchup episodes).
+For an image scenario (Butterfly) each video frame shows the game beside the 64 × 64 frames the
+agents see, the world model's input.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ def build_parser() -> Parser:
     mode.add_argument("--random", dest="mode", action="store_const", const="random",
                       help="uniformly random actions: the baseline a policy should beat")
     p.set_defaults(mode="greedy")
-    p.add_argument("--video", metavar="FILE", default=None, help="record episodes to FILE (.gif, or .mp4 with imageio-ffmpeg)")
+    p.add_argument("--video", metavar="FILE", default=None,
+                   help="record episodes to FILE (.gif, or .mp4 with imageio-ffmpeg); for image scenarios the game "
+                        "beside the frames the agents see")
     p.add_argument("--video-episodes", type=int, default=1, help="episodes to record with --video (default 1)")
     p.add_argument("--fps", type=int, default=10, help="frames per second of the video (default 10)")
     where = p.add_mutually_exclusive_group()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .config import ActorCriticConfig, WorldModelConfig
 from .kernels import twohot_ce
+from .vision import unit_pixels
 
 Tensor = torch.Tensor
 
@@ -96,15 +97,19 @@ def world_model_loss(out, obs: Tensor, rew: Tensor, cont: Tensor, team_act: Tens
                      bins: Tensor, cfg: WorldModelConfig, kernels: str = "ref") -> tuple[Tensor, dict[str, Tensor]]:
     """Paper Eq. 3, averaged over batch and time: rec + rew + con + team + 0.5·dyn + 0.1·rep.
 
-    out: :class:`~matwm_fast.world_model.WMOutputs` for R rows × T steps; obs (R, T, O); rew,
-    cont (R, T); team_act (R, T, N−1); obs_mask (R, O) marks each row's real features.  From
-    ``cfg``: the KL weights (``dyn_weight``, ``rep_weight``), ``free_bits``, and the reconstruction
-    target, obs or symlog(obs) with ``recon_symlog``.  The KL
+    out: :class:`~matwm_fast.world_model.WMOutputs` for R rows × T steps; obs (R, T, O), or frames
+    (R, T, C, H, W) (:func:`pixel_reconstruction`); rew, cont (R, T); team_act (R, T, N−1);
+    obs_mask (R, O) marks each row's real features (frames: unused).  From ``cfg``: the KL weights
+    (``dyn_weight``, ``rep_weight``), ``free_bits``, and the vector reconstruction target, obs or
+    symlog(obs) with ``recon_symlog``.  The KL
     pairs (prior at t, posterior at t+1) count only where t+1 lies in t's episode: across an
     episode start the "next latent" is a reset, not a consequence of a_t.
     """
-    target = symlog(obs) if cfg.recon_symlog else obs  # (R, T, O)
-    rec = ((fp32(out.recon) - target).pow(2) * obs_mask[:, None]).sum(-1).mean()
+    if obs.dim() == 5:  # frames (R, T, C, H, W)
+        rec = pixel_reconstruction(out.recon, obs)
+    else:
+        target = symlog(obs) if cfg.recon_symlog else obs  # (R, T, O)
+        rec = ((fp32(out.recon) - target).pow(2) * obs_mask[:, None]).sum(-1).mean()
     rew_loss = twohot_ce(out.reward_logits, symlog(rew), bins, kernels).mean()
     con_loss = F.binary_cross_entropy_with_logits(fp32(out.cont_logits), cont)
     if out.team_logits is None:  # the teammate predictor is off (ablation)
@@ -123,6 +128,14 @@ def world_model_loss(out, obs: Tensor, rew: Tensor, cont: Tensor, team_act: Tens
         "dyn": dyn_loss, "rep": rep_loss, "kl": masked_mean(kl, same_episode),
     }
     return total, {k: v.detach() for k, v in metrics.items()}
+
+
+def pixel_reconstruction(recon: Tensor, frames: Tensor) -> Tensor:
+    """The reconstruction term on pixels (paper Eq. 3, STORM's ``MSELoss``): the squared error
+    summed over every pixel of every channel, averaged over batch and time.  recon (R, T, C, H, W)
+    in [0, 1] units; frames (R, T, C, H, W), uint8 (scaled by 1/255) or already in [0, 1]."""
+    pred = fp32(recon)
+    return (pred - unit_pixels(frames, pred.dtype)).pow(2).sum((-3, -2, -1)).mean()
 
 
 # ----------------------------------------------------------------------------- actor-critic loss

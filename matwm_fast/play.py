@@ -2,7 +2,9 @@
 mean episode return over N episodes, per agent and per team.
 
 A fresh env (its own seed) is played with the trained policy — greedy (argmax) by default, or
-sampled — while training's env and replay stay untouched.  Frames can be captured for a video.
+sampled — while training's env and replay stay untouched.  Frames can be captured for a video:
+the rendered game, and for image scenarios beside it the frames the agents see (the world
+model's input, :func:`matwm_fast.butterfly.side_by_side`).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def play(wm, ac, env_cfg: EnvConfig, act_context: int, episodes: int, seed: int,
     ``should_stop`` is asked between episodes; when it says so, play ends early with the
     episodes finished so far (E < ``episodes``).
     ``act``, when given, is the learned policy instead of ``wm``/``ac`` (which may then be None):
-    observations (N, O) → actions (N,), called once per step (e.g. another library's policy,
+    observations (N, *obs_shape) → actions (N,), called once per step (e.g. another library's policy,
     bench/baselines/model_free.py); greedy or sampled is its own business, and what it samples
     from torch's global generator is seeded here like the world model's policy.
     """
@@ -70,7 +72,9 @@ def play(wm, ac, env_cfg: EnvConfig, act_context: int, episodes: int, seed: int,
         env = MultiAgentEnv(env_cfg, seed=seed, render_mode="rgb_array" if capture_frames else None)
         spec = env.spec
         rng = np.random.default_rng(seed)
-        queues = ContextQueues(spec.n_agents, spec.obs_dim, act_context, device)
+        queues = ContextQueues(spec.n_agents, spec.obs_shape, act_context, device, obs_dtype=spec.obs_dtype)
+        # a video frame: the game, and for images beside it the frames the agents see
+        frame = (lambda o: env.view(o)) if spec.is_image else (lambda o: env.render())
         returns, frames = [], []
         for ep in range(episodes):
             if should_stop is not None and should_stop():
@@ -81,13 +85,13 @@ def play(wm, ac, env_cfg: EnvConfig, act_context: int, episodes: int, seed: int,
             done = False
             while not done:
                 if ep < capture_frames:
-                    frames.append(env.render())
+                    frames.append(frame(obs))
                 actions = random_actions(rng, spec)  # (N,)
                 if not random_policy:
                     if act is not None:
                         learned = np.asarray(act(obs)).reshape(-1)  # (N,)
                     else:
-                        o = torch.as_tensor(obs, device=device)  # (N, O)
+                        o = torch.as_tensor(obs, device=device)  # (N, *obs_shape)
                         learned = policy_step(wm, ac, queues.obs, queues.act, queues.count_t, o, greedy).cpu().numpy()  # (N,)
                     actions = learned if policies is None else np.where(policies, learned, actions)
                 if act is None:
@@ -95,7 +99,7 @@ def play(wm, ac, env_cfg: EnvConfig, act_context: int, episodes: int, seed: int,
                 obs, rew, _, done = env.step(actions)
                 total += rew
             if ep < capture_frames:
-                frames.append(env.render())  # the final state too
+                frames.append(frame(obs))  # the final state too
             returns.append(total)
         env.close()
     return np.array(returns).reshape(-1, spec.n_agents), frames, spec  # (E, N)

@@ -12,6 +12,12 @@ geometric law); the rows are gathered on the storage device from them (:meth:`Re
 which a captured phase runs on staged start slots).  A sequence
 may span an episode boundary: ``first`` marks the step that starts an episode, and the world model
 turns it into an attention mask, so nothing leaks across (SPEC §2 CHOICE).
+
+Observations are stored as the env hands them out: (N, cap, O) float32 vectors, or (N, cap, C, H, W)
+uint8 frames (never floats: 12,288 bytes a 64 × 64 RGB frame; the world model converts on the
+device).  The storage lives on the training device, as STORM's does (``ReplayBufferOnGPU``): the
+gathers run inside captured phases on fixed storage, and an image run's contexts alone would be
+hundreds of MB per step to copy from the host (docs/training.md, *Image scenarios*).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ Tensor = torch.Tensor
 class Batch:
     """Sampled rows: ``R`` rows (agent-major) of ``T`` steps each."""
 
-    obs: Tensor  # (R, T, O) float32
+    obs: Tensor  # (R, T, *obs_shape): (R, T, O) float32 or (R, T, C, H, W) uint8
     act: Tensor  # (R, T) int64, the row's own action (unscaled, in [0, A))
     rew: Tensor  # (R, T) float32
     cont: Tensor  # (R, T) float32, 0 at a real termination
@@ -40,12 +46,18 @@ class Batch:
 class ReplayBuffer:
     """Stacked per-agent ring buffers with recency-weighted and uniform samplers."""
 
-    def __init__(self, n_agents: int, obs_dim: int, capacity: int, device: torch.device | str = "cpu",
-                 seed: int = 0):
-        self.n_agents, self.obs_dim, self.capacity = n_agents, obs_dim, capacity
+    def __init__(self, n_agents: int, obs_shape: int | tuple[int, ...], capacity: int,
+                 device: torch.device | str = "cpu", seed: int = 0, obs_dtype: torch.dtype | str = torch.float32):
+        """``obs_shape``: one observation's shape, ``(O,)`` (or just O) or ``(C, H, W)``;
+        ``obs_dtype``: float32 for vectors, uint8 for frames (torch dtype or its name)."""
+        self.obs_shape = (obs_shape,) if isinstance(obs_shape, int) else tuple(obs_shape)
+        self.n_agents, self.obs_dim, self.capacity = n_agents, int(np.prod(self.obs_shape)), capacity
         self.device = torch.device(device)
+        dtype = getattr(torch, obs_dtype) if isinstance(obs_dtype, str) else obs_dtype
+        if dtype not in (torch.float32, torch.uint8):
+            raise ValueError(f"replay observations are float32 (vectors) or uint8 (frames), not {dtype}")
         n, c = n_agents, capacity
-        self.obs = torch.zeros(n, c, obs_dim, device=self.device)  # (N, cap, O)
+        self.obs = torch.zeros(n, c, *self.obs_shape, dtype=dtype, device=self.device)  # (N, cap, *obs_shape)
         self.act = torch.zeros(n, c, dtype=torch.long, device=self.device)  # (N, cap)
         self.rew = torch.zeros(n, c, device=self.device)  # (N, cap)
         self.cont = torch.ones(n, c, device=self.device)  # (N, cap)
@@ -65,10 +77,13 @@ class ReplayBuffer:
     # ------------------------------------------------------------------------------------ writing
     def add(self, obs: np.ndarray | Tensor, act: np.ndarray | Tensor, rew: np.ndarray | Tensor,
             cont: np.ndarray | Tensor, first: bool) -> None:
-        """Store one env step for all agents: obs (N, O), act (N,), rew (N,), cont (N,)."""
+        """Store one env step for all agents: obs (N, *obs_shape), act (N,), rew (N,), cont (N,)."""
         p = self.pos
         act_t = torch.as_tensor(act, dtype=torch.long).to(self.device)  # (N,)
-        self.obs[:, p] = torch.as_tensor(obs, dtype=torch.float32).to(self.device)
+        obs_t = torch.as_tensor(obs)
+        if self.obs.dtype == torch.uint8 and obs_t.dtype != torch.uint8:
+            raise TypeError(f"this replay stores uint8 frames; got {obs_t.dtype} observations")
+        self.obs[:, p] = obs_t.to(self.device, self.obs.dtype)
         self.act[:, p] = act_t
         self.rew[:, p] = torch.as_tensor(rew, dtype=torch.float32).to(self.device)
         self.cont[:, p] = torch.as_tensor(cont, dtype=torch.float32).to(self.device)
@@ -173,6 +188,9 @@ class ReplayBuffer:
 
     def load_state_dict(self, sd: dict) -> None:
         n = sd["size"]
+        if isinstance(sd["obs"], Tensor) and sd["obs"].dtype != self.obs.dtype:
+            raise ValueError(f"the saved replay holds {sd['obs'].dtype} observations, this one "
+                             f"{self.obs.dtype} (another scenario's checkpoint?)")
         for k in ("obs", "act", "rew", "cont", "first", "team_act"):
             getattr(self, k)[:, :n] = sd[k].to(self.device)
         self.pos, self.size = sd["pos"], sd["size"]

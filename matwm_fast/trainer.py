@@ -50,7 +50,7 @@ class StepInputs:
     """Host data a training step needs on the device, staged into fixed buffers (graphs.Staged),
     and the row → agent maps of the two replay samples, made once."""
 
-    obs: Staged  # (N, O) the observation the agents act on
+    obs: Staged  # (N, *obs_shape) the observation the agents act on, in the env's dtype (uint8 frames stay uint8)
     act: Staged  # (N,) the actions taken, for the context queues
     step: Staged  # () the env step, for the non-finite record
     wm_start: Staged  # (N·Bw,) start slots of the world model's sequences
@@ -59,14 +59,16 @@ class StepInputs:
     ctx_agent: Tensor  # (N·Bi,) long
 
     @staticmethod
-    def allocate(replay: ReplayBuffer, obs_dim: int, wm_per_agent: int, imag_per_agent: int,
+    def allocate(replay: ReplayBuffer, obs_shape: int | tuple[int, ...], wm_per_agent: int, imag_per_agent: int,
                  device: torch.device) -> "StepInputs":
+        """``obs_shape``: one observation's, (O,) or (C, H, W); its dtype is the replay's."""
         n = replay.n_agents
+        obs_shape = (obs_shape,) if isinstance(obs_shape, int) else tuple(obs_shape)
 
         def agents(per_agent: int) -> Tensor:
             return torch.from_numpy(replay.rows_agent(per_agent)).to(device)  # (N·B,)
 
-        return StepInputs(Staged((n, obs_dim), torch.float32, device), Staged((n,), torch.long, device),
+        return StepInputs(Staged((n, *obs_shape), replay.obs.dtype, device), Staged((n,), torch.long, device),
                           Staged((), torch.long, device), Staged((n * wm_per_agent,), torch.long, device),
                           Staged((n * imag_per_agent,), torch.long, device), agents(wm_per_agent),
                           agents(imag_per_agent))
@@ -94,14 +96,16 @@ class Trainer:
             for group in (*self.wm_opt.param_groups, *self.ac_opt.param_groups):
                 for p in group["params"]:
                     p.grad = torch.zeros_like(p)
-        self.replay = ReplayBuffer(n, spec.obs_dim, cfg.replay.capacity, self.device, seed=cfg.train.seed + 1)
-        self.queues = ContextQueues(n, spec.obs_dim, cfg.train.act_context, self.device)
+        # observations as the env hands them out: (O,) float32 vectors or (C, H, W) uint8 frames
+        self.replay = ReplayBuffer(n, spec.obs_shape, cfg.replay.capacity, self.device, seed=cfg.train.seed + 1,
+                                   obs_dtype=spec.obs_dtype)
+        self.queues = ContextQueues(n, spec.obs_shape, cfg.train.act_context, self.device, obs_dtype=spec.obs_dtype)
         # under bf16 the rollout runs on bf16 twins of the world model and actors the caches hold
         self.caches = ImagCaches.allocate(self.wm, n * cfg.ac.imag_batch, cfg.ac.context_len, cfg.ac.horizon,
                                           self.device, runtime.cache_dtype, ac=self.ac)
         self.fns = compile_steps(runtime)  # the step functions as the backend runs them
         self.agents = torch.arange(n, device=self.device)  # (N,)
-        self.inputs = StepInputs.allocate(self.replay, spec.obs_dim, cfg.wm.batch_per_agent, cfg.ac.imag_batch,
+        self.inputs = StepInputs.allocate(self.replay, spec.obs_shape, cfg.wm.batch_per_agent, cfg.ac.imag_batch,
                                           self.device)
         self._rollout: Rollout | None = None  # the imagination phase's output, the update phase's input
         # the four phases a training step runs, each one CUDA graph under ``graphs`` on CUDA (plain
@@ -112,7 +116,7 @@ class Trainer:
             ("ac_update", self._ac_phase))}
         self.step = 0  # env steps taken
         self.imagined_total = 0  # imagined steps so far: the one place they are counted
-        self.obs = self.env.reset(seed=cfg.train.seed)  # (N, O)
+        self.obs = self.env.reset(seed=cfg.train.seed)  # (N, *obs_shape)
         self.first = True
         self.episodes = EpisodeStats(np.zeros(n))
         # the per-step budget counters live on the device with the other metrics, made once

@@ -26,6 +26,10 @@ of the world model.
 
 Held-out episodes come from their own seeds (:data:`HELD_OUT_SEED`), disjoint from every other
 kind of episode (:mod:`matwm_fast.protocol`).
+
+**Vector observations only**: it assumes fixed-length random-policy episodes and feature vectors
+(MPE2).  For an image scenario (Butterfly) its functions refuse with a ValueError naming it, and
+:class:`HeldOutProbe` scores nothing (a training-time evaluation then logs no ``eval_wm_*`` columns).
 """
 
 from __future__ import annotations
@@ -104,11 +108,21 @@ def reward_fit(pred_rew: np.ndarray, rew: np.ndarray, n_agents: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- data
+def vectors_only(spec: EnvSpec, scenario: str) -> None:
+    """Refuse an image scenario: the probe measures vector observations (MPE2) only."""
+    if spec.is_image:
+        raise ValueError(f"the world-model probe (wm_probe, diagnose model) measures vector observations only; "
+                         f"{scenario} has image observations {spec.obs_shape}")
+
+
 def random_episodes(env_cfg: EnvConfig, episodes: int, seed: int) -> dict[str, np.ndarray]:
     """Play whole episodes with uniformly random actions → obs (E, T, N, O), act (E, T, N),
     rew (E, T, N), next_obs (E, T, N, O); every episode runs to the time limit (MPE2 has no
     termination in the discrete scenarios), so all have T = max_cycles steps."""
     env = MultiAgentEnv(env_cfg, seed=seed)
+    if env.spec.is_image:
+        env.close()
+        vectors_only(env.spec, env_cfg.scenario)
     rng = np.random.default_rng(seed)
     keys = ("obs", "act", "rew", "next_obs")
     eps: dict[str, list] = {k: [] for k in keys}
@@ -174,6 +188,9 @@ def held_action_contexts(env_cfg: EnvConfig, contexts: int, context_len: int, ho
         raise ValueError(f"context {context_len} + horizon {horizon} exceeds the episode length {env_cfg.max_cycles}")
     env = MultiAgentEnv(env_cfg, seed=seed)
     spec = env.spec
+    if spec.is_image:
+        env.close()
+        vectors_only(spec, env_cfg.scenario)
     rng = np.random.default_rng(seed)
     n, a_max = spec.n_agents, spec.n_actions
     true = np.full((contexts * n, a_max), np.nan)  # (X, A)
@@ -395,7 +412,10 @@ class HeldOutProbe:
     @torch.no_grad()
     def __call__(self, wm, ac, should_stop: Callable[[], bool] | None = None) -> dict | None:
         """→ the flat ``wm_*`` scores (``<agent>_wm_reward_r2`` per agent), or None when
-        ``should_stop`` (asked between the pieces of work) cut it short."""
+        ``should_stop`` (asked between the pieces of work) cut it short; no scores ({}) for an
+        image scenario (vector observations only)."""
+        if self.spec.is_image:
+            return {}
         held = self._held_out(should_stop)
         if held is None or (should_stop is not None and should_stop()):
             return None

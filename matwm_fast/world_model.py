@@ -9,6 +9,12 @@ Data flow for a row of agent k (paper §4, STORM §3):
     teammates' a_t ~ f(sg(z_{≤t}))                         # teammate predictor
     ô_t = decoder(z_t)
 
+The observation's shape picks the encoder and decoder: vectors (O,) take MLPs (o_t symlogged),
+frames (C, H, W) STORM's convolutions (:mod:`matwm_fast.vision`, o_t uint8 scaled to [0, 1]
+inside the model); everything from the latent on is the same module for both.  Imagination and
+acting see the latent, never the frame: a rollout encodes its L context frames once, in the
+prefill, and its decode steps are those of the vector path.
+
 The module only computes; the loss lives in :mod:`matwm_fast.losses` and the optimiser in the
 trainer.  ``kernels`` ('ref' or 'triton'), fixed at construction, says which implementation of
 the fused ops (latent sampling, decode attention, LayerNorm + SiLU) every call runs.  The same
@@ -32,6 +38,7 @@ from .env import EnvSpec
 from .losses import symlog, unimix_probs
 from .nn import MLP, mlp
 from .transformer import CausalTransformer, KVCache, segment_mask
+from .vision import ConvDecoder, ConvEncoder, is_image, obs_shape
 
 Tensor = torch.Tensor
 
@@ -42,7 +49,7 @@ class WMOutputs:
 
     post_probs: Tensor  # (R, T, K, C) posterior q(z_t | o_t), unimixed
     prior_probs: Tensor  # (R, T, K, C) prior p(z_{t+1} | h_t), unimixed
-    recon: Tensor  # (R, T, O) decoded observation
+    recon: Tensor  # (R, T, O) decoded observation; frames: (R, T, C, H, W) in [0, 1] units
     reward_logits: Tensor  # (R, T, NB)
     cont_logits: Tensor  # (R, T)
     team_logits: Tensor | None  # (R, T, N-1, A) masked to each teammate's real actions; None: predictor off
@@ -126,8 +133,14 @@ class WorldModel(nn.Module):
         k, c, d = cfg.latent_vars, cfg.latent_classes, cfg.width
         n, a, o = spec.n_agents, spec.n_actions, spec.obs_dim
         self.K, self.C, self.N, self.A, self.O = k, c, n, a, o
-        self.encoder = mlp(o, cfg.mlp_width, cfg.mlp_layers, k * c, kernels)
-        self.decoder = mlp(k * c, cfg.mlp_width, cfg.mlp_layers, o, kernels)
+        self.obs_shape = shape = obs_shape(spec)  # (O,) or (C, H, W)
+        self.image = is_image(shape)
+        if self.image:
+            self.encoder = ConvEncoder(shape, cfg.cnn_channels, cfg.cnn_stages, k * c, kernels)
+            self.decoder = ConvDecoder(shape, cfg.cnn_channels, cfg.cnn_stages, k * c, kernels)
+        else:
+            self.encoder = mlp(o, cfg.mlp_width, cfg.mlp_layers, k * c, kernels)
+            self.decoder = mlp(k * c, cfg.mlp_width, cfg.mlp_layers, o, kernels)
         # action mixer, STORM's form (Linear→LN→SiLU→Linear→LN) rather than the paper's single Linear
         self.mixer = MLP(nn.Linear(k * c + n * a, d), nn.LayerNorm(d), nn.SiLU(), nn.Linear(d, d), nn.LayerNorm(d),
                          kernels=kernels)
@@ -139,7 +152,9 @@ class WorldModel(nn.Module):
         # No action-mask head g_M: MPE2 hands out no per-step action masks (padded actions are
         # static and masked in the policy), so the 0.5·mask term of Eq. 3 is identically absent.
         self.register_buffer("bins", torch.linspace(cfg.bins_low, cfg.bins_high, cfg.reward_bins), persistent=False)
-        self.register_buffer("obs_mask", torch.from_numpy(spec.obs_mask()), persistent=False)  # (N, O)
+        # (N, O) each agent's real features; frames have no padding: (N, 1) ones, which the pixel loss ignores
+        mask = torch.ones(n, 1) if self.image else torch.from_numpy(spec.obs_mask())
+        self.register_buffer("obs_mask", mask, persistent=False)
         # zero the last layers of reward/continuation heads: predictions start at 0 / p=0.5 (DreamerV3)
         for head in (self.rew_head, self.con_head):
             nn.init.zeros_(head[-1].weight)
@@ -154,7 +169,11 @@ class WorldModel(nn.Module):
 
     def posterior(self, obs: Tensor, noise: Tensor | None = None, rng: tuple[Tensor, Tensor] | None = None
                   ) -> tuple[Tensor, Tensor]:
-        """obs (..., O) → (z (..., K·C) one-hot with straight-through grad, probs (..., K, C))."""
+        """obs (..., O), or frames (..., C, H, W) uint8 → (z (..., K·C) one-hot with straight-through
+        grad, probs (..., K, C))."""
+        if self.image:  # scaled to [0, 1] in the weights' dtype, channels-last (vision.ConvEncoder)
+            logits = self.encoder(obs).unflatten(-1, (self.K, self.C))  # (..., K, C)
+            return self._draw(logits, noise, rng)
         x = symlog(obs).to(self.param_dtype)  # a no-op unless the weights are a bf16 twin's
         logits = self.encoder(x).unflatten(-1, (self.K, self.C))  # (..., K, C)
         return self._draw(logits, noise, rng)
@@ -224,9 +243,10 @@ class WorldModel(nn.Module):
 
     # ------------------------------------------------------------------------------- training pass
     def observe(self, obs: Tensor, act: Tensor, first: Tensor, agent: Tensor) -> WMOutputs:
-        """Teacher-forced pass over real sequences: obs (R, T, O), act (R, T), first (R, T), agent (R,)."""
+        """Teacher-forced pass over real sequences: obs (R, T, O) or (R, T, C, H, W), act (R, T),
+        first (R, T), agent (R,)."""
         z, post = self.posterior(obs)  # (R, T, K·C), (R, T, K, C)
-        recon = self.decoder(z)  # (R, T, O)
+        recon = self.decoder(z)  # (R, T, O) or (R, T, C, H, W)
         mask, pos = segment_mask(first)  # (R, T, T), (R, T)
         h = self.seq(self.mix(z, agent, act), pos, mask)  # (R, T, D)
         prior_logits = self.dyn_head(h).unflatten(-1, (self.K, self.C))  # (R, T, K, C)

@@ -15,10 +15,10 @@ from matwm_fast.trainer import Trainer, build
 from capture import CaptureCheck
 
 
-def config(**train):
+def config(scenario: str = "simple_tag", **train):
     """Smoke sizes with 5-step episodes and a 3-step context queue: the traced steps cross
     episode ends and push into a full queue; ``agent_every`` 2 gives world-model-only steps."""
-    c = preset("smoke")
+    c = preset("smoke", scenario)
     return replace(c, env=replace(c.env, max_cycles=5),
                    train=replace(c.train, act_context=3, agent_every=2, **train))
 
@@ -63,12 +63,16 @@ def test_capture_ready_after_resume(one_thread):
     traced(again, 8).assert_ready()
 
 
-def test_graphs_pass_through_trains_exactly_as_eager(one_thread):
+@pytest.mark.parametrize("scenario", ["simple_tag", "cooperative_pong"])
+def test_graphs_pass_through_trains_exactly_as_eager(scenario, one_thread):
     """The CPU runs the phases the GPU captures: same weights, optimiser state and metrics bit
-    for bit over the smoke run (warm-up, then updates with world-model-only steps)."""
+    for bit over the smoke run (warm-up, then updates with world-model-only steps), on vectors
+    and on uint8 frames."""
+    if scenario == "cooperative_pong":
+        pytest.importorskip("pymunk", reason="needs pip install 'matwm_fast[butterfly]'")
     runs, rows = {}, {}
     for b in ("eager", "graphs"):  # one after the other: both draw from torch's global generator
-        tr = runs[b] = build(config(), device="cpu", backend=b)
+        tr = runs[b] = build(config(scenario), device="cpu", backend=b)
         rows[b] = [{k: v.clone() for k, v in (tr.train_step() or {}).items()} for _ in range(60)]
     eager, graphs = runs["eager"], runs["graphs"]
     assert graphs.step == eager.step == 60 and eager.warm

@@ -17,6 +17,8 @@ import pytest
 from matwm_fast import train
 from matwm_fast.metrics import read_metrics
 
+import support
+
 ROOT = Path(__file__).resolve().parents[1]
 # one thread per process: the smoke model is tiny and the CPU is shared
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -34,26 +36,8 @@ def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           env=ENV, cwd=ROOT, timeout=timeout)
 
 
-def train_inprocess(run_dir: Path, *flags: str, stop_at: int | None = None,
-                    signals: tuple = (signal.SIGTERM,)) -> int:
-    """Train in this process; ``stop_at`` sends this process ``signals`` right after that env step."""
-    s = train.prepare(train.build_parser().parse_args([*SMOKE, "--run-dir", str(run_dir), *flags]))
-    tr = train.start(s)
-    if stop_at is not None:
-        step = tr.train_step
-
-        def step_then_signal():
-            m = step()
-            if tr.step == stop_at:
-                for sig in signals:
-                    signal.raise_signal(sig)  # handled by run() at this step's boundary
-            return m
-
-        tr.train_step = step_then_signal
-    try:
-        return train.run(tr, s.run_dir)
-    finally:
-        s.run_dir.unlock()
+def train_inprocess(run_dir: Path, *flags: str, **kw) -> int:
+    return support.train_inprocess(SMOKE, run_dir, *flags, **kw)
 
 
 @pytest.fixture(scope="module")

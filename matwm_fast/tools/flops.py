@@ -7,6 +7,10 @@ checks this module against on the real step functions):
 * every matrix product of the model — the Linear layers of the encoder, decoder, action mixer,
   transformer blocks (q/k/v, output projection, feed-forward), heads, teammate predictor, actors,
   critics and slow critics — at 2·m·n·k;
+* for image observations, every convolution of the encoder and transposed convolution of the
+  decoder (:mod:`matwm_fast.vision`) at 2 · (pixels of its low-resolution side) · 4·4 · c_in ·
+  c_out per frame — the output of a strided convolution, the input of a transposed one — which
+  is torch's formula whatever the output padding;
 * attention as its two products, scores q·kᵀ and the weighted sum of values, over every key the
   code computes: the full T×T square of a masked training pass (causal and episode masks do not
   skip work there) and, in imagined step t, the L + t + 1 cache slots written so far (an unrolled
@@ -14,7 +18,8 @@ checks this module against on the real step functions):
   masked);
 * the backward pass of what is trained: 2× the forward for a product whose input needs a
   gradient (grad-input and grad-weight), 1× where the input is data (the first layer of the
-  encoder, of the teammate predictor, of every actor and critic: only the weight gradient),
+  encoder — its first convolution for frames —, of the teammate predictor, of every actor and
+  critic: only the weight gradient),
   and 2× the forward for attention (no recomputation; a flash kernel that recomputes the scores
   in backward does ½ of the attention forward more).
 
@@ -37,6 +42,7 @@ import torch
 
 from ..config import Config
 from ..env import EnvSpec
+from ..vision import is_image, obs_shape, stage_sizes
 
 
 # ----------------------------------------------------------------------------------- counting
@@ -78,6 +84,11 @@ class Count:
         self.linear(rows, width, ffn_mult * width, grad)
         self.linear(rows, ffn_mult * width, width, grad)
 
+    def conv(self, frames: int, pixels: int, c_in: int, c_out: int, grad: bool = False, input_grad: bool = True) -> None:
+        """A 4×4 (transposed) convolution of ``frames`` frames whose low-resolution side has
+        ``pixels`` pixels: as a product, (frames·pixels × 16·c_in) · (16·c_in × c_out)."""
+        self.linear(frames * pixels, 16 * c_in, c_out, grad, input_grad)
+
     @property
     def total(self) -> int:
         return self.fwd + self.bwd
@@ -87,14 +98,39 @@ TP_FFN_MULT = 2  # the teammate predictor's feed-forward multiple (world_model.T
 
 
 def _sizes(cfg: Config, spec: EnvSpec) -> dict:
-    w = cfg.wm
+    w, image = cfg.wm, is_image(obs_shape(spec))
     return {"Z": w.latent_vars * w.latent_classes, "N": spec.n_agents, "A": spec.n_actions, "O": spec.obs_dim,
             "T": max(spec.n_agents - 1, 1) * spec.n_actions,  # teammate logits
-            "S": w.latent_vars * w.latent_classes + w.width + max(spec.n_agents - 1, 1) * spec.n_actions}
+            "S": w.latent_vars * w.latent_classes + w.width + max(spec.n_agents - 1, 1) * spec.n_actions,
+            "image": image, "convs": _conv_stack(cfg, spec) if image else []}
+
+
+def _conv_stack(cfg: Config, spec: EnvSpec) -> list[tuple[int, int, int]]:
+    """(low-resolution pixels, c_in, c_out) of each encoder stage (the decoder mirrors them)."""
+    ch, h, w = obs_shape(spec)
+    chans = [ch] + [cfg.wm.cnn_channels * 2**i for i in range(cfg.wm.cnn_stages)]
+    sizes = stage_sizes(h, w, cfg.wm.cnn_stages)
+    return [(sizes[i + 1][0] * sizes[i + 1][1], chans[i], chans[i + 1]) for i in range(cfg.wm.cnn_stages)]
 
 
 def _encoder(c: Count, cfg: Config, s: dict, rows: int, grad: bool = False) -> None:
-    c.mlp(rows, s["O"], cfg.wm.mlp_width, cfg.wm.mlp_layers, s["Z"], grad, input_grad=False)  # input: data
+    if not s["image"]:
+        c.mlp(rows, s["O"], cfg.wm.mlp_width, cfg.wm.mlp_layers, s["Z"], grad, input_grad=False)  # input: data
+        return
+    for i, (pixels, c_in, c_out) in enumerate(s["convs"]):
+        c.conv(rows, pixels, c_in, c_out, grad, input_grad=i > 0)  # the first one's input: data
+    pixels, _, c_last = s["convs"][-1]
+    c.linear(rows, pixels * c_last, s["Z"], grad)
+
+
+def _decoder(c: Count, cfg: Config, s: dict, rows: int, grad: bool = False) -> None:
+    if not s["image"]:
+        c.mlp(rows, s["Z"], cfg.wm.mlp_width, cfg.wm.mlp_layers, s["O"], grad)
+        return
+    pixels, _, c_last = s["convs"][-1]
+    c.linear(rows, s["Z"], pixels * c_last, grad)
+    for pixels, c_low, c_high in reversed(s["convs"]):  # each transposed: c_high channels back to c_low
+        c.conv(rows, pixels, c_high, c_low, grad)
 
 
 def _mixer(c: Count, cfg: Config, s: dict, rows: int, grad: bool = False) -> None:
@@ -126,7 +162,7 @@ def wm_update(cfg: Config, spec: EnvSpec) -> Count:
     r, t = w.batch_size, w.seq_len
     c, m = Count(), w.batch_size * w.seq_len
     _encoder(c, cfg, s, m, grad=True)
-    c.mlp(m, s["Z"], w.mlp_width, w.mlp_layers, s["O"], grad=True)  # decoder
+    _decoder(c, cfg, s, m, grad=True)
     _mixer(c, cfg, s, m, grad=True)
     _sequence(c, cfg, r, t, t, grad=True)
     for d_out in (s["Z"], w.reward_bins, 1):  # dynamics, reward, continuation heads
@@ -136,7 +172,8 @@ def wm_update(cfg: Config, spec: EnvSpec) -> Count:
 
 
 def imagine(cfg: Config, spec: EnvSpec) -> Count:
-    """Algorithm 1 for all agents (no gradient): prefill the L-step contexts, then H decode steps."""
+    """Algorithm 1 for all agents (no gradient): prefill the L-step contexts, then H decode steps.
+    Frames are encoded in the prefill only: a decode step costs the same for any observation."""
     s, w, ac = _sizes(cfg, spec), cfg.wm, cfg.ac
     r, ctx, h = spec.n_agents * ac.imag_batch, ac.context_len, ac.horizon
     c = Count()

@@ -265,7 +265,8 @@ def narrowed(cfg: Config, scale: int = 1) -> Config:
     n, s = env_spec(cfg.env).n_agents, 2 * scale
     wm, ac = cfg.wm, cfg.ac
     wm = replace(wm, latent_vars=s, latent_classes=s, mlp_width=s, width=wm.heads * s, head_width=s,
-                 tp_width=wm.tp_heads * s, reward_bins=s, batch_size=n * s)  # s sequences per agent
+                 tp_width=wm.tp_heads * s, reward_bins=s, batch_size=n * s,  # s sequences per agent
+                 cnn_channels=s)  # image observations: the conv stack's stages kept, its channels narrowed
     ac = replace(ac, mlp_width=s, imag_batch=s)
     cfg = replace(cfg, wm=wm, ac=ac)
     return least_fill(replace(cfg, replay=replace(cfg.replay, capacity=least_warmup(cfg))))

@@ -4,6 +4,7 @@ products that the real step functions run, and the matmul-peak measurement."""
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 import time
 
 import pytest
@@ -119,3 +120,76 @@ def test_matmul_peak_is_the_rate_of_its_product(one_thread):
         times.append(time.perf_counter() - t0)
     here = 2 * n**3 / statistics.median(times)
     assert 0.6 * here < rate < 1.67 * here
+
+
+@pytest.mark.parametrize("shape, stages", [((3, 16, 12), 2), ((1, 13, 11), 3)])
+def test_image_phases_match_torchs_count_exactly(shape, stages, one_thread):
+    """Frames (an odd size among them): the convolutions of the encoder and decoder counted as
+    torch counts them, on the real step functions — the world-model update (forward and
+    backward), a rollout (the context frames encoded once) and acting over a full queue."""
+    from frames import image_config, image_spec, sequences
+
+    from matwm_fast import steps
+    from matwm_fast.imagination import ImagCaches
+    from matwm_fast.policy import build_networks
+
+    spec = image_spec(shape)
+    cfg = image_config(spec, stages=stages)
+    torch.manual_seed(0)
+    wm, ac = build_networks(cfg, spec)
+    obs, act, rew, cont, first, team_act, agent = sequences(spec, cfg.wm.batch_size, cfg.wm.seq_len)
+
+    def update():
+        loss, _ = steps.wm_loss(wm, obs, act, rew, cont, first, team_act, agent, None, "ref")
+        loss.backward()
+
+    assert measured(update) == flops.wm_update(cfg, spec).total
+    a = cfg.ac
+    rows = spec.n_agents * a.imag_batch
+    ctx = sequences(spec, rows, a.context_len, seed=1)
+    caches = ImagCaches.allocate(wm, rows, a.context_len, a.horizon, "cpu", ac=ac)
+    agents = torch.arange(spec.n_agents)
+    got = measured(lambda: steps.rollout(wm, ac, ctx[0], ctx[1], ctx[4], agents, a.horizon, caches, None, None))
+    assert got == flops.imagine(cfg, spec).total
+    n, length = spec.n_agents, cfg.train.act_context
+    past = sequences(spec, n, length, seed=2)[0], torch.zeros(n, length, dtype=torch.long)
+    got = measured(lambda: policy_step(wm, ac, *past, torch.tensor(length), past[0][:, 0]))
+    assert got == flops.act(cfg, spec).total
+
+
+def test_image_decode_steps_cost_what_vector_ones_do():
+    """Imagination sees the latent: its per-step FLOPs do not depend on the observation — frames of
+    any size or a vector, the same; only the prefill grows with the pixels."""
+    from frames import image_config, image_spec
+
+    from matwm_fast.config import resolve
+    from matwm_fast.env import EnvSpec
+
+    def per_step(spec, cfg):
+        longer = replace(cfg, ac=replace(cfg.ac, horizon=cfg.ac.horizon + 1))
+        return flops.imagine(longer, spec).total - flops.imagine(cfg, spec).total
+
+    small, large = image_spec((3, 16, 16)), image_spec((3, 64, 64))
+    vector = EnvSpec(agents=small.agents, obs_sizes=(10, 10), action_counts=small.action_counts)
+    cfg = image_config(small)
+    steps = {per_step(spec, cfg) for spec in (small, large)} | {per_step(vector, resolve(cfg, 2))}
+    assert len(steps) == 1 and steps.pop() > 0
+    assert flops.imagine(cfg, large).total > flops.imagine(cfg, small).total  # the prefill's encoder
+
+
+def test_image_train_step_matches(one_thread):
+    """One real ``train_step`` of an image scenario (the smoke preset on Cooperative Pong): acting
+    plus the three updates, as analytically counted (skipped without the Butterfly envs)."""
+    from matwm_fast import env
+
+    if "cooperative_pong" not in getattr(env, "scenario_names", lambda: env.SCENARIOS)():
+        pytest.skip("no image scenario in matwm_fast.env")
+    pytest.importorskip("pettingzoo.butterfly")
+    tr = build(preset("smoke", "cooperative_pong"), device="cpu", backend="eager", kernels="ref")
+    assert tr.wm.image
+    while not tr.warm:
+        tr.env_step()
+    tr.train_step()
+    per_step = flops.step_flops(tr.cfg, tr.spec)
+    expected = flops.act(tr.cfg, tr.spec).total + sum(per_step[p] for p in ("wm_update", "imagine", "ac_update"))
+    assert measured(tr.train_step) == expected
