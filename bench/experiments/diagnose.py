@@ -4,7 +4,8 @@ Three questions a researcher asks when a policy does not improve, each a subcomm
 
     python bench/experiments/diagnose.py model runs/simple_spread-cpu-s0
     python bench/experiments/diagnose.py wm-data --scenario simple_spread --steps 3000 12000
-    python bench/experiments/diagnose.py reward-data --scenario simple_spread --steps 3000 12000
+    python bench/experiments/diagnose.py wm-data --scenario simple_spread --steps 12000 --set wm.bins_low=-3 --set wm.bins_high=3
+    python bench/experiments/diagnose.py reward-data --scenario simple_spread --steps 3000 12000 [--inputs now]
 
 ``model`` loads a checkpoint and measures, on fresh episodes of the uniformly random policy (so
 not on the data the model was trained on):
@@ -27,16 +28,20 @@ Both are computed by ``matwm_fast/wm_probe.py``, which a training run's evaluati
 ``wm-data`` trains the world model alone, offline, on ``--steps`` random-policy transitions
 (uniform replay sampling, ``--updates`` steps each) and scores its reward head on held-out
 episodes: the same question for the model itself, with the policy and its data drift removed.
+``--set SECTION.FIELD=VALUE`` changes one config field from the preset's (the variants compared).
 
 ``reward-data`` asks whether the reward is learnable at all from this much data: an MLP regresses
 the reward on the next observation (the reward of every MPE2 scenario is a function of the world
 state that observation shows) on ``--steps`` random-policy transitions, and reports R² on held-out
 episodes.  A reward that a supervised net cannot generalise from the data cannot be expected of
-the world model's reward head either.
+the world model's reward head either.  ``--inputs now`` regresses on the observation and one-hot
+action of step t instead: exactly the information the world model's reward head has.
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 import sys
 from dataclasses import replace
@@ -50,14 +55,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+Tensor = torch.Tensor
+
 from matwm_fast.checkpoint import CheckpointError
 from matwm_fast.cli import Parser, fail
-from matwm_fast.config import PRESETS, Config, EnvConfig, preset, resolve
+from matwm_fast.config import PRESETS, Config, EnvConfig, check_fields, preset, resolve, with_fields
 from matwm_fast.env import SCENARIOS, MultiAgentEnv
 from matwm_fast import steps as step_fns  # not `steps`: world_model_data's argument of that name
 from matwm_fast.losses import symlog
 from matwm_fast.replay import ReplayBuffer
-from matwm_fast.wm_probe import action_effects, effect_scores, r2_score, random_episodes, teacher_forced
+from matwm_fast.wm_probe import (action_effects, effect_scores, r2_score, random_episodes, teacher_forced,
+                                  teacher_forced_pass)
 from matwm_fast.world_model import WorldModel
 
 
@@ -79,14 +87,26 @@ def diagnose_model(path: str, episodes: int, contexts: int, horizon: int, sample
 
 # ----------------------------------------------------------------------------- data learnability
 def reward_regression(env_cfg: EnvConfig, steps: list[int], test_episodes: int, updates: int, width: int,
-                      lr: float, batch: int, seed: int) -> list[dict]:
-    """Held-out R² of an MLP regressing r_t on o_{t+1}, trained on each of ``steps`` transitions."""
+                      lr: float, batch: int, seed: int, inputs: str = "next") -> list[dict]:
+    """Held-out R² of an MLP regressing r_t on o_{t+1} (``inputs`` "next") or on o_t and a one-hot
+    a_t ("now": what the world model's reward head has, its own action and no future), trained on
+    each of ``steps`` transitions."""
     episodes = -(-max(steps) // env_cfg.max_cycles)
     train = random_episodes(env_cfg, episodes, seed)
     test = random_episodes(env_cfg, test_episodes, seed + 1_000_000)
+    env = MultiAgentEnv(env_cfg, seed=seed)
+    n_actions = env.spec.n_actions
+    env.close()
+
+    def features(d):
+        if inputs == "next":
+            return d["next_obs"]  # (E, T, N, O)
+        act = np.eye(n_actions, dtype=np.float32)[d["act"]]  # (E, T, N, A)
+        return np.concatenate([d["obs"], act], axis=-1)  # (E, T, N, O + A)
 
     def flat(d, upto=None):
-        x = d["next_obs"].reshape(-1, *d["next_obs"].shape[2:])  # (E·T, N, O) in time order
+        f = features(d)
+        x = f.reshape(-1, *f.shape[2:])  # (E·T, N, F) in time order
         y = d["rew"].reshape(-1, d["rew"].shape[-1])  # (E·T, N)
         if upto is not None:
             x, y = x[:upto], y[:upto]
@@ -97,32 +117,64 @@ def reward_regression(env_cfg: EnvConfig, steps: list[int], test_episodes: int, 
     rows = []
     for s in steps:
         x, y = flat(train, s)
-        gen = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
-        net = nn.Sequential(nn.Linear(x.shape[1], width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                            nn.Linear(width, 1))
-        opt = torch.optim.Adam(net.parameters(), lr=lr)
-        for _ in range(updates or s):
-            idx = torch.randint(0, x.shape[0], (batch,), generator=gen)
-            loss = (net(symlog(x[idx])).squeeze(-1) - y[idx]).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            r2_test = r2_score(net(symlog(x_test)).squeeze(-1).numpy(), y_test.numpy())
-            r2_train = r2_score(net(symlog(x)).squeeze(-1).numpy(), y.numpy())
-        rows.append({"steps": s, "episodes": -(-s // env_cfg.max_cycles), "updates": updates or s,
-                     "r2_train": float(r2_train),
-                     "r2_heldout": float(r2_test)})
+        fit = fit_mlp(symlog(x), y, symlog(x_test), y_test, updates or s, width, lr, batch, seed)
+        rows.append({"steps": s, "episodes": -(-s // env_cfg.max_cycles), "updates": updates or s, "inputs": inputs,
+                     "r2_train": fit["r2_train"], "r2_heldout": fit["r2_heldout"]})
     return rows
 
 
-def world_model_data(cfg: Config, steps: list[int], updates: int, test_episodes: int, seed: int) -> list[dict]:
+def fit_mlp(x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, updates: int, width: int = 256, lr: float = 1e-3,
+            batch: int = 384, seed: int = 0) -> dict:
+    """R² on its training rows and on held-out ones of a 2-hidden-layer MLP regressing y (S,) on x
+    (S, F) with Adam on the squared error, ``batch`` rows drawn per update."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(x.shape[1], width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                        nn.Linear(width, 1))
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    for _ in range(updates):
+        idx = torch.randint(0, x.shape[0], (batch,), generator=gen)
+        loss = (net(x[idx]).squeeze(-1) - y[idx]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return {"r2_train": float(r2_score(net(x).squeeze(-1).numpy(), y.numpy())),
+                "r2_heldout": float(r2_score(net(x_test).squeeze(-1).numpy(), y_test.numpy()))}
+
+
+@torch.no_grad()
+def model_features(wm: WorldModel, data: dict) -> dict[str, Tensor]:
+    """What the reward head could read, per step of every agent (rows in time order within each
+    episode's agent): ``z`` the posterior's mode of o_t (K·C) with a one-hot a_t, ``xhat`` that
+    latent decoded (symlog of the reconstructed o_t) with a_t, ``h`` the sequence model's output
+    h_t (D) — the reward head's own input — and the target ``r`` (E·N·T,)."""
+    seen = []
+    hook = wm.seq.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    try:
+        recon, _, probs = teacher_forced_pass(wm, data)  # (E·N, T, O), (E·N, T, K, C)
+    finally:
+        hook.remove()
+    e, t, n, _ = data["obs"].shape
+    z = torch.nn.functional.one_hot(probs.argmax(-1), wm.C).float().flatten(-2)  # (E·N, T, K·C)
+    act = torch.as_tensor(data["act"]).long().permute(0, 2, 1).reshape(e * n, t)  # (E·N, T)
+    a = torch.nn.functional.one_hot(act, wm.A).float()  # (E·N, T, A)
+    za = torch.cat([z, a], -1)  # (E·N, T, K·C + A)
+    xa = torch.cat([symlog(torch.as_tensor(recon).float()), a], -1)  # (E·N, T, O + A)
+    h = torch.cat(seen, 1).float().cpu()  # (E·N, T, D)
+    r = torch.as_tensor(data["rew"]).float().permute(0, 2, 1).reshape(-1)  # (E·N·T,)
+    return {"z": za.reshape(e * n * t, -1), "xhat": xa.reshape(e * n * t, -1), "h": h.reshape(e * n * t, -1), "r": r}
+
+
+def world_model_data(cfg: Config, steps: list[int], updates: int, test_episodes: int, seed: int,
+                     probe: bool = False) -> list[dict]:
     """Held-out teacher-forced fit of a world model trained offline on each of ``steps`` random-policy
     transitions for ``updates`` Adam steps (the config's batch, learning rate and loss weights).
 
     Replay is sampled uniformly (decay 1): the recency weighting of Algorithm 2 exists for a moving
-    policy, and here it would only hide the older half of the data the question is about.
+    policy, and here it would only hide the older half of the data the question is about.  With
+    ``probe``, MLPs regress the reward on the trained model's features (:func:`model_features`):
+    where the information for a reward that generalises is lost, in the latent or after it.
     """
     t_len = cfg.env.max_cycles
     train = random_episodes(cfg.env, -(-max(steps) // t_len), seed)
@@ -152,9 +204,16 @@ def world_model_data(cfg: Config, steps: list[int], updates: int, test_episodes:
             step_fns.wm_opt_step(wm, opt, wmc.grad_clip)
         seen = {k: v[: min(episodes, test_episodes)] for k, v in train.items()}  # as many training episodes
         fit_test, fit_train = teacher_forced(wm, test), teacher_forced(wm, seen)
-        rows.append({"steps": episodes * t_len, "episodes": episodes, "updates": updates,
-                     "reward_r2_heldout": fit_test["reward_r2"], "reward_corr_heldout": fit_test["reward_corr"],
-                     "reward_r2_train": fit_train["reward_r2"], "recon_r2_heldout": fit_test["recon_r2_mean"]})
+        row = {"steps": episodes * t_len, "episodes": episodes, "updates": updates,
+               "reward_r2_heldout": fit_test["reward_r2"], "reward_corr_heldout": fit_test["reward_corr"],
+               "reward_r2_train": fit_train["reward_r2"], "recon_r2_heldout": fit_test["recon_r2_mean"]}
+        if probe:  # MLPs on the frozen model's features, trained on all of this set's episodes
+            mine = model_features(wm, {k: v[:episodes] for k, v in train.items()})
+            held = model_features(wm, test)
+            for name in ("z", "xhat", "h"):
+                fit = fit_mlp(mine[name], mine["r"], held[name], held["r"], episodes * t_len, seed=seed)
+                row |= {f"probe_{name}_r2_train": fit["r2_train"], f"probe_{name}_r2_heldout": fit["r2_heldout"]}
+        rows.append(row)
     return rows
 
 
@@ -175,10 +234,17 @@ def build_parser() -> Parser:
     w = data_parser(sub, "wm-data", "held-out reward fit of a world model trained offline on random data")
     w.add_argument("--preset", default="cpu", help=f"world-model config: {', '.join(PRESETS)} (default cpu)")
     w.add_argument("--updates", type=int, default=6000, help="world-model updates per fit (default 6000)")
+    w.add_argument("--probe", action="store_true",
+                   help="also fit MLPs from the trained model's latent z_t (with a_t) and from h_t to the reward")
+    w.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="a config field changed from the preset's, e.g. wm.bins_low=-3 (repeatable): the "
+                        "variants of the investigation")
     d = data_parser(sub, "reward-data", "held-out R² of a supervised reward regression on random data")
     d.add_argument("--updates", type=int, default=0,
                    help="Adam steps per fit (default 0: one per env step of the training set, the world model's budget)")
     d.add_argument("--width", type=int, default=256, help="MLP width (default 256)")
+    d.add_argument("--inputs", choices=("next", "now"), default="next",
+                   help="regress r_t on o_(t+1) (next, default) or on o_t and a_t (now: the world model's information)")
     d.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     d.add_argument("--batch", type=int, default=384,
                    help="batch size (default 384: the cpu preset's world-model batch when this was measured, "
@@ -196,6 +262,24 @@ def data_parser(sub, name: str, help: str) -> Parser:
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the fitted model (default 0)")
     p.add_argument("--out", metavar="FILE.json", default=None, help="also write the rows here")
     return p
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    """``["wm.bins_low=-3", ...]`` → ``{"wm.bins_low": -3}``: each a field of the config, its value
+    a Python literal (ValueError naming a pair that is neither)."""
+    fields = {f"{sec}.{f.name}" for sec in ("env", "wm", "ac", "replay", "train")
+              for f in dataclasses.fields(getattr(Config(), sec))}
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--set {pair}: need SECTION.FIELD=VALUE with a field of the config "
+                             "(env, wm, ac, replay, train), e.g. wm.bins_low=-3")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
 
 
 def check_data_args(args) -> None:
@@ -238,25 +322,34 @@ def main(argv: list[str] | None = None) -> int:
             fail(f"unknown preset {args.preset!r}; valid: {', '.join(PRESETS)}")
         if args.updates < 1:
             fail(f"--updates must be ≥ 1, got {args.updates}")
-        cfg = preset(args.preset, args.scenario)
         try:
-            result = world_model_data(cfg, sorted(args.steps), args.updates, args.test_episodes, args.seed)
+            cfg = with_fields(preset(args.preset, args.scenario), parse_sets(args.sets))
+            check_fields(cfg)
+            result = world_model_data(cfg, sorted(args.steps), args.updates, args.test_episodes, args.seed,
+                                      args.probe)
         except ValueError as e:
             fail(str(e))
-        print(f"{args.scenario}: `{args.preset}` world model trained offline on random-policy data, "
-              f"{args.updates} updates each, {args.test_episodes} held-out episodes")
+        print(f"{args.scenario}: `{args.preset}` world model{' with ' + ', '.join(args.sets) if args.sets else ''} "
+              f"trained offline on random-policy data, {args.updates} updates each, {args.test_episodes} "
+              f"held-out episodes")
+        for r in result:
+            r["set"] = list(args.sets)
         for r in result:
             print(f"  {r['steps']:>7} steps ({r['episodes']} episodes): reward R² held-out "
                   f"{r['reward_r2_heldout']:.3f} (corr {r['reward_corr_heldout']:.3f}), on training episodes "
                   f"{r['reward_r2_train']:.3f}; reconstruction R² held-out {r['recon_r2_heldout']:.3f}")
+            if "probe_z_r2_heldout" in r:
+                print(f"    MLP probes, held-out R² (training): from z_t, a_t {r['probe_z_r2_heldout']:.3f} "
+                      f"({r['probe_z_r2_train']:.3f}); from decoded z_t, a_t {r['probe_xhat_r2_heldout']:.3f} "
+                      f"({r['probe_xhat_r2_train']:.3f}); from h_t {r['probe_h_r2_heldout']:.3f} ({r['probe_h_r2_train']:.3f})")
     else:
         check_data_args(args)
         if args.updates < 0:
             fail(f"--updates must be ≥ 0 (0 = one per env step), got {args.updates}")
         env_cfg = replace(EnvConfig(), scenario=args.scenario)
         result = reward_regression(env_cfg, sorted(args.steps), args.test_episodes, args.updates, args.width,
-                                   args.lr, args.batch, args.seed)
-        print(f"{args.scenario}: MLP r_t ← o_(t+1), random policy, batch {args.batch}, "
+                                   args.lr, args.batch, args.seed, args.inputs)
+        print(f"{args.scenario}: MLP r_t ← {'o_(t+1)' if args.inputs == 'next' else 'o_t, a_t'}, random policy, batch {args.batch}, "
               f"{args.test_episodes} held-out episodes")
         for r in result:
             print(f"  {r['steps']:>7} steps ({r['episodes']} episodes, {r['updates']} updates): held-out R² "

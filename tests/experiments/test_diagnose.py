@@ -88,7 +88,39 @@ def test_wm_data_cli_trains_and_scores_reproducibly(tmp_path, capsys):
     assert "reward R² held-out" in capsys.readouterr().out
 
 
+def test_wm_data_set_changes_the_fitted_config(tmp_path):
+    """--set trains another world model (here: finer reward bins) and is written beside its rows."""
+    args = ["wm-data", "--scenario", "simple_tag", "--preset", "smoke", "--steps", "50", "--test-episodes", "2",
+            "--updates", "3"]
+    assert dg.main([*args, "--out", str(tmp_path / "a.json")]) == 0
+    assert dg.main([*args, "--set", "wm.bins_low=-3", "--set", "wm.bins_high=3", "--out", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text())[0] for f in ("a.json", "b.json"))
+    assert a["set"] == [] and b["set"] == ["wm.bins_low=-3", "wm.bins_high=3"]
+    assert a["reward_r2_heldout"] != b["reward_r2_heldout"]
+
+
+def test_wm_data_probe_fits_mlps_on_the_models_features(tmp_path):
+    """--probe adds held-out and training R² of MLPs on z_t, on z_t decoded (each with a_t) and on h_t."""
+    assert dg.main(["wm-data", "--scenario", "simple_spread", "--preset", "smoke", "--steps", "50",
+                    "--test-episodes", "2", "--updates", "2", "--probe", "--out", str(tmp_path / "p.json")]) == 0
+    row = json.loads((tmp_path / "p.json").read_text())[0]
+    keys = [f"probe_{f}_r2_{s}" for f in ("z", "xhat", "h") for s in ("train", "heldout")]
+    assert all(np.isfinite(row[k]) for k in keys) and row["probe_z_r2_train"] != row["probe_h_r2_train"]
+
+
+def test_reward_data_on_the_world_models_information(tmp_path):
+    """--inputs now: o_t and a one-hot a_t (observation width + action count features)."""
+    args = ["reward-data", "--scenario", "simple_spread", "--steps", "50", "--test-episodes", "2",
+            "--updates", "5", "--width", "8", "--batch", "8"]
+    assert dg.main([*args, "--out", str(tmp_path / "next.json")]) == 0
+    assert dg.main([*args, "--inputs", "now", "--out", str(tmp_path / "now.json")]) == 0
+    nxt, now = (json.loads((tmp_path / f"{k}.json").read_text())[0] for k in ("next", "now"))
+    assert (nxt["inputs"], now["inputs"]) == ("next", "now") and nxt["r2_heldout"] != now["r2_heldout"]
+
+
 @pytest.mark.parametrize("argv, needle", [
+    (["wm-data", "--scenario", "simple_tag", "--steps", "10", "--set", "wm.bins=3"], "--set wm.bins=3: need SECTION.FIELD=VALUE"),
+    (["wm-data", "--scenario", "simple_tag", "--steps", "10", "--set", "wm.lr=-1"], "--wm.lr -1"),
     (["wm-data", "--scenario", "simple_tag", "--preset", "gpu", "--steps", "10"], "unknown preset 'gpu'; valid: paper, cpu, smoke"),
     (["wm-data", "--scenario", "simple_tag", "--steps", "10", "--updates", "0"], "--updates must be ≥ 1, got 0"),
     (["wm-data", "--scenario", "simple_spread", "--preset", "smoke", "--steps", "0"], "--steps must be ≥ 1, got 0"),
