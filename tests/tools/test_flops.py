@@ -180,11 +180,7 @@ def test_image_decode_steps_cost_what_vector_ones_do():
 def test_image_train_step_matches(one_thread):
     """One real ``train_step`` of an image scenario (the smoke preset on Cooperative Pong): acting
     plus the three updates, as analytically counted (skipped without the Butterfly envs)."""
-    from matwm_fast import env
-
-    if "cooperative_pong" not in getattr(env, "scenario_names", lambda: env.SCENARIOS)():
-        pytest.skip("no image scenario in matwm_fast.env")
-    pytest.importorskip("pettingzoo.butterfly")
+    pytest.importorskip("pymunk", reason="needs pip install 'matwm_fast[butterfly]'")
     tr = build(preset("smoke", "cooperative_pong"), device="cpu", backend="eager", kernels="ref")
     assert tr.wm.image
     while not tr.warm:
