@@ -64,11 +64,11 @@ from .stages import RUNNERS
 from .summary import cache_note, summary
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: stages run its tests and modules
-STAGES = ("env", "graphs", "tests", "train", "ncu", "inductor")
+STAGES = ("env", "graphs", "tests", "train", "image", "ncu", "inductor")
 # the first two stages within two minutes of a cold machine; Inductor gets what is left of 500 s
-GPU_CAPS = {"env": 10, "graphs": 110, "tests": 100, "train": 60, "ncu": 40, "inductor": 180}
+GPU_CAPS = {"env": 10, "graphs": 110, "tests": 100, "train": 60, "image": 60, "ncu": 40, "inductor": 120}
 # the CPU rehearsal's caps only catch a hang
-REHEARSAL_CAPS = {"env": 60, "graphs": 240, "tests": 120, "train": 120, "ncu": 120, "inductor": 120}
+REHEARSAL_CAPS = {"env": 60, "graphs": 240, "tests": 120, "train": 120, "image": 120, "ncu": 120, "inductor": 120}
 LOG_TAIL = 1 << 20  # bytes of each command's output kept in log.txt
 # what a check writes to --out, with the compile cache's archive (a device call returns at most 8 files)
 OUTPUTS = ("results.json", "summary.md", "log.txt", "train_metrics.jsonl", "ncu.txt", "imagine.ncu-rep")

@@ -313,6 +313,35 @@ def check_rows(rows: list[dict], cfg) -> tuple[dict, list[str]]:
     return want, problems
 
 
+# ----------------------------------------------------------------------------------- image
+IMAGE_SCENARIO = "cooperative_pong"  # the paper's image task with the fewest agents: its step is the frames'
+
+
+def stage_image(c: Check, rec: dict):
+    """The image world model's step (Cooperative Pong's 64×64 frames) per phase, eager against
+    ``graphs``, with its kernel launches; skipped where the Butterfly games cannot be imported
+    (their wheels: ``device-wheels.sh safetensors pymunk cffi``)."""
+    import importlib.util
+
+    missing = [m for m in ("pymunk", "pygame") if importlib.util.find_spec(m) is None]
+    if missing:
+        return "skipped", f"not importable: {', '.join(missing)} (bench/README.md: the device wheels)", {}
+    out = c.work / "image.json"
+    args = [a if a != "simple_tag" else IMAGE_SCENARIO for a in c.p.args()]
+    rc, secs, text = c.sh("image", _py("-m", "matwm_fast.profile", *args, "--backend", "eager", "graphs",
+                                        "--steps", str(c.p.graph_steps), "--warmup-steps", str(max(c.p.graph_warmup, 1)),
+                                        "--peak-seconds", "0", "--json", str(out)))
+    result: dict = {"exit": rc, "seconds": round(secs, 1), "scenario": IMAGE_SCENARIO, "tail": text[-2000:]}
+    if rc != 0 or not out.exists():
+        return ("timeout" if rc is None else "failed"), f"profile exited {rc}", result
+    report = json.loads(out.read_text())
+    result["variants"] = {name: {k: v.get(k) for k in ("step_ms_median", "phases_ms", "launches", "env_steps_per_s",
+                                                      "warmup_s", "peak_memory_mib")}
+                          for name, v in report["backends"].items()}
+    steps = {name: v["step_ms_median"] for name, v in result["variants"].items()}
+    return "ok", ", ".join(f"{k} {v:.1f} ms" for k, v in steps.items()) + " per env step", result
+
+
 # ----------------------------------------------------------------------------------- ncu
 def stage_ncu(c: Check, rec: dict):
     """Nsight Compute on the first kernels of the imagination phase of one steady step (the
@@ -389,5 +418,6 @@ def stage_inductor(c: Check, rec: dict):
     return status, note + (f"; tests: {_test_note({'': result['tests']})[2:]}" if "tests" in result else ""), result
 
 
-RUNNERS = {"env": stage_env, "graphs": stage_graphs, "tests": stage_tests, "train": stage_train, "ncu": stage_ncu,
+RUNNERS = {"env": stage_env, "graphs": stage_graphs, "tests": stage_tests, "train": stage_train, "image": stage_image,
+           "ncu": stage_ncu,
            "inductor": stage_inductor}

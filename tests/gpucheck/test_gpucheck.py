@@ -207,7 +207,7 @@ def test_interrupted_check_keeps_what_it_measured(tmp_path):
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--stages", "env", "gpu"], "--stages gpu: unknown; valid: env, graphs, tests, train, ncu, inductor"),
+    (["--stages", "env", "gpu"], "--stages gpu: unknown; valid: env, graphs, tests, train, image, ncu, inductor"),
     (["--cap", "graphs"], "must be STAGE=SECONDS"),
     (["--cap", "fast=10"], "with STAGE one of env, graphs"),
     (["--cap", "graphs=-1"], "SECONDS > 0"),
