@@ -127,6 +127,18 @@ def check_minimums(name: str, seeds, episodes: int) -> None:
                          f"{sp.min_episodes}")
 
 
+def add_episode_arguments(parser, episodes_help: str = "evaluation episodes per seed") -> None:
+    """``--episodes`` and the choice of whose episodes are played — ``--split`` (the protocol's) or
+    ``--eval-seed`` (outside it) — for the tools that play fixed episodes of a training seed s."""
+    parser.add_argument("--episodes", type=int, default=50, help=f"{episodes_help} (default 50, the paper's protocol)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--split", choices=list(SPLITS), default=None,
+                       help="the protocol's split whose episodes training seed s plays (matwm_fast/protocol.py): "
+                            "tuning (default; seeds 0-99) or report (seeds 100-199, at least 5 seeds and 50 episodes)")
+    where.add_argument("--eval-seed", type=int, default=None,
+                       help="play reset(seed=EVAL_SEED + s·episodes + e) instead, outside the protocol")
+
+
 def first_episode(name: str, seed: int, episodes: int) -> int:
     """The first episode seed training seed ``seed``'s final policy is scored on in split ``name``
     (it plays ``first + e``, e < ``episodes``)."""

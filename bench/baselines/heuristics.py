@@ -125,13 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python bench/baselines/heuristics.py", description=__doc__.split("\n\n")[0],
                                 allow_abbrev=False)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="run seeds whose episodes to play")
-    p.add_argument("--episodes", type=int, default=50, help="episodes per seed (default 50, the paper's protocol)")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--split", choices=list(protocol.SPLITS), default=None,
-                       help="the protocol's split whose episodes seed s plays (matwm_fast/protocol.py): tuning "
-                            "(default; seeds 0-99) or report (seeds 100-199, at least 5 seeds and 50 episodes)")
-    where.add_argument("--eval-seed", type=int, default=None,
-                       help="play reset(seed=EVAL_SEED + s·episodes + e) instead, outside the protocol")
+    protocol.add_episode_arguments(p, "episodes per seed")
     p.add_argument("--out", default=None, help=f"where seed<s>.json go (default {RESULTS} for the tuning split and "
                                                f"--eval-seed, {REPORT_RESULTS} for the report split)")
     args = p.parse_args(argv)

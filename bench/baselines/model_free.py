@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--minibatch-size", type=int, default=None, help="PPO minibatch (default BenchMARL's: 400)")
     t.add_argument("--minibatch-iters", type=int, default=None,
                    help="PPO epochs over each batch (default BenchMARL's: 45)")
-    add_eval_args(t)
+    protocol.add_episode_arguments(t)
     t.add_argument("--results", default=None, help="where the JSONs go: RESULTS/<scenario>/<algo>/"
                                                     f"seed<s>_step<budget>.json (default {RESULTS}; {REPORT_RESULTS} "
                                                     "for the report split)")
@@ -124,23 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a saved policy file again", allow_abbrev=False)
     e.add_argument("policy", metavar="POLICY.pt", help="a policy_step<budget>.pt written by train")
-    add_eval_args(e)
+    protocol.add_episode_arguments(e)
     e.add_argument("--out", metavar="FILE.json", default=None, help="where to write (default: next to the policy)")
     e.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = torch's default)")
 
     a = sub.add_parser("table", help="results.md and results.json from the JSONs of RESULTS", allow_abbrev=False)
     a.add_argument("--results", default=str(RESULTS), help="default %(default)s")
     return p
-
-
-def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--episodes", type=int, default=50, help="evaluation episodes (default 50, the paper's protocol)")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--split", choices=list(protocol.SPLITS), default=None,
-                       help="the protocol's split whose episodes the run's seed s plays (matwm_fast/protocol.py): "
-                            "tuning (default; seeds 0-99) or report (seeds 100-199, at least 50 episodes)")
-    where.add_argument("--eval-seed", type=int, default=None,
-                       help="play reset(seed=EVAL_SEED + s·episodes + e) instead, outside the protocol")
 
 
 def evaluation_block(args, seed: int) -> dict:
