@@ -7,7 +7,8 @@ Every row is read from files other commands wrote, never typed in:
 - MATWM and its variants: the sweep's ``results.json`` (``python -m matwm_fast.sweep ...
   --aggregate-only``) under ``bench/results/learning/<dir>/``, one row per variant and budget (the
   final checkpoint's step); the cells are its final-checkpoint matchups;
-- MAPPO / IPPO: ``bench/baselines/model_free.py``'s ``seed<s>_step<budget>.json``;
+- MAPPO / IPPO / QMIX / VDN / IQL: ``bench/baselines/model_free.py``'s ``seed<s>_step<budget>.json``
+  (the reporting runs of ``bench/baselines/tune.py report`` carry the tuning's configurations tried);
 - the scripted policies and the random policy: ``bench/baselines/heuristics.py``'s ``seed<s>.json``
   (the random policy also comes with every sweep and model-free run, on the same episodes).
 
@@ -86,7 +87,8 @@ MATWM = [
     ("MATWM, `cpu` preset, no teammate predictor (ablation)", "report/noteam"),
     ("MATWM, `cpu` preset, no action scaling (ablation)", "report/noscale"),
 ]
-MODEL_FREE = {"MAPPO (BenchMARL)": "mappo", "IPPO (BenchMARL)": "ippo"}
+MODEL_FREE = {"MAPPO (BenchMARL)": "mappo", "IPPO (BenchMARL)": "ippo", "QMIX (BenchMARL)": "qmix",
+              "VDN (BenchMARL)": "vdn", "IQL (BenchMARL)": "iql"}
 HEURISTICS = {"always no-op": "noop", "nearest landmark": "nearest", "shared assignment": "assignment"}
 # the sweep's matchup names → the evaluators' (model_free.py, heuristics.py)
 SWEEP_NAMES = {"trained": "greedy", "trained_sampled": "sampled"}
@@ -154,6 +156,15 @@ def sweep_rows(label: str, path: Path, scenario: str, learning: Path) -> list[di
              "first": {int(k): v for k, v in pr.get("episode_seeds", {}).items()}}]
 
 
+def tried(group: list[dict]) -> int | None:
+    """The configurations tried for the settings of these runs (model_free.py's ``configs_tried``;
+    None for records made before it was written, and for the heuristics)."""
+    counts = {r.get("configs_tried") for r in group}
+    if len(counts) > 1:
+        raise ValueError(f"seeds {[r['seed'] for r in group]}: runs of one row from different tunings ({counts})")
+    return counts.pop()
+
+
 def per_seed_rows(label: str, files: list[Path], budget: int | None, learning: Path) -> list[dict]:
     """Rows from per-seed evaluator JSONs (model_free.py, heuristics.py), each with ``results``
     {matchup: {"all": {"mean"}, "teams": {t: {"mean"}}, "returns": (E, N)}}: one per split."""
@@ -180,7 +191,7 @@ def per_seed_rows(label: str, files: list[Path], budget: int | None, learning: P
                         ep.setdefault(t, {})[r["seed"]] = protocol.column(res["returns"], idx).tolist()
         rows.append({"label": label, "budget": budget, "seeds": [r["seed"] for r in group], "cells": cells,
                      "curves": {}, "source": str(files[0].parent.relative_to(learning)), "split": split,
-                     "configs_tried": None, "episodes": episodes,
+                     "configs_tried": tried(group), "episodes": episodes,
                      "first": {r["seed"]: r.get("evaluation", {}).get("seed") for r in group}})
     return rows
 

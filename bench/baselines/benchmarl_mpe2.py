@@ -14,7 +14,10 @@ because BenchMARL pickles the task and the callbacks into its experiment folder.
 * :class:`Snapshots` counts the env steps (joint transitions) of every collected batch and copies
   the policy's parameters when training has consumed exactly a budget's env steps.
 * :func:`action_function` turns the policy into ``obs (N, O) → actions (N,)`` for
-  ``matwm_fast.play.play``: greedy (the mode, argmax of the logits) or sampled.
+  ``matwm_fast.play.play``: greedy (the mode of PPO's Categorical, the argmax of a Q-learner's
+  action values) or as in training (sampled from the Categorical; ε-greedy at the ε reached).
+* :func:`settable` lists what ``settings`` may change: BenchMARL's experiment fields and the
+  algorithm's own (QMIX's mixer width, PPO's clip ε, ...), with their defaults.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 
 import numpy as np
 import torch
-from benchmarl.algorithms import IppoConfig, MappoConfig
+from benchmarl.algorithms import IppoConfig, IqlConfig, MappoConfig, QmixConfig, VdnConfig
 from benchmarl.environments.pettingzoo.common import PettingZooClass
 from benchmarl.experiment import Callback, Experiment, ExperimentConfig
 from benchmarl.models.mlp import MlpConfig
@@ -34,7 +37,9 @@ from tensordict import TensorDict
 from torchrl.envs.libs.pettingzoo import PettingZooWrapper
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-ALGORITHMS = {"mappo": MappoConfig, "ippo": IppoConfig}
+# on-policy actor-critics (PPO) and off-policy value-based learners (Q-learning; QMIX and VDN mix
+# the agents' values into the team's, IQL learns each alone)
+ALGORITHMS = {"mappo": MappoConfig, "ippo": IppoConfig, "qmix": QmixConfig, "vdn": VdnConfig, "iql": IqlConfig}
 # training env i of run seed s is seeded with TRAIN_ENV_SEED + 1000·s + i: away from the evaluation
 # episodes (20,000 + s·50 + e by default) and from MATWM's training env
 TRAIN_ENV_SEED = 1_000_000
@@ -110,23 +115,44 @@ def experiment_config(settings: dict, save_folder: str, max_frames: int) -> Expe
     return cfg
 
 
-def defaults() -> dict:
-    """BenchMARL's defaults for the parts we use: experiment, MAPPO, IPPO, the MLP (as plain data)."""
-    def plain(cfg) -> dict:
-        return {k: (v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else repr(v))
-                for k, v in dataclasses.asdict(cfg).items()}
+def plain(cfg) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else repr(v))
+            for k, v in dataclasses.asdict(cfg).items()}
 
+
+def defaults() -> dict:
+    """BenchMARL's defaults for the parts we use: experiment, the algorithms, the MLP (as plain data)."""
     return {"experiment": plain(ExperimentConfig.get_from_yaml()),
             **{name: plain(c.get_from_yaml()) for name, c in ALGORITHMS.items()},
             "model": plain(MlpConfig.get_from_yaml())}
 
 
+def on_policy(algorithm: str) -> bool:
+    return ALGORITHMS[algorithm].on_policy()
+
+
+def settable(algorithm: str) -> dict[str, dict]:
+    """{"experiment": {field: default}, "algorithm": {field: default}}: what ``settings`` may change
+    (numbers, booleans and strings; the run's plumbing — devices, logging, folders — excluded)."""
+    fixed = {"sampling_device", "train_device", "buffer_device", "prefer_continuous_actions", "max_n_iters",
+             "max_n_frames", "evaluation", "render", "loggers", "create_json", "save_folder", "restore_file",
+             "restore_map_location", "checkpoint_interval", "checkpoint_at_end", "keep_checkpoints_num",
+             "exclude_buffer_from_checkpoint", "project_name", "wandb_extra_kwargs", "adam_extra_kwargs",
+             "evaluation_interval", "evaluation_episodes", "evaluation_deterministic_actions", "evaluation_static"}
+    scalar = (int, float, str, bool, type(None))
+    exp = {k: v for k, v in plain(ExperimentConfig.get_from_yaml()).items() if k not in fixed and isinstance(v, scalar)}
+    alg = {k: v for k, v in plain(ALGORITHMS[algorithm].get_from_yaml()).items() if isinstance(v, scalar)}
+    return {"experiment": exp, "algorithm": alg}
+
+
 def build(scenario_module: str, scenario_name: str, max_cycles: int, kwargs: dict, algorithm: str, seed: int,
           settings: dict, save_folder: str, max_frames: int, callbacks=()) -> Experiment:
-    """A BenchMARL experiment: default MAPPO/IPPO and MLP, the experiment changes of ``settings``."""
+    """A BenchMARL experiment: the algorithm's defaults and BenchMARL's MLP, with the changes of
+    ``settings`` ({"experiment": {...}, "algorithm": {...}})."""
     task = MPE2Task(name=scenario_name.upper(), config={"module": scenario_module, "max_cycles": max_cycles,
                                                         "kwargs": dict(kwargs)})
-    return Experiment(task=task, algorithm_config=ALGORITHMS[algorithm].get_from_yaml(),
+    algorithm_config = dataclasses.replace(ALGORITHMS[algorithm].get_from_yaml(), **settings.get("algorithm", {}))
+    return Experiment(task=task, algorithm_config=algorithm_config,
                       model_config=MlpConfig.get_from_yaml(), critic_model_config=MlpConfig.get_from_yaml(),
                       seed=seed, config=experiment_config(settings, save_folder, max_frames),
                       callbacks=list(callbacks))
@@ -136,8 +162,9 @@ def action_function(policy, group_map: dict[str, list[str]], agents: tuple[str, 
                     obs_sizes: tuple[int, ...], greedy: bool):
     """The policy as ``obs (N, O) padded → actions (N,)`` in ``agents``' row order.
 
-    Greedy takes each agent's most likely action (the Categorical's mode: argmax of the logits),
-    sampled draws from it (torch's global generator, which ``play`` seeds)."""
+    Greedy takes each agent's best action (PPO: the Categorical's mode, the argmax of its logits;
+    Q-learning: the argmax of the action values, no ε); otherwise the policy acts as in training
+    (sampled from the Categorical; ε-greedy) with torch's global generator, which ``play`` seeds."""
     rows = {g: [agents.index(a) for a in members] for g, members in group_map.items()}
     for g, idx in rows.items():
         if len({obs_sizes[i] for i in idx}) != 1:

@@ -1,8 +1,10 @@
-"""Model-free baselines at MATWM's env-step budgets: BenchMARL's MAPPO and IPPO on MPE2, scored
-with this project's evaluator: the model-free rows of the learning results
-(``bench/results/learning/baselines/``).
+"""Model-free baselines at MATWM's env-step budgets: BenchMARL's MAPPO and IPPO (on-policy PPO)
+and QMIX, VDN and IQL (off-policy Q-learning) on MPE2, scored with this project's evaluator: the
+model-free rows of the learning results (``bench/results/learning/baselines/``).
 
     python bench/baselines/model_free.py train --scenario simple_spread --algo mappo --seed 0 --budgets 20000 50000
+    python bench/baselines/model_free.py train --scenario simple_tag --algo qmix --gamma 0.9 --frames-per-batch 1000 \
+        --set off_policy_n_optimizer_steps=100 --set algorithm.mixing_embed_dim=64
     python bench/baselines/model_free.py eval runs/baselines/simple_spread/mappo/seed0/policy_step20000.pt
     python bench/baselines/model_free.py table --results bench/results/learning/baselines
 
@@ -25,6 +27,14 @@ teams each team's policy against random opponents (``<team>_vs_random``).  One J
 budget under ``RESULTS/<scenario>/<algo>/`` (default ``bench/results/learning/baselines``, and
 ``bench/results/learning/report/baselines`` for the report split).
 
+Everything else is BenchMARL's default for the algorithm, its MLP and its experiment, except what
+the flags change: ``--frames-per-batch`` and ``--n-envs`` (the family's collection: BenchMARL's
+``on_policy_*`` or ``off_policy_*`` fields), ``--minibatch-size`` and ``--minibatch-iters`` (PPO's
+epochs), ``--gamma``, ``--lr``, and ``--set FIELD=VALUE`` for any other field of BenchMARL's
+experiment config or, as ``algorithm.FIELD``, of the algorithm's.  What a run changed is its
+JSON's ``settings.tuned``; ``--configs-tried`` records how many configurations the tuning that
+chose them tried (``bench/baselines/tune.py``).
+
 BenchMARL, TorchRL and TensorDict are optional: ``pip install -e '.[baselines]'``.
 """
 
@@ -34,7 +44,6 @@ import argparse
 import importlib
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -54,7 +63,14 @@ from matwm_fast.config import EnvConfig  # noqa: E402
 from matwm_fast.env import SCENARIOS, env_spec  # noqa: E402
 
 INSTALL = "pip install -e '.[baselines]'"
-ALGOS = ("mappo", "ippo")
+ALGOS = ("mappo", "ippo", "qmix", "vdn", "iql")
+ON_POLICY = ("mappo", "ippo")  # PPO; the others learn off-policy from a replay buffer
+# BenchMARL's experiment fields that a flag sets (and checks): --set refuses them
+OWN_FLAG = {"on_policy_collected_frames_per_batch": "--frames-per-batch",
+            "off_policy_collected_frames_per_batch": "--frames-per-batch",
+            "on_policy_n_envs_per_worker": "--n-envs", "off_policy_n_envs_per_worker": "--n-envs",
+            "on_policy_minibatch_size": "--minibatch-size", "on_policy_n_minibatch_iters": "--minibatch-iters",
+            "gamma": "--gamma", "lr": "--lr"}
 BUDGETS = (20_000, 50_000)
 RESULTS = ROOT / "bench" / "results" / "learning" / "baselines"
 REPORT_RESULTS = ROOT / "bench" / "results" / "learning" / "report" / "baselines"
@@ -98,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 allow_abbrev=False)
     sub = p.add_subparsers(dest="cmd", metavar="{train,eval,table}")
     sub.required = True
-    t = sub.add_parser("train", help="train MAPPO or IPPO to the budgets, save and evaluate the policies",
+    t = sub.add_parser("train", help="train one algorithm to the budgets, save and evaluate the policies",
                        allow_abbrev=False)
     t.add_argument("--scenario", required=True, help=f"MPE2 scenario: {', '.join(SCENARIOS)}")
     t.add_argument("--algo", required=True, help=f"algorithm: {', '.join(ALGOS)}")
@@ -108,12 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "to the largest (default 20000 50000)")
     t.add_argument("--max-cycles", type=int, default=25, help="episode length, as MATWM's runs (default 25)")
     t.add_argument("--frames-per-batch", type=int, default=FRAMES_PER_BATCH,
-                   help=f"env steps collected per PPO iteration (default {FRAMES_PER_BATCH}; BenchMARL's 6000 "
+                   help=f"env steps collected per iteration (default {FRAMES_PER_BATCH}; BenchMARL's 6000 "
                         "divides neither budget); every budget must be a multiple")
     t.add_argument("--n-envs", type=int, default=None, help="envs collected from in turn (default BenchMARL's: 10)")
     t.add_argument("--minibatch-size", type=int, default=None, help="PPO minibatch (default BenchMARL's: 400)")
     t.add_argument("--minibatch-iters", type=int, default=None,
                    help="PPO epochs over each batch (default BenchMARL's: 45)")
+    t.add_argument("--gamma", type=float, default=None, help="discount (default BenchMARL's: 0.99)")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default BenchMARL's: 5e-5)")
+    t.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other field of BenchMARL's experiment config, or algorithm.FIELD of the "
+                        "algorithm's (repeatable)")
+    t.add_argument("--configs-tried", type=int, default=1,
+                   help="configurations the tuning that chose these settings tried (recorded; default 1)")
     protocol.add_episode_arguments(t)
     t.add_argument("--results", default=None, help="where the JSONs go: RESULTS/<scenario>/<algo>/"
                                                     f"seed<s>_step<budget>.json (default {RESULTS}; {REPORT_RESULTS} "
@@ -148,6 +171,18 @@ def check_train_args(args) -> None:
         raise ValueError(f"--algo {args.algo!r}: unknown algorithm; allowed: {', '.join(ALGOS)}")
     if args.seed < 0:
         raise ValueError(f"--seed {args.seed}: must be 0 or more")
+    if args.algo not in ON_POLICY:
+        for flag, v in (("--minibatch-size", args.minibatch_size), ("--minibatch-iters", args.minibatch_iters)):
+            if v is not None:
+                raise ValueError(f"{flag} {v}: PPO's (mappo, ippo) only; {args.algo} learns off-policy "
+                                 "(--set off_policy_train_batch_size=..., off_policy_n_optimizer_steps=...)")
+    if args.gamma is not None and not 0.0 < args.gamma <= 1.0:
+        raise ValueError(f"--gamma {args.gamma}: a discount in (0, 1]")
+    if args.lr is not None and not args.lr > 0.0:
+        raise ValueError(f"--lr {args.lr}: must be positive")
+    if args.configs_tried < 1:
+        raise ValueError(f"--configs-tried {args.configs_tried}: at least 1 (the configuration run)")
+    args.set_pairs = parse_sets(args.sets)
     for flag, v in (("--max-cycles", args.max_cycles), ("--frames-per-batch", args.frames_per_batch),
                     ("--n-envs", args.n_envs), ("--minibatch-size", args.minibatch_size),
                     ("--minibatch-iters", args.minibatch_iters)):
@@ -168,6 +203,63 @@ def check_train_args(args) -> None:
     if args.results is None:
         args.results = str(REPORT_RESULTS if args.split == "report" else RESULTS)
     check_dir("--results", Path(args.results))
+
+
+def parse_sets(sets: list[str]) -> dict[str, str]:
+    """``FIELD=VALUE`` strings → {FIELD: VALUE}; the fields and values are checked against
+    BenchMARL's configs by :func:`settings_for` (it needs the library)."""
+    out = {}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq or not key or not value:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE (e.g. gamma=0.9, algorithm.mixing_embed_dim=64)")
+        if key in out:
+            raise ValueError(f"--set {key}: given twice")
+        out[key] = value
+    return out
+
+
+def typed(flag: str, value: str, default):
+    """``value`` as the type of BenchMARL's default for the field."""
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false"):
+            raise ValueError(f"{flag}: {value!r} is not a boolean; allowed: true, false")
+        return value.lower() == "true"
+    for kind in ((int,) if isinstance(default, int) else (float,) if isinstance(default, float) else
+                 () if isinstance(default, str) else (int, float)):
+        try:
+            return kind(value)
+        except ValueError:
+            if isinstance(default, (int, float)):
+                raise ValueError(f"{flag}: {value!r} is not {'an integer' if kind is int else 'a number'} "
+                                 f"(BenchMARL's default: {default!r})") from None
+    return value
+
+
+def settings_for(bm, args) -> tuple[dict, dict]:
+    """BenchMARL settings {"experiment": {...}, "algorithm": {...}} from the flags, and what was
+    tuned (the flags' and --set's fields, flat: ``gamma``, ``algorithm.mixing_embed_dim``)."""
+    family = "on_policy" if args.algo in ON_POLICY else "off_policy"
+    exp = {f"{family}_collected_frames_per_batch": args.frames_per_batch}
+    for key, v in ((f"{family}_n_envs_per_worker", args.n_envs), ("on_policy_minibatch_size", args.minibatch_size),
+                   ("on_policy_n_minibatch_iters", args.minibatch_iters), ("gamma", args.gamma), ("lr", args.lr)):
+        if v is not None:
+            exp[key] = v
+    alg: dict = {}
+    allowed = bm.settable(args.algo)
+    for key, value in args.set_pairs.items():
+        section, field = ("algorithm", key.split(".", 1)[1]) if key.startswith("algorithm.") else ("experiment", key)
+        fields = allowed[section]
+        if field not in fields:
+            where = f"{args.algo}'s algorithm config" if section == "algorithm" else "BenchMARL's experiment config"
+            raise ValueError(f"--set {key}: not a field of {where}; allowed: "
+                             + ", ".join(("algorithm." if section == "algorithm" else "") + f for f in sorted(fields)))
+        if section == "experiment" and field in OWN_FLAG:
+            raise ValueError(f"--set {key}: has its own flag, {OWN_FLAG[field]}")
+        target = alg if section == "algorithm" else exp
+        target[field] = typed(f"--set {key}", value, fields[field])
+    tuned = {**exp, **{f"algorithm.{k}": v for k, v in alg.items()}}
+    return {"experiment": exp, "algorithm": alg}, tuned
 
 
 def check_eval_args(args) -> None:
@@ -232,18 +324,13 @@ def cmd_train(args) -> int:
     import torch
 
     bm = require_library()
+    settings, tuned = settings_for(bm, args)  # refuses a bad --set before anything is written
     if args.threads:
         torch.set_num_threads(args.threads)
     budgets = sorted(set(args.budgets))
     run_dir = Path(args.run_dir or f"runs/baselines/{args.scenario}/{args.algo}/seed{args.seed}")
     run_dir.mkdir(parents=True, exist_ok=True)
     env_cfg = EnvConfig(scenario=args.scenario, max_cycles=args.max_cycles)
-    changes = {"on_policy_collected_frames_per_batch": args.frames_per_batch}
-    for key, v in (("on_policy_n_envs_per_worker", args.n_envs), ("on_policy_minibatch_size", args.minibatch_size),
-                   ("on_policy_n_minibatch_iters", args.minibatch_iters)):
-        if v is not None:
-            changes[key] = v
-    settings = {"experiment": changes}
     where = evaluation_block(args, args.seed)
     episodes, eval_seed = args.episodes, where["seed"]
 
@@ -263,12 +350,14 @@ def cmd_train(args) -> int:
                            f"expected {budgets[-1]} and {budgets}")
     defaults = bm.defaults()
     info = {"library": versions(), "scenario": args.scenario, "max_cycles": args.max_cycles,
-            "algorithm": args.algo, "seed": args.seed,
+            "algorithm": args.algo, "seed": args.seed, "configs_tried": args.configs_tried,
             "settings": {"benchmarl_defaults": {k: defaults[k] for k in ("experiment", args.algo, "model")},
-                         "changed": {**changes, "max_n_frames": budgets[-1], "prefer_continuous_actions": False,
+                         "tuned": tuned, "algorithm_changed": settings["algorithm"],
+                         "changed": {**settings["experiment"], "max_n_frames": budgets[-1],
+                                     "prefer_continuous_actions": False,
                                      "evaluation": False, "loggers": [], "create_json": False,
                                      "checkpoint_at_end": False},
-                         "critic_model": "same MLP as the policy (BenchMARL's default)",
+                         "critic_model": "PPO's critic: the same MLP as the policy (BenchMARL's default)",
                          "train_env_seeds": f"{bm.TRAIN_ENV_SEED} + 1000·seed + env index"},
             "group_map": exp.group_map, "train_setup_s": round(setup_s, 3), "train_total_s": round(train_s, 3),
             "batches": snaps.batches}
@@ -309,7 +398,7 @@ def cmd_eval(args) -> int:
         raise ValueError(f"{path}: not a policy file written by train (format {FORMAT})")
     where = evaluation_block(args, saved["seed"])  # refuses a seed that is not the split's
     with tempfile.TemporaryDirectory() as tmp:
-        fpb = saved["build"]["experiment"]["on_policy_collected_frames_per_batch"]
+        fpb = next(v for k, v in saved["build"]["experiment"].items() if k.endswith("_collected_frames_per_batch"))
         exp = bm.build(SCENARIOS[saved["scenario"]], saved["scenario"], saved["max_cycles"], {}, saved["algorithm"],
                        saved["seed"], saved["build"], tmp, fpb)
         exp.policy.load_state_dict(saved["policy"])
@@ -322,103 +411,6 @@ def cmd_eval(args) -> int:
     write_json(dest, out)
     print_summary(f"{saved['algorithm']} on {saved['scenario']}, seed {saved['seed']}, step {saved['budget']}", res)
     print(f"wrote {dest}")
-    return 0
-
-
-# ----------------------------------------------------------------------------- the table
-def med(values: list[float]) -> str:
-    if not values:
-        return "—"
-    return f"{statistics.median(values):.1f} [{min(values):.1f}, {max(values):.1f}]"
-
-
-def load_results(results: Path) -> list[dict]:
-    runs = []
-    for f in sorted(results.glob("*/*/seed*_step*.json")):
-        try:
-            runs.append(json.loads(f.read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{f}: unreadable ({e})") from e
-    return runs
-
-
-def cmd_table(args) -> int:
-    results = Path(args.results)
-    if not results.is_dir():
-        raise ValueError(f"--results {results}: no such directory")
-    runs = load_results(results)
-    if not runs:
-        raise ValueError(f"--results {results}: no <scenario>/<algo>/seed<s>_step<budget>.json files")
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["scenario"], r["budget"], r["algorithm"]), []).append(r)
-    lib = runs[0]["library"]
-    agg, lines = {}, []
-    lines += ["# Model-free baselines at MATWM's env-step budgets (BenchMARL MAPPO / IPPO)", "",
-              f"BenchMARL {lib['benchmarl']}, TorchRL {lib['torchrl']}, TensorDict {lib['tensordict']}, "
-              f"torch {lib['torch']}, PettingZoo {lib['pettingzoo']}, MPE2 {lib['mpe2']}. "
-              "BenchMARL's default MAPPO/IPPO, MLP and experiment settings except "
-              f"`on_policy_collected_frames_per_batch` = {runs[0]['settings']['changed']['on_policy_collected_frames_per_batch']} "
-              "(see README.md). Evaluation: this project's protocol (`matwm_fast.play`), "
-              f"{runs[0]['evaluation']['episodes']} episodes per run and policy, seed s on the protocol's episodes "
-              f"of split {' / '.join(sorted({str(r['evaluation'].get('split', 'tuning')) for r in runs}))} "
-              "(matwm_fast/protocol.py; tuning: reset(seed = 20,000 + s·50 + e)) — the MATWM sweep's matchup "
-              "episodes of the same seed. "
-              "Median [min, max] over seeds of the mean return; `random`: the uniformly random policy on the "
-              "same episodes.", ""]
-    for scenario in sorted({k[0] for k in groups}):
-        keys = sorted(k for k in groups if k[0] == scenario)
-        teams = list(groups[keys[0]][0]["results"]["greedy"]["teams"])
-        multi = len(teams) > 1
-        lines += [f"## {scenario}", ""]
-        head = "| env steps | algorithm | seeds | all agents, greedy | all agents, sampled | all agents, random |"
-        sep = "|---:|---|---:|---:|---:|---:|"
-        if multi:
-            for t in teams:
-                head += f" team {t}, greedy | team {t}, sampled |"
-                sep += "---:|---:|"
-        lines += [head, sep]
-        for key in keys:
-            rs = sorted(groups[key], key=lambda r: r["seed"])
-            row = {"seeds": [r["seed"] for r in rs]}
-            for pol in ("greedy", "sampled", "random"):
-                row[f"all_{pol}"] = [r["results"][pol]["all"]["mean"] for r in rs]
-                for t in teams:
-                    row[f"team_{t}_{pol}"] = [r["results"][pol]["teams"][t]["mean"] for r in rs]
-            for t in teams if multi else []:
-                for u in teams:  # team t plays its policy, the others random: every team's return
-                    row[f"{t}_vs_random_team_{u}"] = [r["results"][f"{t}_vs_random"]["teams"][u]["mean"] for r in rs]
-            row["train_wall_s"] = [r["train_wall_s"] for r in rs]
-            row["train_total_s"] = [r["train_total_s"] for r in rs]
-            agg[f"{scenario}/{key[1]}/{key[2]}"] = row
-            cells = f"| {key[1]:,} | {key[2].upper()} | {len(rs)} | {med(row['all_greedy'])} | " \
-                    f"{med(row['all_sampled'])} | {med(row['all_random'])} |"
-            if multi:
-                for t in teams:
-                    cells += f" {med(row[f'team_{t}_greedy'])} | {med(row[f'team_{t}_sampled'])} |"
-            lines.append(cells)
-        lines.append("")
-        if multi:
-            lines += ["Each team's greedy policy against uniformly random opponents (`<team>_vs_random`), "
-                      "that team's return, next to the random team's on the same episodes:", ""]
-            head = "| env steps | algorithm |" + "".join(f" {t} trained vs random | {t} random (all random) |"
-                                                         for t in teams)
-            lines += [head, "|---:|---|" + "---:|---:|" * len(teams)]
-            for key in keys:
-                row = agg[f"{scenario}/{key[1]}/{key[2]}"]
-                lines.append(f"| {key[1]:,} | {key[2].upper()} |" + "".join(
-                    f" {med(row[f'{t}_vs_random_team_{t}'])} | {med(row[f'team_{t}_random'])} |" for t in teams))
-            lines.append("")
-        lines += ["Wall time per run (training only, 1 torch thread, 2 cores shared with two MATWM trainings): "
-                  "median [min, max] seconds to reach each budget:", "",
-                  "| env steps | algorithm | training s |", "|---:|---|---:|"]
-        for key in keys:
-            lines.append(f"| {key[1]:,} | {key[2].upper()} | {med(agg[f'{scenario}/{key[1]}/{key[2]}']['train_wall_s'])} |")
-        lines.append("")
-    (results / "results.md").write_text("\n".join(lines))
-    (results / "results.json").write_text(json.dumps(agg, indent=1))
-    print("\n".join(lines))
-    print(f"wrote {results / 'results.md'} and {results / 'results.json'}")
     return 0
 
 
@@ -435,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.out is not None and Path(args.out).is_dir():
                 raise ValueError(f"--out {args.out}: is a directory; give a file name")
             return cmd_eval(args)
+        from model_free_table import cmd_table
+
         return cmd_table(args)
     except (ValueError, MissingLibrary) as e:
         fail(str(e))

@@ -39,7 +39,14 @@ def script(*args: str, cwd: Path, pythonpath: list[Path] = (), timeout: int = 60
 # ----------------------------------------------------------------------------- refusals (always)
 @pytest.mark.parametrize("args, says", [
     (["train", "--scenario", "simple_nope", "--algo", "mappo"], "--scenario 'simple_nope': unknown scenario; allowed: simple_tag, simple_spread"),
-    (["train", "--scenario", "simple_tag", "--algo", "qmix"], "--algo 'qmix': unknown algorithm; allowed: mappo, ippo"),
+    (["train", "--scenario", "simple_tag", "--algo", "dqn"], "--algo 'dqn': unknown algorithm; allowed: mappo, ippo, qmix, vdn, iql"),
+    (["train", "--scenario", "simple_tag", "--algo", "qmix", "--minibatch-iters", "3"],
+     "--minibatch-iters 3: PPO's (mappo, ippo) only; qmix learns off-policy"),
+    (["train", "--scenario", "simple_tag", "--algo", "mappo", "--gamma", "1.5"], "--gamma 1.5: a discount in (0, 1]"),
+    (["train", "--scenario", "simple_tag", "--algo", "mappo", "--lr", "0"], "--lr 0.0: must be positive"),
+    (["train", "--scenario", "simple_tag", "--algo", "mappo", "--configs-tried", "0"], "--configs-tried 0: at least 1"),
+    (["train", "--scenario", "simple_tag", "--algo", "mappo", "--set", "gamma"], "--set 'gamma': expected FIELD=VALUE"),
+    (["train", "--scenario", "simple_tag", "--algo", "mappo", "--set", "a=1", "--set", "a=2"], "--set a: given twice"),
     (["train", "--scenario", "simple_tag", "--algo", "ippo", "--budgets", "20000", "12345"],
      "--budgets 12345: each budget must be a positive multiple of --frames-per-batch 5000"),
     (["train", "--scenario", "simple_tag", "--algo", "ippo", "--budgets", "0"], "--budgets 0: each budget must be a positive"),
@@ -110,6 +117,24 @@ def test_the_script_imports_no_library_before_it_is_needed():
             % str(SCRIPT.parent))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@needs_library
+@pytest.mark.parametrize("args, says", [
+    (["--set", "nope=1"], "--set nope: not a field of BenchMARL's experiment config; allowed: adam_eps,"),
+    (["--set", "algorithm.nope=1"], "--set algorithm.nope: not a field of qmix's algorithm config; allowed: "
+                                    "algorithm.delay_value, algorithm.loss_function, algorithm.mixing_embed_dim"),
+    (["--set", "gamma=0.5"], "--set gamma: has its own flag, --gamma"),
+    (["--set", "off_policy_frames_per_batch=1"], "--set off_policy_frames_per_batch: not a field"),
+    (["--set", "off_policy_n_optimizer_steps=abc"], "'abc' is not an integer (BenchMARL's default: 1000)"),
+    (["--set", "algorithm.delay_value=maybe"], "'maybe' is not a boolean; allowed: true, false"),
+])
+def test_bad_settings_are_refused_before_training(tmp_path, args, says):
+    """--set is checked against BenchMARL's own config fields and their types (so it needs it)."""
+    proc = script("train", "--scenario", "simple_tag", "--algo", "qmix", "--results", "res", "--run-dir", "run",
+                  *args, cwd=tmp_path)
+    assert proc.returncode == 2 and "error: " in proc.stderr and says in proc.stderr, proc.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------------- end to end (library)
@@ -215,3 +240,47 @@ def test_ippo_on_simple_spread_and_the_table(tmp_path):
     assert "## simple_spread" in md and "| 200 | IPPO | 1 |" in md
     agg = json.loads((tmp_path / "res" / "results.json").read_text())
     assert agg["simple_spread/200/ippo"]["all_greedy"] == [res["results"]["greedy"]["all"]["mean"]]
+
+
+@needs_library
+def test_an_off_policy_learner_with_settings(tmp_path):
+    """QMIX on simple_tag with --gamma and --set (an experiment and an algorithm field): the settings
+    reach BenchMARL, are recorded, and greedy is the argmax of the action values (no ε)."""
+    import torch
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import benchmarl_mpe2 as bm
+    from tensordict import TensorDict
+
+    from matwm_fast.config import EnvConfig
+    from matwm_fast.env import MultiAgentEnv
+
+    proc = script("train", "--scenario", "simple_tag", "--algo", "qmix", "--seed", "2", "--budgets", "100", "200",
+                  "--frames-per-batch", "100", "--gamma", "0.9", "--set", "off_policy_n_optimizer_steps=3",
+                  "--set", "algorithm.mixing_embed_dim=8", "--configs-tried", "7", "--episodes", "2",
+                  "--results", "res", "--run-dir", "run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "res" / "simple_tag" / "qmix" / "seed2_step200.json").read_text())
+    assert res["configs_tried"] == 7 and res["batches"] == [100, 100]
+    assert res["settings"]["tuned"] == {"off_policy_collected_frames_per_batch": 100, "gamma": 0.9,
+                                        "off_policy_n_optimizer_steps": 3, "algorithm.mixing_embed_dim": 8}
+    saved = torch.load(tmp_path / "run" / "policy_step200.pt", weights_only=True)
+    exp = bm.build("simple_tag_v3", "simple_tag", 25, {}, "qmix", 2, saved["build"], str(tmp_path), 100)
+    assert exp.config.gamma == 0.9 and exp.config.off_policy_n_optimizer_steps == 3
+    assert exp.algorithm_config.mixing_embed_dim == 8
+    exp.policy.load_state_dict(saved["policy"])
+    spec = MultiAgentEnv(EnvConfig(scenario="simple_tag")).spec
+    act = bm.action_function(exp.policy, exp.group_map, spec.agents, spec.obs_sizes, greedy=True)
+    env = MultiAgentEnv(EnvConfig(scenario="simple_tag"))
+    obs = env.reset(seed=5)
+    td = TensorDict({"adversary": TensorDict({"observation": torch.as_tensor(obs[:3])}, batch_size=[3]),
+                     "agent": TensorDict({"observation": torch.as_tensor(obs[3:, :14])}, batch_size=[1])},
+                    batch_size=[])
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        td = exp.policy(td)
+    values = torch.cat([td["adversary", "action_value"], td["agent", "action_value"]])  # (4, 5)
+    for _ in range(3):  # the ε-greedy layer is off: the same argmax every time
+        assert act(obs).tolist() == values.argmax(-1).tolist()
+    exp.close()
