@@ -1,0 +1,190 @@
+"""``python bench/experiments/pong_ball.py`` — does the image world model see Cooperative Pong's ball?
+
+The ball is the one thing a Pong policy must track, and at 64 × 64 it is about 2 × 2 pixels (a
+10-pixel ball of the 480 × 280 screen, area-averaged: ~4.5 pixels at half intensity), beside two
+paddles of 40–60 pixels.  A frame's reconstruction is a sum over 12,288 values, so a model can
+reach a low loss while dropping the ball, and a latent without the ball gives the actor nothing to
+act on: imagined rallies never end, so imagination never shows the −10 of a miss.
+
+    python bench/experiments/pong_ball.py recon RUN_DIR [RUN_DIR ...]
+    python bench/experiments/pong_ball.py autoencoder --channels 8 --updates 3000
+
+``recon`` loads each run's latest checkpoint, encodes frames of the uniformly random policy
+(``--episodes`` fresh episodes of up to ``--steps`` steps, from ``reset(seed=5,000 + e)``), decodes
+the most likely latent, and reports per kind of pixel — ball, paddles, background — the squared
+error and the fraction of the target's intensity the reconstruction recovers.
+
+``autoencoder`` asks the same of the frames' encoder and decoder alone, offline: the preset's
+encoder → categorical latent (straight-through draw) → decoder, trained on reconstruction only (no
+KL, no dynamics: the paper's Eq. 3 pixel term, nothing else) on 3,000 random-policy steps of both
+agents, batches of 384 frames (the ``cpu`` preset's 12 × 32 world-model batch), Adam at the preset's
+world-model learning rate, bf16 autocast; every 250 updates the ball's recovered fraction on 300
+held-out steps.  ``--channels`` sets ``wm.cnn_channels`` (the ``cpu`` preset's 8; the paper's 32).
+
+Pixels are told apart by position and brightness: a pixel whose summed RGB is above 0.3 is an
+object; objects in the columns of the paddles (x ≤ 4, x ≥ 54 of 64) are paddles, the others the ball.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from matwm_fast.config import preset, with_fields  # noqa: E402
+from matwm_fast.env import MultiAgentEnv, env_spec  # noqa: E402
+from matwm_fast.losses import pixel_reconstruction  # noqa: E402
+from matwm_fast.policy import Policy, build_networks  # noqa: E402
+
+SCENARIO = "cooperative_pong"
+OBJECT = 0.3  # summed RGB in [0, 3] above which a pixel shows an object
+PADDLE_COLUMNS = (4, 54)  # x ≤ 4: the left paddle, x ≥ 54: the right one (64-pixel frames)
+BATCH_FRAMES = 384  # the cpu preset's world-model batch, 12 sequences × 32 steps
+EVERY = 250
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def random_frames(env: MultiAgentEnv, steps: int, first_seed: int, rng: np.random.Generator,
+                  per_episode: int | None = None) -> torch.Tensor:
+    """``steps`` joint steps of the uniformly random policy, episodes from ``reset(seed=first_seed + e)``:
+    every agent's frame, (steps·N, 3, 64, 64) uint8."""
+    out, e = [], 0
+    while len(out) < steps:
+        obs, done, t = env.reset(seed=first_seed + e), False, 0
+        e += 1
+        while not done and len(out) < steps and (per_episode is None or t < per_episode):
+            out.append(obs.copy())  # (N, 3, 64, 64)
+            obs, _, _, done = env.step(rng.integers(0, env.spec.n_actions, size=env.spec.n_agents))
+            t += 1
+    return torch.as_tensor(np.concatenate(out))
+
+
+def masks(frames: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(F, 3, H, W) uint8 → {kind: (F, H, W) bool} for ball, paddles, background."""
+    bright = frames.float().div(255).sum(1) > OBJECT  # (F, H, W)
+    cols = torch.arange(frames.shape[-1])
+    middle = (cols > PADDLE_COLUMNS[0]) & (cols < PADDLE_COLUMNS[1])  # (W,)
+    return {"ball": bright & middle, "paddles": bright & ~middle, "background": ~bright}
+
+
+@torch.no_grad()
+def reconstruct(wm, frames: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    """Frames → the decoder's image of their most likely latent, float in [0, 1]."""
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        _, probs = wm.posterior(frames)  # (F, K, C)
+        z = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).flatten(-2).float()  # (F, K·C)
+        return wm.decoder(z).float().clamp(0, 1)  # (F, 3, H, W)
+
+
+def scores(rec: torch.Tensor, frames: torch.Tensor) -> dict:
+    target = frames.float() / 255  # (F, 3, H, W)
+    err = (rec - target).pow(2).sum(1)  # (F, H, W)
+    out = {}
+    for kind, m in masks(frames).items():
+        got, want = rec.sum(1)[m].sum().item(), target.sum(1)[m].sum().item()
+        out[kind] = {"pixels_per_frame": round(m.sum().item() / frames.shape[0], 2),
+                     "sq_error_per_pixel": round(err[m].mean().item(), 4),
+                     "recovered": round(got / want, 3) if want > 0 else None}
+    return out
+
+
+def cmd_recon(args) -> int:
+    torch.set_num_threads(args.threads)
+    for run in args.runs:
+        pol = Policy(run)
+        if pol.cfg.env.scenario != SCENARIO:
+            raise ValueError(f"{run}: a {pol.cfg.env.scenario} run; this probe is for {SCENARIO}")
+        env = MultiAgentEnv(pol.cfg.env)
+        frames = random_frames(env, args.episodes * args.steps, 5_000, np.random.default_rng(0), args.steps)
+        res = {"run": str(run), "step": pol.step, "frames": int(frames.shape[0]),
+               **scores(reconstruct(pol.wm, frames), frames)}
+        print(json.dumps(res), flush=True)
+    return 0
+
+
+def cmd_autoencoder(args) -> int:
+    torch.set_num_threads(args.threads)
+    cfg = with_fields(preset(args.preset, SCENARIO), {"wm.cnn_channels": args.channels})
+    spec = env_spec(cfg.env)
+    torch.manual_seed(args.seed)
+    wm, _ = build_networks(cfg, spec)
+    env = MultiAgentEnv(cfg.env)
+    rng = np.random.default_rng(args.seed)
+    train, test = random_frames(env, args.data, 0, rng), random_frames(env, args.data // 10, 900_000, rng)
+    opt = torch.optim.Adam(wm.parameters(), lr=cfg.wm.lr)
+    wm.train()
+    t0 = time.time()
+    for u in range(1, args.updates + 1):
+        x = train[torch.randint(0, train.shape[0], (args.batch,))]  # (B, 3, 64, 64)
+        with torch.autocast("cpu", torch.bfloat16, enabled=args.bf16):
+            z, _ = wm.posterior(x)  # (B, K·C)
+            rec = wm.decoder(z)  # (B, 3, 64, 64)
+        loss = pixel_reconstruction(rec[None], x[None])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if u % args.every == 0 or u == args.updates:
+            ball = scores(reconstruct(wm, test, args.bf16), test)["ball"]["recovered"]
+            print(json.dumps({"channels": args.channels, "update": u, "loss": round(loss.item(), 2),
+                              "ball_recovered": ball, "s": round(time.time() - t0)}), flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python bench/experiments/pong_ball.py", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
+    sub = p.add_subparsers(dest="cmd", metavar="{recon,autoencoder}")
+    sub.required = True
+    r = sub.add_parser("recon", help="a trained world model's reconstruction of ball, paddles, background",
+                       allow_abbrev=False)
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="Cooperative Pong run directories (or checkpoints)")
+    r.add_argument("--episodes", type=int, default=4, help="random-policy episodes (default 4)")
+    r.add_argument("--steps", type=int, default=30, help="steps kept per episode (default 30)")
+    a = sub.add_parser("autoencoder", help="the frames' autoencoder alone, offline", allow_abbrev=False)
+    a.add_argument("--preset", default="cpu", help="whose encoder and decoder (default cpu)")
+    a.add_argument("--channels", type=int, default=8, help="wm.cnn_channels (default 8, the cpu preset's)")
+    a.add_argument("--updates", type=int, default=3000, help="gradient steps (default 3000)")
+    a.add_argument("--data", type=int, default=3000, help="random-policy steps to train on (default 3000)")
+    a.add_argument("--batch", type=int, default=BATCH_FRAMES, help=f"frames per batch (default {BATCH_FRAMES})")
+    a.add_argument("--every", type=int, default=EVERY, help=f"updates between scores (default {EVERY})")
+    a.add_argument("--seed", type=int, default=0, help="seeds the weights, the data and the batches (default 0)")
+    a.add_argument("--fp32", dest="bf16", action="store_false", help="no bf16 autocast")
+    for c in (r, a):
+        c.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        for name in ("threads", "episodes", "steps", "channels", "updates", "data", "batch", "every"):
+            v = getattr(args, name, None)
+            if v is not None and v < 1:
+                raise ValueError(f"--{name} {v}: must be at least 1")
+        if args.cmd == "recon":
+            for run in args.runs:
+                if not Path(run).exists():
+                    raise ValueError(f"{run}: no such run directory or checkpoint")
+            return cmd_recon(args)
+        if args.data < 10:
+            raise ValueError(f"--data {args.data}: at least 10 steps (a tenth is held out)")
+        return cmd_autoencoder(args)
+    except (ValueError, KeyError) as e:
+        fail(str(e).strip("'\""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
