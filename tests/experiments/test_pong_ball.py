@@ -45,6 +45,7 @@ def test_scores_measure_what_the_reconstruction_recovers():
     target = frames.float() / 255
     s = pong_ball.scores(target.clone(), frames)  # a perfect reconstruction
     assert s["ball"]["recovered"] == 1.0 and s["paddles"]["recovered"] == 1.0 and s["ball"]["sq_error_per_pixel"] == 0
+    assert s["background"]["recovered"] is None
     no_ball = target.clone()
     no_ball[..., 10:12, 30:32] = 0  # the ball dropped, everything else kept
     s = pong_ball.scores(no_ball, frames)
