@@ -119,17 +119,21 @@ def parse_space(items: list[str], algo: str) -> dict[str, list]:
 
 def defaults_config(space: dict, budget: int) -> dict:
     """BenchMARL's defaults: nothing changed but the frames per batch, which must divide the budget."""
-    frames = DEFAULT_FRAMES if budget % DEFAULT_FRAMES == 0 else max(f for f in space.get("frames-per-batch", [budget])
-                                                                   if budget % f == 0)
-    return {"frames-per-batch": frames}
+    if budget % DEFAULT_FRAMES == 0:
+        return {"frames-per-batch": DEFAULT_FRAMES}
+    fitting = [f for f in space.get("frames-per-batch", [budget]) if budget % f == 0]
+    if not fitting:
+        raise ValueError(f"--budget {budget}: no frames per batch of the grid ({space['frames-per-batch']}) "
+                         f"divides it, nor the default {DEFAULT_FRAMES}")
+    return {"frames-per-batch": max(fitting)}
 
 
 def field_defaults(bm, algo: str, space: dict, budget: int) -> dict:
     """The value each dimension of ``space`` takes in :func:`defaults_config`'s run: BenchMARL's
     default of the field behind it (``bm.settable``), the frames per batch that config's."""
     family = "on_policy" if algo in ON_POLICY else "off_policy"
-    fields = {"gamma": "gamma", "lr": "lr", "frames-per-batch": None, "n-envs": f"{family}_n_envs_per_worker",
-              "minibatch-size": "on_policy_minibatch_size", "minibatch-iters": "on_policy_n_minibatch_iters"}
+    fields = {flag[2:]: field for field, flag in model_free.OWN_FLAG.items()  # flag → the family's field
+              if not field.startswith(("on_policy", "off_policy")) or field.startswith(family)}
     allowed = bm.settable(algo)
     out = {}
     for name in space:
@@ -199,6 +203,7 @@ def result_file(results: Path, scenario: str, algo: str, seed: int, budget: int)
 
 def cmd_run(args) -> int:
     space = parse_space(args.space, args.algo)
+    defaults_config(space, args.budget)  # a budget that no batch divides is refused before BenchMARL loads
     defaults = field_defaults(model_free.require_library(), args.algo, space, args.budget)
     configs = draw(space, args.budget, args.configs, args.search_seed, defaults)
     base = Path(args.results) / args.scenario / args.algo

@@ -106,6 +106,8 @@ def test_the_objective():
     (["run", "--scenario", "simple_tag", "--algo", "mappo", "--seeds", "0", "--budget", "0"], "--budget 0: need at least 1"),
     (["run", "--scenario", "simple_tag", "--algo", "mappo", "--seeds", "0", "--space", "gamma"],
      "--space 'gamma': expected NAME=V1,V2,..."),
+    (["run", "--scenario", "simple_tag", "--algo", "mappo", "--seeds", "0", "--budget", "1500"],
+     "--budget 1500: no frames per batch of the grid ([1000, 2000, 5000]) divides it, nor the default 5000"),
     (["report", "--scenario", "simple_tag", "--algo", "mappo", "--seeds", "100", "--results", "none"],
      "none/simple_tag/mappo/tuning.json: no tuning here"),
 ])
