@@ -164,11 +164,15 @@ def evaluation_block(args, seed: int) -> dict:
     return {"split": None, "episodes": args.episodes, "seed": first, "episode_seeds": [first, first + args.episodes - 1]}
 
 
+def check_choices(scenario: str, algo: str) -> None:
+    if scenario not in SCENARIOS:
+        raise ValueError(f"--scenario {scenario!r}: unknown scenario; allowed: {', '.join(SCENARIOS)}")
+    if algo not in ALGOS:
+        raise ValueError(f"--algo {algo!r}: unknown algorithm; allowed: {', '.join(ALGOS)}")
+
+
 def check_train_args(args) -> None:
-    if args.scenario not in SCENARIOS:
-        raise ValueError(f"--scenario {args.scenario!r}: unknown scenario; allowed: {', '.join(SCENARIOS)}")
-    if args.algo not in ALGOS:
-        raise ValueError(f"--algo {args.algo!r}: unknown algorithm; allowed: {', '.join(ALGOS)}")
+    check_choices(args.scenario, args.algo)
     if args.seed < 0:
         raise ValueError(f"--seed {args.seed}: must be 0 or more")
     if args.algo not in ON_POLICY:

@@ -43,7 +43,6 @@ for path in (str(ROOT), str(HERE)):
 
 import model_free  # noqa: E402
 from matwm_fast import protocol  # noqa: E402
-from matwm_fast.env import SCENARIOS  # noqa: E402
 
 SCRIPT = HERE / "model_free.py"
 RESULTS = ROOT / "bench" / "results" / "learning" / "tuning" / "baselines"
@@ -267,10 +266,7 @@ def cmd_report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.scenario not in SCENARIOS:
-            raise ValueError(f"--scenario {args.scenario!r}: unknown scenario; allowed: {', '.join(SCENARIOS)}")
-        if args.algo not in ALGOS:
-            raise ValueError(f"--algo {args.algo!r}: unknown algorithm; allowed: {', '.join(ALGOS)}")
+        model_free.check_choices(args.scenario, args.algo)
         if args.jobs < 1:
             raise ValueError(f"--jobs {args.jobs}: need at least 1")
         split = "tuning" if args.cmd == "run" else "report"
