@@ -249,16 +249,20 @@ def cmd_report(args) -> int:
     path = Path(args.results) / args.scenario / args.algo / "tuning.json"
     if not path.is_file():
         raise ValueError(f"{path}: no tuning here; run `tune.py run --scenario {args.scenario} --algo {args.algo}` first")
-    tuning = json.loads(path.read_text())
-    best = tuning["configs"][tuning["best"]]
-    budgets = args.budgets or [tuning["budget"]]
+    try:
+        tuning = json.loads(path.read_text())
+        best = next(c for c in tuning["configs"] if c["index"] == tuning["best"])
+        index, flags, tried, budget = best["index"], best["flags"], tuning["configs_tried"], tuning["budget"]
+    except (json.JSONDecodeError, KeyError, TypeError, StopIteration) as e:
+        raise ValueError(f"{path}: not a tuning written by `tune.py run` ({type(e).__name__}: {e})") from e
+    budgets = args.budgets or [budget]
     jobs = [{"name": f"report seed {s}", "args": [
         "--scenario", args.scenario, "--algo", args.algo, "--seed", str(s), "--budgets", *map(str, budgets),
-        "--split", "report", "--episodes", "50", "--threads", "1", "--configs-tried", str(tuning["configs_tried"]),
+        "--split", "report", "--episodes", "50", "--threads", "1", "--configs-tried", str(tried),
         "--results", args.report_results,
-        "--run-dir", f"{args.out}/{args.scenario}/{args.algo}/report/seed{s}", *best["flags"]]} for s in args.seeds]
-    print(f"{args.algo} on {args.scenario}: configuration {best['index']} of {tuning['configs_tried']} "
-          f"({' '.join(best['flags'])}) on reporting seeds {args.seeds}", flush=True)
+        "--run-dir", f"{args.out}/{args.scenario}/{args.algo}/report/seed{s}", *flags]} for s in args.seeds]
+    print(f"{args.algo} on {args.scenario}: configuration {index} of {tried} ({' '.join(flags)}) on reporting "
+          f"seeds {args.seeds}", flush=True)
     run_jobs(jobs, args.jobs)
     return 0
 

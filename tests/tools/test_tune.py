@@ -171,3 +171,14 @@ def test_a_bad_field_in_the_space_is_refused_before_any_training(tmp_path):
                   "--results", "res", "--out", "runs", *TINY, "--space", "nope=1,2", cwd=tmp_path)
     assert proc.returncode == 2 and "error: --set nope: not a field of BenchMARL's experiment config" in proc.stderr
     assert not (tmp_path / "runs").exists() and not list((tmp_path).glob("res/**/*.json"))
+
+
+def test_a_tuning_file_that_is_not_one_is_refused(tmp_path):
+    d = tmp_path / "res" / "simple_tag" / "mappo"
+    d.mkdir(parents=True)
+    for text in ("{not json", json.dumps({"configs": []})):
+        (d / "tuning.json").write_text(text)
+        proc = script("report", "--scenario", "simple_tag", "--algo", "mappo", "--seeds", "100", "--results", "res",
+                      cwd=tmp_path)
+        assert proc.returncode == 2 and "tuning.json: not a tuning written by `tune.py run`" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
