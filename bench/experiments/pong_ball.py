@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from matwm_fast.checkpoint import CheckpointError  # noqa: E402
 from matwm_fast.config import preset, with_fields  # noqa: E402
 from matwm_fast.env import MultiAgentEnv, env_spec  # noqa: E402
 from matwm_fast.losses import pixel_reconstruction  # noqa: E402
@@ -183,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.data < 10:
             raise ValueError(f"--data {args.data}: at least 10 steps (a tenth is held out)")
         return cmd_autoencoder(args)
-    except (ValueError, KeyError) as e:
-        fail(str(e).strip("'\""))
+    except (ValueError, CheckpointError) as e:  # a directory that is not a run: said, not a traceback
+        fail(str(e))
 
 
 if __name__ == "__main__":

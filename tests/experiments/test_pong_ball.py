@@ -80,3 +80,9 @@ def test_bad_arguments_are_refused(args, says, capsys):
     with pytest.raises(SystemExit) as e:
         pong_ball.main(args)
     assert e.value.code == 2 and f"error: {says}" in capsys.readouterr().err
+
+
+def test_a_directory_that_is_not_a_run_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        pong_ball.main(["recon", str(tmp_path)])
+    assert e.value.code == 2 and f"error: no checkpoint in {tmp_path}" in capsys.readouterr().err
