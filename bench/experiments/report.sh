@@ -11,6 +11,9 @@
 # Run from the repository root with the venv active (the baselines stage needs the `baselines`
 # extra).  Trainings go to $RUNS (default runs/report), results to bench/results/learning/report/
 # (what bench/learning_table.py reads); JOBS trainings at a time (default 2), one torch thread each.
+# TRAIN_FLAGS go to every new training, e.g. TRAIN_FLAGS="--backend compile" (1.76x the eager `cpu`
+# step on the Xeon below, docs/performance.md; tested equal to eager).  How a run ran is part of its
+# saved config, so the sweep refuses to continue a row's runs with other flags than they started with.
 # Wall times on the 2-core Xeon (family 6 model 167), two at a time: ~45 min per 20k-step seed of
 # the cpu preset on simple_spread (7.4 env steps/s each); the baselines ~30 min per 30-config search.
 set -euo pipefail
@@ -34,11 +37,14 @@ run() {  # the command, or with DRY set its words, quoted, on one line
   if [ -n "${DRY:-}" ]; then printf '%q ' "$@" && echo; else "$@"; fi
 }
 
-sweep() {  # variant steps configs_tried env [-- train flags]
+sweep() {  # variant steps configs_tried env [train flags...]
   local variant=$1 steps=$2 tried=$3 env=$4; shift 4
+  # shellcheck disable=SC2206
+  local flags=("$@" ${TRAIN_FLAGS:-})
   run python -m matwm_fast.sweep --split report --env "$env" --seeds "${SEEDS[@]}" --preset cpu \
     --steps "$steps" --eval-every 2000 --eval-episodes 50 --jobs "$JOBS" --threads 1 \
-    --configs-tried "$tried" --out "$RUNS/$variant" --results "$RESULTS/$variant/$env" "$@"
+    --configs-tried "$tried" --out "$RUNS/$variant" --results "$RESULTS/$variant/$env" \
+    ${flags[@]:+-- "${flags[@]}"}
 }
 
 stage() {
@@ -54,7 +60,7 @@ stage() {
     ablation)  # ablation NAME ENV
       [ -n "${ABLATION[$2]:-}" ] || { echo "report.sh: ablation '$2': allowed ${!ABLATION[*]}" >&2; exit 2; }
       # shellcheck disable=SC2086
-      sweep "$2" 20000 1 "$3" -- ${ABLATION[$2]} ;;
+      sweep "$2" 20000 1 "$3" ${ABLATION[$2]} ;;
     baselines)  # baselines ALGO ENV: the random search on tuning seeds 0-1, then the best on the reporting seeds
       run python bench/baselines/tune.py run --scenario "$3" --algo "$2" --configs "$CPU_TRIED" --seeds 0 1 \
         --jobs "$JOBS" --out "$RUNS/tune"

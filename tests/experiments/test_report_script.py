@@ -109,3 +109,14 @@ def test_list_names_every_stage():
     assert r.returncode == 0
     for stage in ("cpu ENV", "cpu-50k ENV", "ablation NAME ENV", "baselines ALGO ENV", "heuristics", "table", "all"):
         assert stage in r.stdout
+
+
+def test_train_flags_reach_every_new_training_after_the_ablations_own():
+    r = subprocess.run(["bash", str(SCRIPT), "ablation", "noscale", "simple_tag"], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "DRY": "1", "TRAIN_FLAGS": "--backend compile"}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    own, extra = sweep.split_argv(shlex.split(r.stdout)[3:])
+    assert extra == ["--wm.action-scaling", "false", "--backend", "compile"]
+    args = sweep.build_parser().parse_args(own)
+    cfg = sweep.expected_config(sweep.fresh_args(args, "simple_tag", 100, extra))
+    assert cfg.run.backend == "compile" and not cfg.wm.action_scaling
