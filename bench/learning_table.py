@@ -153,7 +153,8 @@ def sweep_rows(label: str, path: Path, scenario: str, learning: Path) -> list[di
     return [{"label": label, "budget": max(env["steps"]), "seeds": env["seeds"], "cells": cells, "curves": curves,
              "source": str(path.relative_to(learning)), "split": pr.get("split", "tuning"),
              "configs_tried": pr.get("configs_tried"), "episodes": episodes,
-             "first": {int(k): v for k, v in pr.get("episode_seeds", {}).items()}}]
+             "first": {int(k): v for k, v in pr.get("episode_seeds", {}).items()},
+             "probe": (env.get("world_model_probe") or {}).get("final")}]
 
 
 def tried(group: list[dict]) -> int | None:
@@ -226,11 +227,12 @@ def rows_for(scenario: str, learning: Path = LEARNING) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- the table
-def cell(values: list[float] | None) -> str:
+def cell(values: list[float] | None, digits: int = 1) -> str:
     if not values:
         return "—"
     med = statistics.median(values)
-    return f"{med:.1f} [{min(values):.1f}, {max(values):.1f}]" if len(values) > 1 else f"{med:.1f}"
+    f = f".{digits}f"
+    return f"{med:{f}} [{min(values):{f}}, {max(values):{f}}]" if len(values) > 1 else f"{med:{f}}"
 
 
 def lookup(r: dict, field: str, matchup: str, team: str):
@@ -299,7 +301,18 @@ def report_table(scenario: str, rows: list[dict], reps: int) -> tuple[list[str],
         lines.append(f"| {r['label']} | {budget} | {shape} | {tried} | " + " | ".join(texts) + " |")
         data[f"{r['label']} @ {r['budget']}"] = {"source": r["source"], "split": "report", "seeds": r["seeds"],
                                                   "configs_tried": r["configs_tried"], "aggregates": agg,
-                                                  "improvement": {h: {**v, "over": ref_label} for h, v in better.items()}}
+                                                  "improvement": {h: {**v, "over": ref_label} for h, v in better.items()},
+                                                  "world_model_probe": r.get("probe")}
+    probed = [r for r in rows if r.get("probe")]
+    if probed:
+        lines += ["", "The world model on held-out layouts at the final training-time evaluation (matwm_fast/wm_probe.py, "
+                  "random-policy episodes; median [min, max] over seeds): reward R² and the correlation of imagined "
+                  "with true action effects.", "", "| policy | env steps | reward R² | action-effect correlation |",
+                  "|---|---:|---:|---:|"]
+        for r in probed:
+            p = r["probe"]
+            lines.append(f"| {r['label']} | {r['budget']:,} | {cell(p['reward_r2'].get('values'), 2)} | "
+                         f"{cell(p['effect_corr'].get('values'), 2)} |")
     return lines + [""], data
 
 

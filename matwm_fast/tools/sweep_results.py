@@ -121,6 +121,17 @@ def diagnostics(rows: list[dict], agents: list[str]) -> dict:
     return {"first": pick(warm[0]), "last": pick(warm[-1])}
 
 
+# the training-time evaluation's world-model probe (matwm_fast/wm_probe.py): column → its name here
+PROBE = {"eval_wm_reward_r2": "reward_r2", "eval_wm_effect_corr": "effect_corr"}
+
+
+def probe_curve(evals: list[dict]) -> dict:
+    """{name: {env step: value}} of the world-model probe's scores on held-out layouts, from the
+    evaluations that logged them (none for an image scenario, or a run from before the probe)."""
+    return {name: {int(r["env_step"]): float(r[col]) for r in evals if r.get(col) is not None}
+            for col, name in PROBE.items()}
+
+
 # settings every sweep run sets on its own: not reported as changes from the preset (nor is the
 # run section: how a run ran, not what it learned)
 SWEEP_SET = {"env.scenario", "train.seed"}
@@ -152,7 +163,7 @@ def aggregate(args, argv: list[str]) -> dict:
     result: dict = {"command": shlex.join(["python", "-m", "matwm_fast.sweep", *argv]), "envs": {}}
     for env in args.env:
         curves: dict = {}
-        per_seed, match, diag, changes, cfgs = {}, {}, {}, set(), []
+        per_seed, match, diag, probe, changes, cfgs = {}, {}, {}, {}, set(), []
         for seed in args.seeds:
             d = run_dir(out, env, seed)
             rows = read_rows(d)
@@ -165,6 +176,7 @@ def aggregate(args, argv: list[str]) -> dict:
             agents = sorted({c[len("eval_"):-len("_return_mean")] for r in evals for c in r
                              if c.endswith("_return_mean") and not c.startswith(("eval_team_", "eval_return"))})
             diag[seed] = diagnostics(rows, agents)
+            probe[seed] = probe_curve(evals)
             cfg = saved_config(d)
             if cfg is not None:
                 cfgs.append(cfg)
@@ -189,10 +201,26 @@ def aggregate(args, argv: list[str]) -> dict:
                                             "configs_tried": args.configs_tried,
                                             "bootstrap": protocol.bootstrap_record(args.bootstrap_reps)},
                                **protocol_aggregates(match, keys, args.bootstrap_reps),
-                               "diagnostics": diag, "config_changes": sorted(changes),
+                               "diagnostics": diag, "world_model_probe": probe_summary(probe),
+                               "config_changes": sorted(changes),
                                "settings": run_settings(cfgs)}
     result["split"], result["configs_tried"] = args.split, args.configs_tried
     return result
+
+
+def probe_summary(probe: dict) -> dict:
+    """Per seed, each probe score's curve and its final value; across seeds, the final values'
+    median [min, max] (``stats``).  Empty when no run logged the probe."""
+    per_seed = {s: {name: {"curve": c, "final": c[max(c)]} for name, c in p.items() if c}
+                for s, p in probe.items()}
+    per_seed = {s: v for s, v in per_seed.items() if v}
+    if not per_seed:
+        return {}
+    final = {name: stats([v[name]["final"] for v in per_seed.values() if name in v]) for name in PROBE.values()}
+    return {"seeds": per_seed, "final": final,
+            "about": "the world model on held-out layouts at each training-time evaluation (matwm_fast/wm_probe.py): "
+                     "reward_r2, its reward head's R² on random-policy episodes; effect_corr, the correlation of "
+                     "imagined and true action effects"}
 
 
 def episode_returns(match: dict, keys: list[str]) -> dict:
@@ -277,6 +305,25 @@ def protocol_lines(r: dict) -> list[str]:
     return lines
 
 
+def probe_lines(wp: dict | None) -> list[str]:
+    """The world model on held-out layouts: each seed's first → final probe scores, and the
+    final values across seeds."""
+    if not wp:
+        return []
+    names = list(PROBE.values())
+    lines = ["", "The world model on held-out layouts (the training-time evaluation's probe, random-policy "
+             "episodes: reward head R², correlation of imagined and true action effects), first → final "
+             "evaluation:", "", "| seed | " + " | ".join(names) + " |", "|---:|" + "---|" * len(names)]
+    for seed, v in wp["seeds"].items():
+        cells = []
+        for n in names:
+            c = v.get(n)
+            cells.append(f"{c['curve'][min(c['curve'], key=int)]:.2f} → {c['final']:.2f}" if c else "–")
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    lines.append("| final, all seeds | " + " | ".join(fmt(wp["final"][n]) for n in names) + " |")
+    return lines
+
+
 def label(key: str) -> str:
     return "all agents" if key == "all" else f"team {key}"
 
@@ -314,6 +361,7 @@ def markdown(result: dict, args) -> str:
             for name, m in r["matchups"].items():
                 lines.append(f"| {name} | " + " | ".join(fmt(m[k]) for k in keys) + " |")
             lines += protocol_lines(r)
+        lines += probe_lines(r.get("world_model_probe"))
         lines += ["", "Training diagnostics (first → last logged row after warm-up; agent means):", "",
                   "| seed | WM total | WM reward | WM rec | entropy | imag. reward | λ-return | return scale |",
                   "|---:|---|---|---|---|---|---|---|"]

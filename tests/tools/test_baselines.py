@@ -187,7 +187,9 @@ def test_reporting_rows_get_intervals_and_tuning_counts(tmp_path):
                      "random": {"all": stats([-27.0] * 5)}},
         "protocol": {**protocol.describe("report"), "configs_tried": 30,
                      "episode_seeds": {str(s): protocol.first_episode("report", s, episodes) for s in seeds}},
-        "episode_returns": {"trained": {"all": mine}, "random": {"all": per_ep}}}}})
+        "episode_returns": {"trained": {"all": mine}, "random": {"all": per_ep}},
+        "world_model_probe": {"final": {"reward_r2": stats([0.1, -0.02, 0.3, 0.2, 0.0]),
+                                        "effect_corr": stats([0.31, 0.2, 0.25, 0.4, 0.33])}}}}})
     for s in seeds:
         write(learning / "report" / "baselines" / "simple_spread" / "heuristics" / f"seed{s}.json",
               heuristic_file(s, {"noop": nearest[s] - 5, "nearest": nearest[s], "assignment": nearest[s] + 8,
@@ -205,6 +207,8 @@ def test_reporting_rows_get_intervals_and_tuning_counts(tmp_path):
     row = next(line for line in report_part.splitlines() if line.startswith("| MATWM, `cpu` preset |"))
     assert row.startswith("| MATWM, `cpu` preset | 2,000 | 5 × 8 | 30 | IQM ")
     assert "<br>mean " in row and "<br>P(> nearest landmark) 1.00 [1.00, 1.00]" in row
+    # the world model's held-out fit beside the reporting rows that logged it
+    assert "| MATWM, `cpu` preset | 2,000 | 0.10 [-0.02, 0.30] | 0.31 [0.20, 0.40] |" in report_part
     near = next(line for line in report_part.splitlines() if line.startswith("| nearest landmark |"))
     assert "| no training | 5 × 8 | — | IQM " in near and "P(>" not in near  # the reference itself
     assert "| nearest landmark | no training | 3 | tuning episodes, no CI | — | -17.0 [-17.0, -17.0] |" in tuning_part
@@ -213,6 +217,7 @@ def test_reporting_rows_get_intervals_and_tuning_counts(tmp_path):
     got = summary["report"]["MATWM, `cpu` preset @ 2000"]
     want = protocol.interval_estimates(np.array([mine[str(s)] for s in seeds]), reps)
     assert got["aggregates"]["greedy"] == want and got["configs_tried"] == 30
+    assert got["world_model_probe"]["reward_r2"]["median"] == pytest.approx(0.1)
     p = protocol.improvement(np.array([mine[str(s)] for s in seeds]), np.array([per_ep[str(s)] for s in seeds]), reps)
     assert got["improvement"]["greedy"] == {**p, "over": "nearest landmark"}
     assert summary["nearest landmark @ None"]["split"] == "tuning"

@@ -65,8 +65,16 @@ def test_tiny_sweep_writes_table_and_plot(tmp_path, capsys, monkeypatch):
     assert final["n"] == 2 and final["min"] <= final["median"] <= final["max"]
     assert {"trained", "trained_sampled", "random", "adversary_vs_random", "agent_vs_random"} <= set(r["matchups"])
     assert r["matchups"]["random"]["adversary"]["n"] == 2
+    # the world model on held-out layouts, as each run's training-time evaluations logged it
+    wp = r["world_model_probe"]
+    assert sorted(wp["seeds"]) == ["0", "1"] and wp["final"]["reward_r2"]["n"] == 2
+    logged = [json.loads(x) for x in (out / "simple_tag" / "seed1" / "metrics.jsonl").read_text().splitlines()]
+    logged = {row["env_step"]: row["eval_wm_reward_r2"] for row in logged if "eval_wm_reward_r2" in row}
+    assert wp["seeds"]["1"]["reward_r2"]["curve"] == {str(k): pytest.approx(v) for k, v in logged.items()}
+    assert wp["seeds"]["1"]["reward_r2"]["final"] == pytest.approx(logged[60])
     md = (res / "results.md").read_text()
     assert "| 60 | 2 |" in md and "adversary_vs_random" in md
+    assert "The world model on held-out layouts" in md and f"→ {logged[60]:.2f} |" in md
     assert "split `tuning`" in md and "**Tuning episodes**" in md and "before this one: 3." in md
     assert "| trained > random |" in md
     png = res / "learning_simple_tag.png"
@@ -219,3 +227,17 @@ def test_the_protocol_is_checked_before_anything_starts(tmp_path, capsys, args, 
         sw.main(["--env", "simple_spread", "--preset", "smoke", "--out", str(out), *args])
     assert e.value.code == 2 and f"error: {says}" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_world_model_probe_summary_takes_each_seeds_final_score_and_skips_runs_without_it():
+    from matwm_fast.tools.sweep_results import probe_curve, probe_summary
+
+    evals = {0: [{"env_step": 1000, "eval_return_mean": -20.0, "eval_wm_reward_r2": 0.1, "eval_wm_effect_corr": 0.2},
+                 {"env_step": 2000, "eval_return_mean": -19.0, "eval_wm_reward_r2": 0.3, "eval_wm_effect_corr": 0.4}],
+             1: [{"env_step": 1000, "eval_return_mean": -21.0, "eval_wm_reward_r2": -0.5, "eval_wm_effect_corr": 0.1}],
+             2: [{"env_step": 1000, "eval_return_mean": -22.0}]}  # an image scenario, or a run from before the probe
+    wp = probe_summary({s: probe_curve(rows) for s, rows in evals.items()})
+    assert sorted(wp["seeds"]) == [0, 1]
+    assert wp["seeds"][0]["reward_r2"] == {"curve": {1000: 0.1, 2000: 0.3}, "final": 0.3}
+    assert wp["final"]["reward_r2"]["values"] == [0.3, -0.5] and wp["final"]["effect_corr"]["median"] == pytest.approx(0.25)
+    assert probe_summary({2: probe_curve(evals[2])}) == {}
