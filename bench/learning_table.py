@@ -94,6 +94,8 @@ HEURISTICS = {"always no-op": "noop", "nearest landmark": "nearest", "shared ass
 SWEEP_NAMES = {"trained": "greedy", "trained_sampled": "sampled"}
 # the row each reporting row is compared with (probability of improvement, paired)
 REFERENCE = {"simple_spread": "nearest landmark", "simple_tag": "uniformly random"}
+# the method's reporting row, compared with every other reporting row (its baselines, its ablations)
+METHOD = "MATWM, `cpu` preset"
 TUNING_MARK = "tuning episodes, no CI"
 # the learning log's block that this script rewrites
 BEGIN, END = "<!-- learning-table: written by bench/learning_table.py -->", "<!-- /learning-table -->"
@@ -303,6 +305,7 @@ def report_table(scenario: str, rows: list[dict], reps: int) -> tuple[list[str],
                                                   "configs_tried": r["configs_tried"], "aggregates": agg,
                                                   "improvement": {h: {**v, "over": ref_label} for h, v in better.items()},
                                                   "world_model_probe": r.get("probe")}
+    lines += method_lines(rows, cols, reps, data)
     probed = [r for r in rows if r.get("probe")]
     if probed:
         lines += ["", "The world model on held-out layouts at the final training-time evaluation (matwm_fast/wm_probe.py, "
@@ -314,6 +317,34 @@ def report_table(scenario: str, rows: list[dict], reps: int) -> tuple[list[str],
             lines.append(f"| {r['label']} | {r['budget']:,} | {cell(p['reward_r2'].get('values'), 2)} | "
                          f"{cell(p['effect_corr'].get('values'), 2)} |")
     return lines + [""], data
+
+
+def method_lines(rows: list[dict], cols: list, reps: int, data: dict) -> list[str]:
+    """P(the method's row > each other row) on the same seeds and episodes, per column, with its
+    interval — what "above the baseline" or "the ablation costs" rests on; also into ``data``."""
+    method = next((r for r in rows if r["label"] == METHOD), None)
+    others = [r for r in rows if r is not method]
+    if method is None or not others:
+        return []
+    lines = ["", f"P({METHOD} > row): the probability that an episode of the method's row at its final budget beats "
+             "the same seed's episode of the other row, paired, with its interval (0.5: level; an interval above "
+             "0.5: above with 95 % confidence).", "",
+             "| row | env steps | " + " | ".join(h for h, _, _ in cols) + " |", "|---|---:|" + "---:|" * len(cols)]
+    for r in others:
+        texts, found = [], {}
+        for h, m, t in cols:
+            mine, theirs = lookup(method, "episodes", m, t), lookup(r, "episodes", m, t)
+            pair = paired(mine, theirs, method["first"], r["first"]) if mine and theirs else None
+            if pair is None:
+                texts.append("—")
+                continue
+            found[h] = protocol.improvement(*pair, reps=reps)
+            texts.append(f"{found[h]['p']:.2f} [{found[h]['p_ci'][0]:.2f}, {found[h]['p_ci'][1]:.2f}]")
+        if found:
+            budget = f"{r['budget']:,}" if r["budget"] else "no training"
+            lines.append(f"| {r['label']} | {budget} | " + " | ".join(texts) + " |")
+            data[f"{r['label']} @ {r['budget']}"][f"improvement_of {METHOD} @ {method['budget']}"] = found
+    return lines
 
 
 def table(scenario: str, rows: list[dict]) -> tuple[list[str], dict]:

@@ -207,6 +207,11 @@ def test_reporting_rows_get_intervals_and_tuning_counts(tmp_path):
     row = next(line for line in report_part.splitlines() if line.startswith("| MATWM, `cpu` preset |"))
     assert row.startswith("| MATWM, `cpu` preset | 2,000 | 5 × 8 | 30 | IQM ")
     assert "<br>mean " in row and "<br>P(> nearest landmark) 1.00 [1.00, 1.00]" in row
+    # the method against every other reporting row, paired: far above each heuristic here, below none
+    vs = report_part.split("P(MATWM, `cpu` preset > row)")[1]
+    assert "| nearest landmark | no training | 1.00 [1.00, 1.00] | — |" in vs
+    assert "| shared assignment | no training | 1.00 [1.00, 1.00] | — |" in vs  # +20 beats its +8
+    assert "| MATWM, `cpu` preset |" not in vs.split("The world model")[0]
     # the world model's held-out fit beside the reporting rows that logged it
     assert "| MATWM, `cpu` preset | 2,000 | 0.10 [-0.02, 0.30] | 0.31 [0.20, 0.40] |" in report_part
     near = next(line for line in report_part.splitlines() if line.startswith("| nearest landmark |"))
@@ -218,6 +223,9 @@ def test_reporting_rows_get_intervals_and_tuning_counts(tmp_path):
     want = protocol.interval_estimates(np.array([mine[str(s)] for s in seeds]), reps)
     assert got["aggregates"]["greedy"] == want and got["configs_tried"] == 30
     assert got["world_model_probe"]["reward_r2"]["median"] == pytest.approx(0.1)
+    pm = summary["report"]["nearest landmark @ None"]["improvement_of MATWM, `cpu` preset @ 2000"]["greedy"]
+    assert pm == protocol.improvement(np.array([mine[str(s)] for s in seeds]),
+                                      np.array([nearest[s].mean(1).tolist() for s in seeds]), reps)
     p = protocol.improvement(np.array([mine[str(s)] for s in seeds]), np.array([per_ep[str(s)] for s in seeds]), reps)
     assert got["improvement"]["greedy"] == {**p, "over": "nearest landmark"}
     assert summary["nearest landmark @ None"]["split"] == "tuning"
