@@ -222,7 +222,7 @@ def rows_for(scenario: str, learning: Path = LEARNING) -> list[dict]:
         src = next((r for r in rows if r["split"] == split and "random" in r["cells"]), None)
         if src is not None:  # the random policy from the first result of this split that played it
             rnd, ep = src["cells"]["random"], src["episodes"].get("random", {})
-            rows.append({**src, "label": "uniformly random", "budget": None, "curves": {}, "configs_tried": None,
+            rows.append({**src, "label": "uniformly random", "budget": None, "curves": {}, "configs_tried": None, "probe": None,
                          "cells": {"greedy": rnd, **{f"{t}_vs_random": rnd for t in rnd}},
                          "episodes": {"greedy": ep, **{f"{t}_vs_random": ep for t in ep}}})
     return rows

@@ -245,3 +245,16 @@ def test_learning_log_shows_the_committed_table():
     assert rows
     missing = [r for r in rows if r not in log]
     assert not missing, f"the learning log lacks these rows of bench/results/learning/summary.md: {missing[:3]}"
+
+
+def test_the_random_row_taken_from_a_sweep_has_no_world_model_of_its_own(tmp_path):
+    """simple_tag's random row comes from the sweep's own matchups: the MATWM row's world-model
+    probe must not come with it."""
+    learning = tmp_path / "learning"
+    write(learning / "report" / "cpu" / "simple_tag" / "results.json", {"envs": {"simple_tag": {
+        "seeds": [100], "steps": [2000], "curves": {"all": {"2000": stats([1.0])}},
+        "matchups": {"trained": {"all": stats([5.0])}, "random": {"all": stats([2.0])}},
+        "world_model_probe": {"final": {"reward_r2": stats([0.1]), "effect_corr": stats([0.2])}}}}})
+    rows = {r["label"]: r for r in learning_table.rows_for("simple_tag", learning)}
+    assert rows["MATWM, `cpu` preset"]["probe"]["reward_r2"]["values"] == [0.1]
+    assert rows["uniformly random"]["probe"] is None
