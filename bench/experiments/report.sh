@@ -75,13 +75,20 @@ stage() {
   esac
 }
 
+ALGOS=(mappo ippo qmix vdn iql)   # bench/baselines/model_free.py ALGOS
+want() {  # want N "usage": the stage takes exactly N words (its name included)
+  local n=$1 usage=$2; shift 2
+  [ $# -eq "$n" ] || { echo "report.sh $1: got '${*:2}'; usage: report.sh $usage" >&2; exit 2; }
+}
+
 case "${1:-list}" in
   list)
+    want 1 list "${@:-list}"
     cat <<EOF
 cpu ENV             the cpu preset, 20k env steps        -> $RESULTS/cpu/ENV/
 cpu-50k ENV         the same runs continued to 50k       -> $RESULTS/cpu-50k/ENV/
 ablation NAME ENV   NAME in: ${!ABLATION[*]}   -> $RESULTS/NAME/ENV/
-baselines ALGO ENV  ALGO in: mappo ippo qmix vdn iql     -> $RESULTS/baselines/ENV/ALGO/
+baselines ALGO ENV  ALGO in: ${ALGOS[*]}     -> $RESULTS/baselines/ENV/ALGO/
 heuristics          scripted simple_spread policies      -> $RESULTS/baselines/simple_spread/heuristics/
 table               bench/results/learning/summary.md
 all                 every stage above on ${SCENARIOS[*]}, then the table
@@ -89,6 +96,7 @@ all                 every stage above on ${SCENARIOS[*]}, then the table
 EOF
     ;;
   all)
+    want 1 all "$@"
     stage heuristics
     for env in "${SCENARIOS[@]}"; do
       stage cpu "$env"
@@ -97,13 +105,18 @@ EOF
       stage cpu-50k "$env"
     done
     stage table ;;
-  cpu|cpu-50k|heuristics|table)
-    if [ "$1" = cpu ] || [ "$1" = cpu-50k ]; then
-      [ $# -eq 2 ] || { echo "report.sh $1: give one scenario (${SCENARIOS[*]})" >&2; exit 2; }
-    fi
+  cpu|cpu-50k)
+    want 2 "$1 ENV (ENV: ${SCENARIOS[*]})" "$@"
     stage "$@" ;;
-  ablation|baselines)
-    [ $# -eq 3 ] || { echo "report.sh $1: give NAME and ENV (see: report.sh list)" >&2; exit 2; }
+  heuristics|table)
+    want 1 "$1" "$@"
+    stage "$@" ;;
+  ablation)
+    want 3 "ablation NAME ENV (NAME: ${!ABLATION[*]})" "$@"
+    stage "$@" ;;
+  baselines)
+    want 3 "baselines ALGO ENV (ALGO: ${ALGOS[*]})" "$@"
+    [[ " ${ALGOS[*]} " == *" $2 "* ]] || { echo "report.sh baselines: algorithm '$2': allowed ${ALGOS[*]}" >&2; exit 2; }
     stage "$@" ;;
   *) stage "$1" ;;
 esac

@@ -97,8 +97,12 @@ def test_the_50k_stretch_copies_the_20k_runs_before_continuing_them(tmp_path):
     assert lines[-1][:3] == ["python", "-m", "matwm_fast.sweep"] and "50000" in lines[-1]
 
 
-@pytest.mark.parametrize("args, named", [(("bogus",), "'bogus'"), (("ablation", "dropout", "simple_spread"), "'dropout'"),
-                                         (("cpu",), "one scenario"), (("baselines", "mappo"), "NAME and ENV")])
+@pytest.mark.parametrize("args, named", [
+    (("bogus",), "'bogus'"), (("ablation", "dropout", "simple_spread"), "'dropout'"),
+    (("cpu",), "usage: report.sh cpu ENV"), (("cpu", "simple_tag", "simple_spread"), "got 'simple_tag simple_spread'"),
+    (("baselines", "mappo"), "usage: report.sh baselines ALGO ENV"), (("baselines", "dqn", "simple_tag"), "'dqn'"),
+    (("heuristics", "simple_tag"), "got 'simple_tag'"), (("table", "--fast"), "got '--fast'"),
+    (("all", "simple_tag"), "got 'simple_tag'"), (("list", "x"), "got 'x'")])
 def test_a_bad_stage_or_missing_argument_is_refused_with_status_2(args, named):
     r = report(*args)
     assert r.returncode == 2 and named in r.stderr and r.stdout == ""
@@ -120,3 +124,8 @@ def test_train_flags_reach_every_new_training_after_the_ablations_own():
     args = sweep.build_parser().parse_args(own)
     cfg = sweep.expected_config(sweep.fresh_args(args, "simple_tag", 100, extra))
     assert cfg.run.backend == "compile" and not cfg.wm.action_scaling
+
+
+def test_the_scripts_algorithms_are_the_baselines_own():
+    line = next(x for x in SCRIPT.read_text().splitlines() if x.startswith("ALGOS=("))
+    assert tuple(line.split("(", 1)[1].split(")", 1)[0].split()) == model_free.ALGOS
