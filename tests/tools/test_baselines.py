@@ -258,3 +258,48 @@ def test_the_random_row_taken_from_a_sweep_has_no_world_model_of_its_own(tmp_pat
     rows = {r["label"]: r for r in learning_table.rows_for("simple_tag", learning)}
     assert rows["MATWM, `cpu` preset"]["probe"]["reward_r2"]["values"] == [0.1]
     assert rows["uniformly random"]["probe"] is None
+
+
+def test_two_teams_the_method_is_compared_with_a_tuned_baseline_team_by_team(tmp_path):
+    """simple_tag: MATWM's reporting sweep and a tuned model-free row (model_free.py's per-seed
+    records) on the same reporting episodes; P(MATWM > row) is paired per team and matchup — here
+    MATWM's adversaries beat the baseline's in every episode and its prey loses every episode."""
+    from matwm_fast import protocol
+    from matwm_fast.config import EnvConfig
+    from matwm_fast.env import env_spec
+    from matwm_fast.play import report
+
+    learning, reps, episodes = tmp_path / "learning", 100, 6
+    seeds = [100, 101, 102, 103, 104]
+    spec = env_spec(EnvConfig(scenario="simple_tag"))
+    adv = [i for i, a in enumerate(spec.agents) if a.startswith("adversary")]  # (3,) of N = 4
+    rng = np.random.default_rng(1)
+    base = {m: {s: rng.normal(0, 5, (episodes, len(spec.agents))) for s in seeds}  # (E, N) per seed
+            for m in ("greedy", "sampled", "random", "adversary_vs_random", "agent_vs_random")}
+    shift = np.where(np.isin(np.arange(len(spec.agents)), adv), 30.0, -30.0)  # (N,) adversaries up, prey down
+    for s in seeds:
+        write(learning / "report" / "baselines" / "simple_tag" / "mappo" / f"seed{s}_step20000.json",
+              {"seed": s, "configs_tried": 30, "evaluation": protocol.episode_block("report", s, episodes),
+               "results": {m: report(r[s], spec) for m, r in base.items()}})
+    sweep_names = {"greedy": "trained", "sampled": "trained_sampled"}
+    mine = {sweep_names.get(m, m): {s: report(r[s] + shift, spec) for s in seeds} for m, r in base.items()}
+    returns = {m: {t: {str(s): protocol.column(res[s]["returns"], [spec.agents.index(a) for a in v["members"]]).tolist()
+                       for s in seeds} for t, v in res[seeds[0]]["teams"].items()} for m, res in mine.items()}
+    write(learning / "report" / "cpu" / "simple_tag" / "results.json", {"envs": {"simple_tag": {
+        "seeds": seeds, "steps": [20000], "curves": {},
+        "matchups": {m: {t: stats([float(np.mean(v[str(s)])) for s in seeds]) for t, v in by.items()}
+                     for m, by in returns.items()},
+        "protocol": {**protocol.describe("report"), "configs_tried": 30,
+                     "episode_seeds": {str(s): protocol.first_episode("report", s, episodes) for s in seeds}},
+        "episode_returns": returns}}})
+    assert learning_table.main(["--results", str(learning), "--readme", str(tmp_path / "none.md"),
+                                "--bootstrap-reps", str(reps)]) == 0
+    md = (learning / "summary.md").read_text()
+    vs = md.split("P(MATWM, `cpu` preset > row)")[1]
+    header = next(line for line in vs.splitlines() if line.startswith("| row |"))
+    assert header == ("| row | env steps | team adversary, all trained (greedy) | team agent, all trained (greedy) | "
+                      "team adversary trained, others random | team agent trained, others random |")
+    row = next(line for line in vs.splitlines() if line.startswith("| MAPPO (BenchMARL) |"))
+    assert row == "| MAPPO (BenchMARL) | 20,000 | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] |"
+    mappo = next(line for line in md.splitlines() if line.startswith("| MAPPO (BenchMARL) | 20,000 | 5 × 6 | 30 |"))
+    assert mappo.count("IQM") == 4
