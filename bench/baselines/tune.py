@@ -26,6 +26,7 @@ rows ``bench/learning_table.py`` reads from ``bench/results/learning/report/base
 from __future__ import annotations
 
 import argparse
+import gzip
 import itertools
 import json
 import os
@@ -196,8 +197,18 @@ def run_jobs(jobs: list[dict], n: int) -> None:
             print(f"done {job['name']}", flush=True)
 
 
-def result_file(results: Path, scenario: str, algo: str, seed: int, budget: int) -> Path:
-    return results / scenario / algo / f"seed{seed}_step{budget}.json"
+def result_file(results: Path, scenario: str, algo: str, seed: int, budget: int) -> Path | None:
+    """model_free.py's record of one training, as it wrote it or gzipped (as the committed searches
+    keep them); None when neither is there."""
+    path = results / scenario / algo / f"seed{seed}_step{budget}.json"
+    zipped = path.with_name(path.name + ".gz")
+    return path if path.is_file() else zipped if zipped.is_file() else None
+
+
+def load_result(path: Path) -> dict:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        return json.load(f)
 
 
 def cmd_run(args) -> int:
@@ -209,7 +220,7 @@ def cmd_run(args) -> int:
     jobs = []
     for k, config in enumerate(configs):
         for s in args.seeds:
-            if result_file(base / f"c{k}", args.scenario, args.algo, s, args.budget).is_file():
+            if result_file(base / f"c{k}", args.scenario, args.algo, s, args.budget) is not None:
                 continue  # done before: the search resumes
             jobs.append({"name": f"config {k} seed {s}", "args": [
                 "--scenario", args.scenario, "--algo", args.algo, "--seed", str(s), "--budgets", str(args.budget),
@@ -221,8 +232,8 @@ def cmd_run(args) -> int:
     run_jobs(jobs, args.jobs)
     rows = []
     for k, config in enumerate(configs):
-        scores = {s: score(json.loads(result_file(base / f"c{k}", args.scenario, args.algo, s,
-                                                  args.budget).read_text())) for s in args.seeds}
+        scores = {s: score(load_result(result_file(base / f"c{k}", args.scenario, args.algo, s, args.budget)))
+                  for s in args.seeds}
         rows.append({"index": k, "config": config, "flags": flags(config), "scores": scores,
                      "mean": sum(scores.values()) / len(scores)})
     best = max(rows, key=lambda r: r["mean"])

@@ -182,3 +182,44 @@ def test_a_tuning_file_that_is_not_one_is_refused(tmp_path):
                       cwd=tmp_path)
         assert proc.returncode == 2 and "tuning.json: not a tuning written by `tune.py run`" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- the committed searches
+COMMITTED = ROOT / "bench" / "results" / "learning"
+
+
+def test_a_record_is_read_as_written_or_gzipped(tmp_path):
+    import gzip
+
+    rec = {"results": {"greedy": {"teams": {"agent": {}}, "all": {"mean": -21.5}}}}
+    plain = tmp_path / "a" / "simple_spread" / "mappo" / "seed0_step200.json"
+    zipped = tmp_path / "b" / "simple_spread" / "mappo" / "seed0_step200.json.gz"
+    for p in (plain, zipped):
+        p.parent.mkdir(parents=True)
+    plain.write_text(json.dumps(rec))
+    with gzip.open(zipped, "wt") as f:
+        json.dump(rec, f)
+    for base, want in ((tmp_path / "a", plain), (tmp_path / "b", zipped)):
+        path = tune.result_file(base, "simple_spread", "mappo", 0, 200)
+        assert path == want and tune.score(tune.load_result(path)) == -21.5
+    assert tune.result_file(tmp_path / "a", "simple_spread", "mappo", 1, 200) is None
+
+
+@pytest.mark.parametrize("tuning", sorted((COMMITTED / "tuning" / "baselines").glob("*/*/tuning.json")),
+                         ids=lambda p: f"{p.parent.parent.name}-{p.parent.name}")
+def test_every_committed_search_reproduces_from_its_records(tuning):
+    """Each committed tuning.json: every score recomputed from its gzipped per-run records, the best
+    the highest mean, and the reporting runs made from it carry its count of configurations."""
+    t = json.loads(tuning.read_text())
+    base = tuning.parent
+    assert t["configs_tried"] == len(t["configs"])
+    for row in t["configs"]:
+        for s in t["seeds"]:
+            path = tune.result_file(base / f"c{row['index']}", t["scenario"], t["algorithm"], s, t["budget"])
+            assert path is not None, f"c{row['index']} seed {s}: no record"
+            assert tune.score(tune.load_result(path)) == pytest.approx(row["scores"][str(s)], abs=1e-12)
+    assert t["best"] == max(t["configs"], key=lambda r: r["mean"])["index"]
+    reports = sorted((COMMITTED / "report" / "baselines" / t["scenario"] / t["algorithm"]).glob("seed*_step*.json"))
+    assert len(reports) >= 5
+    for r in map(lambda p: json.loads(p.read_text()), reports):
+        assert r["configs_tried"] == t["configs_tried"] and r["evaluation"]["split"] == "report"
