@@ -1,5 +1,5 @@
 """bench/baselines/heuristics.py (scripted simple_spread policies on the sweep's matchup episodes)
-and bench/learning_table.py (the README's results table, built from result files)."""
+and bench/learning_rows.py + bench/learning_table.py (the README's results table, built from result files)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "bench" / "baselines"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import heuristics  # noqa: E402
+import learning_rows  # noqa: E402
 import learning_table  # noqa: E402
 
 from matwm_fast.config import EnvConfig  # noqa: E402
@@ -140,8 +141,8 @@ def test_table_from_result_files(tmp_path):
 
 def test_a_run_continued_to_a_larger_budget_is_a_second_row(tmp_path):
     learning = tmp_path / "learning"
-    label = next(lab for lab, d in learning_table.MATWM if d == "tuning/ent3e-3-50k")
-    assert [d for lab, d in learning_table.MATWM if lab == label] == ["tuning/ent3e-3", "tuning/ent3e-3-50k"]
+    label = next(lab for lab, d in learning_rows.MATWM if d == "tuning/ent3e-3-50k")
+    assert [d for lab, d in learning_rows.MATWM if lab == label] == ["tuning/ent3e-3", "tuning/ent3e-3-50k"]
     for d, final, v in (("ent3e-3", 2000, -19.0), ("ent3e-3-50k", 5000, -15.0)):
         write(learning / "tuning" / d / "simple_spread" / "results.json", {"envs": {"simple_spread": {
             "seeds": [0, 1], "steps": [1000, final],
@@ -255,7 +256,7 @@ def test_the_random_row_taken_from_a_sweep_has_no_world_model_of_its_own(tmp_pat
         "seeds": [100], "steps": [2000], "curves": {"all": {"2000": stats([1.0])}},
         "matchups": {"trained": {"all": stats([5.0])}, "random": {"all": stats([2.0])}},
         "world_model_probe": {"final": {"reward_r2": stats([0.1]), "effect_corr": stats([0.2])}}}}})
-    rows = {r["label"]: r for r in learning_table.rows_for("simple_tag", learning)}
+    rows = {r["label"]: r for r in learning_rows.rows_for("simple_tag", learning)}
     assert rows["MATWM, `cpu` preset"]["probe"]["reward_r2"]["values"] == [0.1]
     assert rows["uniformly random"]["probe"] is None
 
