@@ -75,7 +75,10 @@ MATWM = [
 ]
 MODEL_FREE = {"MAPPO (BenchMARL)": "mappo", "IPPO (BenchMARL)": "ippo", "QMIX (BenchMARL)": "qmix",
               "VDN (BenchMARL)": "vdn", "IQL (BenchMARL)": "iql"}
-HEURISTICS = {"always no-op": "noop", "nearest landmark": "nearest", "shared assignment": "assignment"}
+# heuristics.py's scripted policies (a row where a scenario's files have it); with several teams a
+# policy's file also holds ``<name>_<team>_vs_random``, that team scripted against random opponents
+HEURISTICS = {"always no-op": "noop", "nearest landmark": "nearest", "shared assignment": "assignment",
+              "chase / flee (scripted)": "chase_flee"}
 # the sweep's matchup names → the evaluators' (model_free.py, heuristics.py)
 SWEEP_NAMES = {"trained": "greedy", "trained_sampled": "sampled"}
 
@@ -174,8 +177,13 @@ def rows_for(scenario: str, learning: Path = LEARNING) -> list[dict]:
                 rows += per_seed_rows(label, sorted(d.glob(f"seed*_step{b}.json")), b, learning)
         for base in per_seed_rows("", sorted((baselines / scenario / "heuristics").glob("seed*.json")), None, learning):
             for label, name in {"uniformly random": "random", **HEURISTICS}.items():
-                rows.append({**base, "label": label, "cells": {"greedy": base["cells"][name]},
-                             "episodes": {"greedy": base["episodes"].get(name, {})}})
+                if name not in base["cells"]:
+                    continue
+                vs = {m[len(name) + 1:]: m for m in base["cells"] if m.startswith(f"{name}_") and m.endswith("_vs_random")}
+                rows.append({**base, "label": label,
+                             "cells": {"greedy": base["cells"][name], **{v: base["cells"][m] for v, m in vs.items()}},
+                             "episodes": {"greedy": base["episodes"].get(name, {}),
+                                          **{v: base["episodes"].get(m, {}) for v, m in vs.items()}}})
     for split in {r["split"] for r in rows}:
         if any(r["label"] == "uniformly random" and r["split"] == split for r in rows):
             continue

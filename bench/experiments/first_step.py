@@ -67,7 +67,7 @@ def learned(pol: Policy, arm: str):
         # called in every arm, so each draws the same latent samples from the seeded generator
         a = policy_step(pol.wm, pol.ac, q.obs, q.act, q.count_t, o, greedy=True)  # (N,)
         if first and arm in FIRST_FROM_HEURISTIC:
-            a = torch.as_tensor(heuristics.POLICIES[arm](obs))  # (N,)
+            a = torch.as_tensor(heuristics.POLICIES["simple_spread"][arm](obs))  # (N,)
         q.push(o, a)
         return a.numpy()
 

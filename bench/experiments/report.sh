@@ -66,8 +66,10 @@ stage() {
         --jobs "$JOBS" --out "$RUNS/tune"
       run python bench/baselines/tune.py report --scenario "$3" --algo "$2" --seeds "${SEEDS[@]}" --jobs "$JOBS" \
         --out "$RUNS/tune-report" ;;
-    heuristics)  # the scripted references and the random policy on the reporting episodes (simple_spread)
-      run python bench/baselines/heuristics.py --split report --seeds "${SEEDS[@]}" ;;
+    heuristics)  # the scripted references and the random policy on the reporting episodes
+      for env in "${SCENARIOS[@]}"; do
+        run python bench/baselines/heuristics.py --scenario "$env" --split report --seeds "${SEEDS[@]}"
+      done ;;
     table)
       run python bench/learning_table.py ;;
     *) echo "report.sh: stage '$1': allowed cpu, cpu-50k, ablation, baselines, heuristics, table, all, list" >&2
@@ -89,7 +91,7 @@ cpu ENV             the cpu preset, 20k env steps        -> $RESULTS/cpu/ENV/
 cpu-50k ENV         the same runs continued to 50k       -> $RESULTS/cpu-50k/ENV/
 ablation NAME ENV   NAME in: ${!ABLATION[*]}   -> $RESULTS/NAME/ENV/
 baselines ALGO ENV  ALGO in: ${ALGOS[*]}     -> $RESULTS/baselines/ENV/ALGO/
-heuristics          scripted simple_spread policies      -> $RESULTS/baselines/simple_spread/heuristics/
+heuristics          scripted policies, both scenarios    -> $RESULTS/baselines/ENV/heuristics/
 table               bench/results/learning/summary.md
 all                 every stage above on ${SCENARIOS[*]}, then the table
 (the paper preset runs on a GPU: bench/README.md)

@@ -23,6 +23,7 @@ from matwm_fast.tools import launch, sweep
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "experiments" / "report.sh"
 sys.path.insert(0, str(ROOT / "bench" / "baselines"))
+import heuristics  # noqa: E402
 import model_free  # noqa: E402
 import tune  # noqa: E402
 
@@ -80,9 +81,11 @@ def test_the_baselines_search_on_tuning_seeds_and_report_on_reporting_seeds():
         args = tune.build_parser().parse_args(argv)
         model_free.check_choices(args.scenario, args.algo)
         protocol.check_seeds("tuning" if args.cmd == "run" else "report", args.seeds)
-    (heur,) = [c for c in commands("all") if c[1:2] == ["bench/baselines/heuristics.py"]]
-    seeds = [int(s) for s in heur[heur.index("--seeds") + 1:]]
-    protocol.check_minimums("report", seeds, 50)
+    heur = [c for c in commands("all") if c[1:2] == ["bench/baselines/heuristics.py"]]
+    assert [c[c.index("--scenario") + 1] for c in heur] == ["simple_spread", "simple_tag"]
+    for c in heur:
+        assert c[c.index("--split") + 1] == "report" and c[c.index("--scenario") + 1] in heuristics.POLICIES
+        protocol.check_minimums("report", [int(s) for s in c[c.index("--seeds") + 1:]], 50)
 
 
 def test_the_50k_stretch_copies_the_20k_runs_before_continuing_them(tmp_path):

@@ -67,7 +67,52 @@ def test_evaluation_is_paired_with_the_sweep(tmp_path):
         assert np.array(v["returns"]).shape == (6, 3)
 
 
+TAG_TEAMS = {"adversary": [0, 1, 2], "agent": [3]}
+
+
+def tag_obs(adversaries: list[tuple[float, float]], prey: tuple[float, float]) -> np.ndarray:
+    """(4, 16) simple_tag observations of these positions, at rest, obstacles far away, in MPE2's layout."""
+    pos = [np.array(p) for p in adversaries + [prey]]
+    obs = np.zeros((4, 16))
+    for i, me in enumerate(pos):
+        others = np.concatenate([q - me for j, q in enumerate(pos) if j != i])  # (6,)
+        obs[i, 2:4], obs[i, 4:8], obs[i, 8:14] = me, 5.0, others  # velocities 0; the prey's (adversaries' 14:16) too
+    return obs
+
+
+@pytest.mark.parametrize("adversaries, prey, actions", [
+    # each adversary heads for the prey (+x, +y, −y); the prey is pushed by 1/d² from each: the two at
+    # 0.5 (left, below) outweigh the one at 0.6 above, so it runs +x
+    ([(-0.5, 0.0), (0.0, -0.5), (0.0, 0.6)], (0.0, 0.0), [2, 4, 3, 2]),
+    # all three to its right, one close above: it runs −x (the x push is the larger)
+    ([(0.3, 0.0), (0.4, 0.1), (0.1, 0.35)], (0.0, 0.0), [1, 1, 3, 1]),
+])
+def test_chase_flee_heads_for_the_prey_and_away_from_the_adversaries(adversaries, prey, actions):
+    assert heuristics.chase_flee(tag_obs(adversaries, prey), TAG_TEAMS).tolist() == actions
+
+
+def test_the_prey_turns_back_from_the_edge():
+    """Adversaries far to the left push the prey right, but past EDGE it heads back to the centre."""
+    far = [(-0.8, 0.05), (-0.8, 0.0), (-0.8, -0.05)]
+    assert heuristics.chase_flee(tag_obs(far, (0.0, 0.0)), TAG_TEAMS)[3] == 2
+    assert heuristics.chase_flee(tag_obs(far, (heuristics.EDGE + 0.05, 0.0)), TAG_TEAMS)[3] == 1
+
+
+def test_simple_tag_heuristics_play_each_team_against_random_opponents():
+    """Both teams scripted, and each team scripted against random opponents, on the sweep's
+    episodes: the scripted chasers catch random prey far more than random adversaries do, and the
+    scripted prey is caught less than random prey."""
+    res = heuristics.evaluate(seed=0, episodes=20, scenario="simple_tag")
+    assert set(res["results"]) == {"chase_flee", "chase_flee_adversary_vs_random", "chase_flee_agent_vs_random",
+                                   "random"}
+    team = {k: {t: v["mean"] for t, v in r["teams"].items()} for k, r in res["results"].items()}
+    assert team["chase_flee_adversary_vs_random"]["adversary"] > team["random"]["adversary"] + 10, team
+    assert team["chase_flee_agent_vs_random"]["agent"] > team["random"]["agent"] + 5, team  # fewer catches
+    assert team["chase_flee_agent_vs_random"]["adversary"] < team["random"]["adversary"], team
+
+
 @pytest.mark.parametrize("args, says", [
+    (["--scenario", "simple_push"], "--scenario 'simple_push': no scripted policies; allowed: simple_spread, simple_tag"),
     (["--seeds", "-1"], "--seeds -1: must be 0 or more"),
     (["--episodes", "0"], "--episodes 0: must be at least 1"),
     (["--eval-seed", "-3"], "--eval-seed -3: must be 0 or more"),
@@ -282,6 +327,13 @@ def test_two_teams_the_method_is_compared_with_a_tuned_baseline_team_by_team(tmp
         write(learning / "report" / "baselines" / "simple_tag" / "mappo" / f"seed{s}_step20000.json",
               {"seed": s, "configs_tried": 30, "evaluation": protocol.episode_block("report", s, episodes),
                "results": {m: report(r[s], spec) for m, r in base.items()}})
+        # the scripted pair on the same episodes (heuristics.py's names): against random opponents as the
+        # baseline; both teams scripted, every agent 100 better, so the method is below it there
+        write(learning / "report" / "baselines" / "simple_tag" / "heuristics" / f"seed{s}.json",
+              {"seed": s, "evaluation": protocol.episode_block("report", s, episodes),
+               "results": {{"greedy": "chase_flee", "adversary_vs_random": "chase_flee_adversary_vs_random",
+                            "agent_vs_random": "chase_flee_agent_vs_random", "random": "random"}[m]:
+                           report(r[s] + 100.0 * (m == "greedy"), spec) for m, r in base.items() if m != "sampled"}})
     sweep_names = {"greedy": "trained", "sampled": "trained_sampled"}
     mine = {sweep_names.get(m, m): {s: report(r[s] + shift, spec) for s in seeds} for m, r in base.items()}
     returns = {m: {t: {str(s): protocol.column(res[s]["returns"], [spec.agents.index(a) for a in v["members"]]).tolist()
@@ -300,7 +352,9 @@ def test_two_teams_the_method_is_compared_with_a_tuned_baseline_team_by_team(tmp
     header = next(line for line in vs.splitlines() if line.startswith("| row |"))
     assert header == ("| row | env steps | team adversary, all trained (greedy) | team agent, all trained (greedy) | "
                       "team adversary trained, others random | team agent trained, others random |")
-    row = next(line for line in vs.splitlines() if line.startswith("| MAPPO (BenchMARL) |"))
-    assert row == "| MAPPO (BenchMARL) | 20,000 | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] |"
+    one, zero = "1.00 [1.00, 1.00]", "0.00 [0.00, 0.00]"
+    for label, budget, both in (("MAPPO (BenchMARL)", "20,000", (one, zero)), ("chase / flee (scripted)", "no training", (zero, zero))):
+        row = next(line for line in vs.splitlines() if line.startswith(f"| {label} |"))
+        assert row == f"| {label} | {budget} | {both[0]} | {both[1]} | {one} | {zero} |"
     mappo = next(line for line in md.splitlines() if line.startswith("| MAPPO (BenchMARL) | 20,000 | 5 × 6 | 30 |"))
     assert mappo.count("IQM") == 4
