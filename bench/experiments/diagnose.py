@@ -167,7 +167,7 @@ def model_features(wm: WorldModel, data: dict) -> dict[str, Tensor]:
 
 
 def world_model_data(cfg: Config, steps: list[int], updates: int, test_episodes: int, seed: int,
-                     probe: bool = False) -> list[dict]:
+                     probe: bool = False, eval_every: int = 0) -> list[dict]:
     """Held-out teacher-forced fit of a world model trained offline on each of ``steps`` random-policy
     transitions for ``updates`` Adam steps (the config's batch, learning rate and loss weights).
 
@@ -175,6 +175,9 @@ def world_model_data(cfg: Config, steps: list[int], updates: int, test_episodes:
     policy, and here it would only hide the older half of the data the question is about.  With
     ``probe``, MLPs regress the reward on the trained model's features (:func:`model_features`):
     where the information for a reward that generalises is lost, in the latent or after it.
+    With ``eval_every`` K > 0 the fit is also scored after every K updates, a row each: whether the
+    held-out fit peaks early and then falls as the model memorises its layouts (over-fitting, a
+    matter of the replay ratio) or keeps rising (a matter of capacity or data).
     """
     t_len = cfg.env.max_cycles
     train = random_episodes(cfg.env, -(-max(steps) // t_len), seed)
@@ -196,17 +199,16 @@ def world_model_data(cfg: Config, steps: list[int], updates: int, test_episodes:
         for e in range(episodes):
             for t in range(t_len):
                 rb.add(train["obs"][e, t], train["act"][e, t], train["rew"][e, t], ones, t == 0)
-        for _ in range(updates):  # the trainer's own world-model step, fp32, reference kernels
+        seen = {k: v[: min(episodes, test_episodes)] for k, v in train.items()}  # as many training episodes
+        for u in range(1, updates + 1):  # the trainer's own world-model step, fp32, reference kernels
             b = rb.sample_sequences(wmc.batch_per_agent, wmc.seq_len, 1.0)
             loss, _ = step_fns.wm_loss(wm, b.obs, b.act, b.rew, b.cont, b.first, b.team_act, b.agent, None, "ref")
             opt.zero_grad()
             loss.backward()
             step_fns.wm_opt_step(wm, opt, wmc.grad_clip)
-        seen = {k: v[: min(episodes, test_episodes)] for k, v in train.items()}  # as many training episodes
-        fit_test, fit_train = teacher_forced(wm, test), teacher_forced(wm, seen)
-        row = {"steps": episodes * t_len, "episodes": episodes, "updates": updates,
-               "reward_r2_heldout": fit_test["reward_r2"], "reward_corr_heldout": fit_test["reward_corr"],
-               "reward_r2_train": fit_train["reward_r2"], "recon_r2_heldout": fit_test["recon_r2_mean"]}
+            if eval_every and u % eval_every == 0 and u < updates:
+                rows.append(fit_row(wm, test, seen, episodes, t_len, u))
+        row = fit_row(wm, test, seen, episodes, t_len, updates)
         if probe:  # MLPs on the frozen model's features, trained on all of this set's episodes
             mine = model_features(wm, {k: v[:episodes] for k, v in train.items()})
             held = model_features(wm, test)
@@ -215,6 +217,17 @@ def world_model_data(cfg: Config, steps: list[int], updates: int, test_episodes:
                 row |= {f"probe_{name}_r2_train": fit["r2_train"], f"probe_{name}_r2_heldout": fit["r2_heldout"]}
         rows.append(row)
     return rows
+
+
+def fit_row(wm: WorldModel, test: dict, seen: dict, episodes: int, t_len: int, updates: int) -> dict:
+    """One row of :func:`world_model_data`: the teacher-forced fit on held-out and on seen episodes.
+    Torch's generator is left as it was, so scoring midway does not change the training that follows."""
+    rng = torch.get_rng_state()
+    fit_test, fit_train = teacher_forced(wm, test), teacher_forced(wm, seen)
+    torch.set_rng_state(rng)
+    return {"steps": episodes * t_len, "episodes": episodes, "updates": updates,
+            "reward_r2_heldout": fit_test["reward_r2"], "reward_corr_heldout": fit_test["reward_corr"],
+            "reward_r2_train": fit_train["reward_r2"], "recon_r2_heldout": fit_test["recon_r2_mean"]}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -234,6 +247,8 @@ def build_parser() -> Parser:
     w = data_parser(sub, "wm-data", "held-out reward fit of a world model trained offline on random data")
     w.add_argument("--preset", default="cpu", help=f"world-model config: {', '.join(PRESETS)} (default cpu)")
     w.add_argument("--updates", type=int, default=6000, help="world-model updates per fit (default 6000)")
+    w.add_argument("--eval-every", type=int, default=0, metavar="K",
+                   help="also score the fit after every K updates, a row each (default 0: at the end only)")
     w.add_argument("--probe", action="store_true",
                    help="also fit MLPs from the trained model's latent z_t (with a_t) and from h_t to the reward")
     w.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -322,11 +337,13 @@ def main(argv: list[str] | None = None) -> int:
             fail(f"unknown preset {args.preset!r}; valid: {', '.join(PRESETS)}")
         if args.updates < 1:
             fail(f"--updates must be ≥ 1, got {args.updates}")
+        if args.eval_every < 0:
+            fail(f"--eval-every must be ≥ 0 (0 = at the end only), got {args.eval_every}")
         try:
             cfg = with_fields(preset(args.preset, args.scenario), parse_sets(args.sets))
             check_fields(cfg)
             result = world_model_data(cfg, sorted(args.steps), args.updates, args.test_episodes, args.seed,
-                                      args.probe)
+                                      args.probe, args.eval_every)
         except ValueError as e:
             fail(str(e))
         print(f"{args.scenario}: `{args.preset}` world model{' with ' + ', '.join(args.sets) if args.sets else ''} "
@@ -335,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in result:
             r["set"] = list(args.sets)
         for r in result:
-            print(f"  {r['steps']:>7} steps ({r['episodes']} episodes): reward R² held-out "
+            print(f"  {r['steps']:>7} steps ({r['episodes']} episodes), {r['updates']} updates: reward R² held-out "
                   f"{r['reward_r2_heldout']:.3f} (corr {r['reward_corr_heldout']:.3f}), on training episodes "
                   f"{r['reward_r2_train']:.3f}; reconstruction R² held-out {r['recon_r2_heldout']:.3f}")
             if "probe_z_r2_heldout" in r:

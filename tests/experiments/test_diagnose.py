@@ -88,6 +88,18 @@ def test_wm_data_cli_trains_and_scores_reproducibly(tmp_path, capsys):
     assert "reward R² held-out" in capsys.readouterr().out
 
 
+def test_wm_data_eval_every_scores_midway_without_changing_the_training(tmp_path):
+    """--eval-every 3 of 6 updates: a row after 3 and one after 6, each equal to a run stopped there."""
+    args = ["wm-data", "--scenario", "simple_tag", "--preset", "smoke", "--steps", "50", "--test-episodes", "2"]
+    assert dg.main([*args, "--updates", "6", "--eval-every", "3", "--out", str(tmp_path / "k.json")]) == 0
+    for n in (3, 6):
+        assert dg.main([*args, "--updates", str(n), "--out", str(tmp_path / f"{n}.json")]) == 0
+    rows = json.loads((tmp_path / "k.json").read_text())
+    assert [r["updates"] for r in rows] == [3, 6]
+    assert rows[0] == json.loads((tmp_path / "3.json").read_text())[0]
+    assert rows[1] == json.loads((tmp_path / "6.json").read_text())[0]
+
+
 def test_wm_data_set_changes_the_fitted_config(tmp_path):
     """--set trains another world model (here: finer reward bins) and is written beside its rows."""
     args = ["wm-data", "--scenario", "simple_tag", "--preset", "smoke", "--steps", "50", "--test-episodes", "2",
@@ -123,6 +135,7 @@ def test_reward_data_on_the_world_models_information(tmp_path):
     (["wm-data", "--scenario", "simple_tag", "--steps", "10", "--set", "wm.lr=-1"], "--wm.lr -1"),
     (["wm-data", "--scenario", "simple_tag", "--preset", "gpu", "--steps", "10"], "unknown preset 'gpu'; valid: paper, cpu, smoke"),
     (["wm-data", "--scenario", "simple_tag", "--steps", "10", "--updates", "0"], "--updates must be ≥ 1, got 0"),
+    (["wm-data", "--scenario", "simple_tag", "--steps", "10", "--eval-every", "-1"], "--eval-every must be ≥ 0"),
     (["wm-data", "--scenario", "simple_spread", "--preset", "smoke", "--steps", "0"], "--steps must be ≥ 1, got 0"),
     (["reward-data", "--scenario", "simple_sprad", "--steps", "10"], "unknown scenario 'simple_sprad'; valid: simple_tag"),
     (["reward-data", "--scenario", "simple_spread", "--steps", "0"], "--steps must be ≥ 1, got 0"),
