@@ -5,6 +5,7 @@ Three questions a researcher asks when a policy does not improve, each a subcomm
     python bench/experiments/diagnose.py model runs/simple_spread-cpu-s0
     python bench/experiments/diagnose.py wm-data --scenario simple_spread --steps 3000 12000
     python bench/experiments/diagnose.py wm-data --scenario simple_spread --steps 12000 --set wm.bins_low=-3 --set wm.bins_high=3
+    python bench/experiments/diagnose.py wm-data --scenario simple_spread --steps 12000 --updates 12000 --eval-every 1500
     python bench/experiments/diagnose.py reward-data --scenario simple_spread --steps 3000 12000 [--inputs now]
 
 ``model`` loads a checkpoint and measures, on fresh episodes of the uniformly random policy (so
@@ -28,7 +29,8 @@ Both are computed by ``matwm_fast/wm_probe.py``, which a training run's evaluati
 ``wm-data`` trains the world model alone, offline, on ``--steps`` random-policy transitions
 (uniform replay sampling, ``--updates`` steps each) and scores its reward head on held-out
 episodes: the same question for the model itself, with the policy and its data drift removed.
-``--set SECTION.FIELD=VALUE`` changes one config field from the preset's (the variants compared).
+``--set SECTION.FIELD=VALUE`` changes one config field from the preset's (the variants compared);
+``--eval-every K`` scores the fit after every K updates too (whether it peaks and falls, or levels).
 
 ``reward-data`` asks whether the reward is learnable at all from this much data: an MLP regresses
 the reward on the next observation (the reward of every MPE2 scenario is a function of the world
