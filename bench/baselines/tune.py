@@ -14,13 +14,16 @@ Each configuration trains on every ``--seeds`` seed (tuning seeds, 0–99) to ``
 and is scored on those seeds' tuning episodes (``matwm_fast/protocol.py``) by :func:`score`: the
 greedy policy's mean return; with several teams, the mean over teams of the team's gain over
 random when it plays against random opponents.  Runs already done are kept (the command
-resumes).  It writes ``tuning.json`` and ``tuning.md`` in ``RESULTS/<scenario>/<algo>/`` (default
+resumes; a record made with other settings is refused, not overwritten).  It writes
+``tuning.json`` and ``tuning.md`` in ``RESULTS/<scenario>/<algo>/`` (default
 ``bench/results/learning/tuning/baselines``): every configuration's flags and per-seed scores, the
 best, and the count.
 
 ``report`` trains the best configuration of that ``tuning.json`` on reporting seeds (100–199)
 with ``--split report`` and 50 episodes, and ``--configs-tried`` set to the tuning's count: the
-rows ``bench/learning_table.py`` reads from ``bench/results/learning/report/baselines``.
+rows ``bench/learning_table.py`` reads from ``bench/results/learning/report/baselines``.  It
+resumes as ``run`` does: a reporting seed whose records are there, made with the chosen
+configuration and count, is not trained again.
 """
 
 from __future__ import annotations
@@ -183,13 +186,43 @@ def train(job: dict) -> tuple[int, str]:
     return proc.returncode, tail
 
 
-def run_jobs(jobs: list[dict], n: int) -> None:
-    """Every job's arguments checked first (model_free.py's checks, BenchMARL's fields), then run."""
-    bm = model_free.require_library()
+def record_differs(record: dict, want: dict) -> str | None:
+    """What in an earlier record of a training differs from the training about to be made (``want``:
+    scenario, algorithm, seed, budget, max_cycles, configs_tried, split, episodes and the tuned
+    settings); None when it is that training."""
+    evaluation, settings = record.get("evaluation") or {}, record.get("settings") or {}
+    got = {**{k: record.get(k) for k in ("scenario", "algorithm", "seed", "budget", "max_cycles", "configs_tried")},
+           "split": evaluation.get("split"), "episodes": evaluation.get("episodes"), "tuned": settings.get("tuned")}
+    diffs = [f"{k} {got[k]!r} (this run: {v!r})" for k, v in want.items() if got[k] != v]
+    return "; ".join(diffs) or None
+
+
+def pending(jobs: list[dict], bm) -> list[dict]:
+    """The jobs still to run.  Every job's arguments are checked first (model_free.py's checks,
+    BenchMARL's fields through ``bm``).  A job whose records are all there, made with these very
+    settings, is done (the command resumes); one missing a budget's record runs again.  A record
+    made with other settings — another draw, count of configurations or episodes — is refused
+    rather than reused or overwritten."""
+    todo = []
     for job in jobs:
         args = model_free.build_parser().parse_args(["train", *job["args"]])
         model_free.check_train_args(args)
-        model_free.settings_for(bm, args)
+        _, tuned = model_free.settings_for(bm, args)
+        want = {"scenario": args.scenario, "algorithm": args.algo, "seed": args.seed, "max_cycles": args.max_cycles,
+                "configs_tried": args.configs_tried, "split": args.split, "episodes": args.episodes, "tuned": tuned}
+        budgets = sorted(set(args.budgets))
+        found = [result_file(Path(args.results), args.scenario, args.algo, args.seed, b) for b in budgets]
+        for b, path in zip(budgets, found):
+            why = path and record_differs(load_result(path), {**want, "budget": b})
+            if why:
+                raise ValueError(f"{path}: a record of other settings than {job['name']}'s: {why}; move it away, "
+                                 "or write this run's records elsewhere")
+        if None in found:
+            todo.append(job)
+    return todo
+
+
+def run_jobs(jobs: list[dict], n: int) -> None:
     with ThreadPoolExecutor(max_workers=n) as pool:
         for job, (rc, tail) in zip(jobs, pool.map(train, jobs)):
             if rc != 0:
@@ -214,19 +247,12 @@ def load_result(path: Path) -> dict:
 def cmd_run(args) -> int:
     space = parse_space(args.space, args.algo)
     defaults_config(space, args.budget)  # a budget that no batch divides is refused before BenchMARL loads
-    defaults = field_defaults(model_free.require_library(), args.algo, space, args.budget)
+    bm = model_free.require_library()
+    defaults = field_defaults(bm, args.algo, space, args.budget)
     configs = draw(space, args.budget, args.configs, args.search_seed, defaults)
     base = Path(args.results) / args.scenario / args.algo
-    jobs = []
-    for k, config in enumerate(configs):
-        for s in args.seeds:
-            if result_file(base / f"c{k}", args.scenario, args.algo, s, args.budget) is not None:
-                continue  # done before: the search resumes
-            jobs.append({"name": f"config {k} seed {s}", "args": [
-                "--scenario", args.scenario, "--algo", args.algo, "--seed", str(s), "--budgets", str(args.budget),
-                "--split", "tuning", "--episodes", str(args.episodes), "--threads", "1",
-                "--results", str(base / f"c{k}"), "--run-dir", f"{args.out}/{args.scenario}/{args.algo}/c{k}/seed{s}",
-                *flags(config)]})
+    jobs = search_jobs(args.scenario, args.algo, configs, args.seeds, args.budget, args.episodes, base, args.out)
+    jobs = pending(jobs, bm)
     print(f"{args.algo} on {args.scenario}: {len(configs)} configurations × seeds {args.seeds}; "
           f"{len(jobs)} trainings to run", flush=True)
     run_jobs(jobs, args.jobs)
@@ -256,24 +282,51 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_report(args) -> int:
-    path = Path(args.results) / args.scenario / args.algo / "tuning.json"
+def read_tuning(path: Path, scenario: str, algo: str) -> dict:
+    """A ``tuning.json`` written by :func:`cmd_run`, with ``chosen``: its best configuration's row."""
     if not path.is_file():
-        raise ValueError(f"{path}: no tuning here; run `tune.py run --scenario {args.scenario} --algo {args.algo}` first")
+        raise ValueError(f"{path}: no tuning here; run `tune.py run --scenario {scenario} --algo {algo}` first")
     try:
         tuning = json.loads(path.read_text())
-        best = next(c for c in tuning["configs"] if c["index"] == tuning["best"])
-        index, flags, tried, budget = best["index"], best["flags"], tuning["configs_tried"], tuning["budget"]
+        chosen = next(c for c in tuning["configs"] if c["index"] == tuning["best"])
+        if not (isinstance(chosen["flags"], list) and isinstance(tuning["configs_tried"], int)
+                and isinstance(tuning["budget"], int)):
+            raise TypeError("flags, configs_tried or budget of the wrong type")
     except (json.JSONDecodeError, KeyError, TypeError, StopIteration) as e:
         raise ValueError(f"{path}: not a tuning written by `tune.py run` ({type(e).__name__}: {e})") from e
-    budgets = args.budgets or [budget]
-    jobs = [{"name": f"report seed {s}", "args": [
-        "--scenario", args.scenario, "--algo", args.algo, "--seed", str(s), "--budgets", *map(str, budgets),
-        "--split", "report", "--episodes", "50", "--threads", "1", "--configs-tried", str(tried),
-        "--results", args.report_results,
-        "--run-dir", f"{args.out}/{args.scenario}/{args.algo}/report/seed{s}", *flags]} for s in args.seeds]
-    print(f"{args.algo} on {args.scenario}: configuration {index} of {tried} ({' '.join(flags)}) on reporting "
-          f"seeds {args.seeds}", flush=True)
+    return {**tuning, "chosen": chosen}
+
+
+def search_jobs(scenario: str, algo: str, configs: list[dict], seeds: list[int], budget: int, episodes: int,
+                base: Path, out: str) -> list[dict]:
+    """One training per configuration and tuning seed, scored on that seed's tuning episodes;
+    configuration k's records in ``base/c<k>``."""
+    return [{"name": f"config {k} seed {s}", "args": [
+        "--scenario", scenario, "--algo", algo, "--seed", str(s), "--budgets", str(budget),
+        "--split", "tuning", "--episodes", str(episodes), "--threads", "1",
+        "--results", str(base / f"c{k}"), "--run-dir", f"{out}/{scenario}/{algo}/c{k}/seed{s}", *flags(config)]}
+        for k, config in enumerate(configs) for s in seeds]
+
+
+def report_jobs(scenario: str, algo: str, tuning: dict, seeds: list[int], budgets: list[int], results: str,
+                out: str) -> list[dict]:
+    """The tuning's chosen configuration on each reporting seed: 50 reporting episodes, the count of
+    configurations tried recorded beside it."""
+    return [{"name": f"report seed {s}", "args": [
+        "--scenario", scenario, "--algo", algo, "--seed", str(s), "--budgets", *map(str, budgets),
+        "--split", "report", "--episodes", "50", "--threads", "1", "--configs-tried", str(tuning["configs_tried"]),
+        "--results", results, "--run-dir", f"{out}/{scenario}/{algo}/report/seed{s}", *tuning["chosen"]["flags"]]}
+        for s in seeds]
+
+
+def cmd_report(args) -> int:
+    tuning = read_tuning(Path(args.results) / args.scenario / args.algo / "tuning.json", args.scenario, args.algo)
+    chosen, tried = tuning["chosen"], tuning["configs_tried"]
+    jobs = report_jobs(args.scenario, args.algo, tuning, args.seeds, args.budgets or [tuning["budget"]],
+                       args.report_results, args.out)
+    jobs = pending(jobs, model_free.require_library())
+    print(f"{args.algo} on {args.scenario}: configuration {chosen['index']} of {tried} ({' '.join(chosen['flags'])}) "
+          f"on reporting seeds {args.seeds}; {len(jobs)} trainings to run", flush=True)
     run_jobs(jobs, args.jobs)
     return 0
 

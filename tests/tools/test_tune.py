@@ -151,6 +151,10 @@ def test_a_search_then_its_report(tmp_path):
     field = {"frames-per-batch": "on_policy_collected_frames_per_batch", "minibatch-size": "on_policy_minibatch_size",
              "minibatch-iters": "on_policy_n_minibatch_iters", "gamma": "gamma", "lr": "lr"}
     assert res["settings"]["tuned"] == {field[k]: v for k, v in best["config"].items()}
+    # the report resumes too: its seed is not trained again
+    again = script("report", "--scenario", "simple_spread", "--algo", "mappo", "--seeds", "100", "--results", "res",
+                   "--out", "runs", "--report-results", "rep", cwd=tmp_path)
+    assert again.returncode == 0 and "0 trainings to run" in again.stdout, again.stderr[-2000:]
 
 
 @needs_library
@@ -223,3 +227,54 @@ def test_every_committed_search_reproduces_from_its_records(tuning):
     assert len(reports) >= 5
     for r in map(lambda p: json.loads(p.read_text()), reports):
         assert r["configs_tried"] == t["configs_tried"] and r["evaluation"]["split"] == "report"
+
+
+def fake_library(configs: list[dict]):
+    """What :func:`tune.pending` asks of BenchMARL (the settable fields' defaults), for configurations
+    whose --set fields are experiment fields of the values' types."""
+    import types
+
+    exp = {k: type(v)(0) for c in configs for k, v in c.items() if k not in tune.FLAGS}
+    return types.SimpleNamespace(settable=lambda algo: {"experiment": exp, "algorithm": {}})
+
+
+@pytest.mark.parametrize("tuning", sorted((COMMITTED / "tuning" / "baselines").glob("*/*/tuning.json")),
+                         ids=lambda p: f"{p.parent.parent.name}-{p.parent.name}")
+def test_every_committed_search_and_report_resumes_with_nothing_to_train(tuning):
+    """Each committed record is recognised as the training its command would make: the search and
+    the report, run again over the committed files, would train nothing."""
+    t = tune.read_tuning(tuning, "", "")
+    configs = [r["config"] for r in sorted(t["configs"], key=lambda r: r["index"])]
+    bm = fake_library(configs)
+    jobs = tune.search_jobs(t["scenario"], t["algorithm"], configs, t["seeds"], t["budget"], t["episodes"],
+                            tuning.parent, "runs")
+    assert len(jobs) == len(configs) * len(t["seeds"]) and tune.pending(jobs, bm) == []
+    report = tune.report_jobs(t["scenario"], t["algorithm"], t, [100, 101, 102, 103, 104], [t["budget"]],
+                              str(COMMITTED / "report" / "baselines"), "runs")
+    assert tune.pending(report, bm) == []
+
+
+def test_a_record_of_other_settings_is_refused_and_a_missing_one_trains(tmp_path):
+    tuning = COMMITTED / "tuning" / "baselines" / "simple_spread" / "mappo" / "tuning.json"
+    t = tune.read_tuning(tuning, "simple_spread", "mappo")
+    bm = fake_library([t["chosen"]["config"]])
+    source = COMMITTED / "report" / "baselines" / "simple_spread" / "mappo" / "seed100_step20000.json"
+    copy = tmp_path / "simple_spread" / "mappo" / source.name
+    copy.parent.mkdir(parents=True)
+    record = json.loads(source.read_text())
+
+    def jobs(tried=None):
+        return tune.report_jobs("simple_spread", "mappo", {**t, "configs_tried": tried or t["configs_tried"]}, [100],
+                                [t["budget"]], str(tmp_path), "runs")
+
+    assert tune.pending(jobs(), bm) == jobs()  # no record: it trains
+    copy.write_text(json.dumps(record))
+    assert tune.pending(jobs(), bm) == []  # its record: done
+    with pytest.raises(ValueError, match=r"seed100_step20000.json: a record of other settings.*configs_tried 30 "
+                                         r"\(this run: 31\)"):
+        tune.pending(jobs(tried=31), bm)
+    other = {**record["settings"]["tuned"], "gamma": 0.5}
+    copy.write_text(json.dumps({**record, "settings": {**record["settings"], "tuned": other}}))
+    with pytest.raises(ValueError, match="tuned"):
+        tune.pending(jobs(), bm)
+    assert json.loads(copy.read_text())["settings"]["tuned"]["gamma"] == 0.5  # refused, not overwritten
