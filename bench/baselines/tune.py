@@ -213,7 +213,15 @@ def pending(jobs: list[dict], bm) -> list[dict]:
         budgets = sorted(set(args.budgets))
         found = [result_file(Path(args.results), args.scenario, args.algo, args.seed, b) for b in budgets]
         for b, path in zip(budgets, found):
-            why = path and record_differs(load_result(path), {**want, "budget": b})
+            if path is None:
+                continue
+            try:
+                record = load_result(path)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as e:  # a torn or foreign file: named, not retrained over
+                raise ValueError(f"{path}: not a record written by model_free.py ({type(e).__name__}: {e})") from e
+            why = record_differs(record, {**want, "budget": b})
             if why:
                 raise ValueError(f"{path}: a record of other settings than {job['name']}'s: {why}; move it away, "
                                  "or write this run's records elsewhere")

@@ -278,3 +278,7 @@ def test_a_record_of_other_settings_is_refused_and_a_missing_one_trains(tmp_path
     with pytest.raises(ValueError, match="tuned"):
         tune.pending(jobs(), bm)
     assert json.loads(copy.read_text())["settings"]["tuned"]["gamma"] == 0.5  # refused, not overwritten
+    for text in ("{torn", "[1, 2]"):
+        copy.write_text(text)
+        with pytest.raises(ValueError, match="seed100_step20000.json: not a record written by model_free.py"):
+            tune.pending(jobs(), bm)
