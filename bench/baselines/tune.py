@@ -290,10 +290,8 @@ def cmd_run(args) -> int:
     return 0
 
 
-def read_tuning(path: Path, scenario: str, algo: str) -> dict:
+def read_tuning(path: Path) -> dict:
     """A ``tuning.json`` written by :func:`cmd_run`, with ``chosen``: its best configuration's row."""
-    if not path.is_file():
-        raise ValueError(f"{path}: no tuning here; run `tune.py run --scenario {scenario} --algo {algo}` first")
     try:
         tuning = json.loads(path.read_text())
         chosen = next(c for c in tuning["configs"] if c["index"] == tuning["best"])
@@ -328,7 +326,10 @@ def report_jobs(scenario: str, algo: str, tuning: dict, seeds: list[int], budget
 
 
 def cmd_report(args) -> int:
-    tuning = read_tuning(Path(args.results) / args.scenario / args.algo / "tuning.json", args.scenario, args.algo)
+    path = Path(args.results) / args.scenario / args.algo / "tuning.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: no tuning here; run `tune.py run --scenario {args.scenario} --algo {args.algo}` first")
+    tuning = read_tuning(path)
     chosen, tried = tuning["chosen"], tuning["configs_tried"]
     jobs = report_jobs(args.scenario, args.algo, tuning, args.seeds, args.budgets or [tuning["budget"]],
                        args.report_results, args.out)

@@ -243,7 +243,7 @@ def fake_library(configs: list[dict]):
 def test_every_committed_search_and_report_resumes_with_nothing_to_train(tuning):
     """Each committed record is recognised as the training its command would make: the search and
     the report, run again over the committed files, would train nothing."""
-    t = tune.read_tuning(tuning, "", "")
+    t = tune.read_tuning(tuning)
     configs = [r["config"] for r in sorted(t["configs"], key=lambda r: r["index"])]
     bm = fake_library(configs)
     jobs = tune.search_jobs(t["scenario"], t["algorithm"], configs, t["seeds"], t["budget"], t["episodes"],
@@ -256,7 +256,7 @@ def test_every_committed_search_and_report_resumes_with_nothing_to_train(tuning)
 
 def test_a_record_of_other_settings_is_refused_and_a_missing_one_trains(tmp_path):
     tuning = COMMITTED / "tuning" / "baselines" / "simple_spread" / "mappo" / "tuning.json"
-    t = tune.read_tuning(tuning, "simple_spread", "mappo")
+    t = tune.read_tuning(tuning)
     bm = fake_library([t["chosen"]["config"]])
     source = COMMITTED / "report" / "baselines" / "simple_spread" / "mappo" / "seed100_step20000.json"
     copy = tmp_path / "simple_spread" / "mappo" / source.name
