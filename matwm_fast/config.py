@@ -296,12 +296,9 @@ PRESETS = {"paper": _paper, "cpu": _cpu, "smoke": _smoke}
 # scenario alone; preset(name, scenario) applies them, the user's flags apply over them.
 SCENARIO_TUNING: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
-        # entropy η 3e-3 (the paper's 3e-4 let the policy turn near-deterministic before it was
-        # good), world-model batch 24 (warm-up 512 then holds 8 non-overlapping sequences of 32 per
-        # agent) and discount γ 0.9 (STORM's 0.985 looks ~67 steps ahead in 25-step episodes): each
-        # the best of the values tried on simple_spread's evaluation episodes, and the first two
-        # cost simple_tag's prey, so they are simple_spread's alone.  The runs and their caveats:
-        # bench/results/learning/README.md, "The tuning experiments"
+        # entropy η 3e-3, world-model batch 24 (warm-up 512 then holds 8 non-overlapping sequences of
+        # 32 per agent), discount γ 0.9: chosen on simple_spread's tuning runs and not carried to
+        # simple_tag; the evidence and its caveats: bench/results/learning/README.md, "The tuning experiments"
         "simple_spread": {"ac.entropy": 3e-3, "wm.batch_size": 24, "replay.warmup": 512, "ac.gamma": 0.9},
     },
 }

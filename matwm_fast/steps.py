@@ -148,16 +148,13 @@ def compile_options(rt: Runtime, optimizer: bool = False) -> dict:
         # and slots by shape), and the eager reference still checks them all
         "assert_indirect_indexing": False,
         "triton.cudagraphs": rt.backend == "cudagraphs",
-        # on the CPU the graph's wrapper in C++ rather than Python: a rollout launches hundreds
-        # of small kernels, and the Python calls between them cost ~10 % of it (docs/performance.md).  Not for
-        # the optimiser steps: one kernel group per parameter made a C++ wrapper that took 175 s
-        # to compile against 62 s, and ran no faster (2.54 against 2.38 ms, cpu preset's world
-        # model, bench/results/cpu-rollout-graph.md)
+        # on the CPU the graph's wrapper in C++ rather than Python: a rollout launches hundreds of
+        # small kernels and the Python calls between them add up.  Not for the optimiser steps,
+        # whose C++ wrapper compiles far longer and runs no faster (bench/results/cpu-rollout-graph.md)
         "cpp_wrapper": rt.device.type == "cpu" and not optimizer,
         # Inductor's own random numbers are graph-safe Philox draws, one scalar call per element:
-        # cheap on a GPU, but on the CPU the rollout's uniforms then cost more than the sampling
-        # they feed (1.75 ms of a 40 ms cpu-preset rollout for one [2048, 16] draw); aten's
-        # generator fills them at memory speed, as in eager
+        # cheap on a GPU, but on the CPU the rollout's uniforms then cost more than the sampling they
+        # feed (docs/performance.md); aten's generator fills them at memory speed, as in eager
         "fallback_random": rt.device.type == "cpu",
     }
 

@@ -226,8 +226,8 @@ def _newest(rd: ck.RunDir, resume: bool = False) -> str:
 def start(s: Session) -> Trainer:
     """Threads, seeds, the trainer (restored from the checkpoint when there is one), the run
     directory made ready for it (what an interrupted run left behind removed) and its config.json."""
-    # beside one busy process a second, idle-waiting thread made a cpu-preset step 2.5× slower (4× in
-    # the worst step; bench/results/cpu-threads.md): run.threads defaults to 1
+    # a second, idle-waiting OpenMP thread slows a step beside any other busy process
+    # (bench/results/cpu-threads.md): run.threads defaults to 1
     if s.cfg.run.threads > 0:
         torch.set_num_threads(s.cfg.run.threads)
     seed_everything(s.cfg.train.seed)
