@@ -254,7 +254,7 @@ def test_reporting_rows_get_intervals_and_tuning_counts(tmp_path):
     assert row.startswith("| MATWM, `cpu` preset | 2,000 | 5 × 8 | 30 | IQM ")
     assert "<br>mean " in row and "<br>P(> nearest landmark) 1.00 [1.00, 1.00]" in row
     # the method against every other reporting row, paired: far above each heuristic here, below none
-    vs = report_part.split("P(MATWM, `cpu` preset > row)")[1]
+    vs = report_part.split("P(MATWM, `cpu` preset at 2,000 env steps > row)")[1]
     assert "| nearest landmark | no training | 1.00 [1.00, 1.00] | — |" in vs
     assert "| shared assignment | no training | 1.00 [1.00, 1.00] | — |" in vs  # +20 beats its +8
     assert "| MATWM, `cpu` preset |" not in vs.split("The world model")[0]
@@ -348,7 +348,7 @@ def test_two_teams_the_method_is_compared_with_a_tuned_baseline_team_by_team(tmp
     assert learning_table.main(["--results", str(learning), "--readme", str(tmp_path / "none.md"),
                                 "--bootstrap-reps", str(reps)]) == 0
     md = (learning / "summary.md").read_text()
-    vs = md.split("P(MATWM, `cpu` preset > row)")[1]
+    vs = md.split("P(MATWM, `cpu` preset at 20,000 env steps > row)")[1]
     header = next(line for line in vs.splitlines() if line.startswith("| row |"))
     assert header == ("| row | env steps | team adversary, all trained (greedy) | team agent, all trained (greedy) | "
                       "team adversary trained, others random | team agent trained, others random |")
