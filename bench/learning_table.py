@@ -164,8 +164,8 @@ def method_lines(rows: list[dict], cols: list, reps: int, data: dict) -> list[st
     if method is None or not others:
         return []
     lines = ["", f"P({METHOD} at {method['budget']:,} env steps > row): the probability that an episode of the "
-             "method's row beats the same seed's episode of the other row, paired, with its interval (0.5: level; an interval above "
-             "0.5: above with 95 % confidence).", "",
+             "method's row beats the same seed's episode of the other row, paired, with its interval (0.5: "
+             "level; an interval above 0.5: above with 95 % confidence).", "",
              "| row | env steps | " + " | ".join(h for h, _, _ in cols) + " |", "|---|---:|" + "---:|" * len(cols)]
     for r in others:
         texts, found = [], {}
