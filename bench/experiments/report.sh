@@ -10,7 +10,8 @@
 #
 # Run from the repository root with the venv active (the baselines stage needs the `baselines`
 # extra).  Trainings go to $RUNS (default runs/report), results to bench/results/learning/report/
-# (what bench/learning_table.py reads); JOBS trainings at a time (default 2), one torch thread each.
+# (what bench/learning_table.py reads), each seed's config, matchups and gzipped rows beside its
+# table (what is committed); JOBS trainings at a time (default 2), one torch thread each.
 # TRAIN_FLAGS go to every new training, e.g. TRAIN_FLAGS="--backend compile" (1.76x the eager `cpu`
 # step on the Xeon below, docs/performance.md; tested equal to eager).  How a run ran is part of its
 # saved config, so the sweep refuses to continue a row's runs with other flags than they started with.
@@ -45,6 +46,19 @@ sweep() {  # variant steps configs_tried env [train flags...]
     --steps "$steps" --eval-every 2000 --eval-episodes 50 --jobs "$JOBS" --threads 1 \
     --configs-tried "$tried" --out "$RUNS/$variant" --results "$RESULTS/$variant/$env" \
     ${flags[@]:+-- "${flags[@]}"}
+  archive "$variant" "$env"
+}
+
+archive() {  # variant env: each seed's record beside the table (rows gzipped; plot and sweep read them as they are)
+  local s src dst
+  for s in "${SEEDS[@]}"; do
+    src=$RUNS/$1/$2/seed$s dst=$RESULTS/$1/$2/seed$s
+    [ -e "$src/metrics.jsonl" ] || continue
+    run mkdir -p "$dst"
+    run cp "$src/config.json" "$src/matchups.json" "$dst/"
+    if [ -n "${DRY:-}" ]; then echo "gzip -9 -n -c $src/metrics.jsonl > $dst/metrics.jsonl.gz"
+    else gzip -9 -n -c "$src/metrics.jsonl" > "$dst/metrics.jsonl.gz"; fi
+  done
 }
 
 stage() {

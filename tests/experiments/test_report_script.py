@@ -100,6 +100,20 @@ def test_the_50k_stretch_copies_the_20k_runs_before_continuing_them(tmp_path):
     assert lines[-1][:3] == ["python", "-m", "matwm_fast.sweep"] and "50000" in lines[-1]
 
 
+def test_each_trained_seeds_record_is_archived_beside_its_table(tmp_path):
+    runs = tmp_path / "runs"
+    run = runs / "noteam" / "simple_tag" / "seed102"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    r = subprocess.run(["bash", str(SCRIPT), "ablation", "noteam", "simple_tag"], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "DRY": "1", "RUNS": str(runs)}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = [shlex.split(x) for x in r.stdout.splitlines()][1:]  # after the sweep: seed 102 only, the one with rows
+    dst = "bench/results/learning/report/noteam/simple_tag/seed102"
+    assert lines == [["mkdir", "-p", dst], ["cp", str(run / "config.json"), str(run / "matchups.json"), dst + "/"],
+                     ["gzip", "-9", "-n", "-c", str(run / "metrics.jsonl"), ">", dst + "/metrics.jsonl.gz"]]
+
+
 @pytest.mark.parametrize("args, named", [
     (("bogus",), "'bogus'"), (("ablation", "dropout", "simple_spread"), "'dropout'"),
     (("cpu",), "usage: report.sh cpu ENV"), (("cpu", "simple_tag", "simple_spread"), "got 'simple_tag simple_spread'"),
