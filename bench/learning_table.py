@@ -81,13 +81,20 @@ def lookup(r: dict, field: str, matchup: str, team: str):
     return by_team.get(team)
 
 
-def paired(x: dict, y: dict, first_x: dict, first_y: dict) -> tuple[list, list] | None:
+def common_seeds(x: dict, y: dict, first_x: dict, first_y: dict) -> list[int]:
     """The seeds two rows share with the same episodes (same first episode seed and count)."""
-    common = [s for s in sorted(set(map(int, x)) & set(map(int, y)), key=int)
-              if first_x.get(s) == first_y.get(s) and len(x[_k(x, s)]) == len(y[_k(y, s)])]
+    return [s for s in sorted(set(map(int, x)) & set(map(int, y)), key=int)
+            if first_x.get(s) == first_y.get(s) and len(x[_k(x, s)]) == len(y[_k(y, s)])]
+
+
+def compare(x: dict, y: dict, first_x: dict, first_y: dict, reps: int) -> dict | None:
+    """P(x > y) on the seeds two rows share with the same episodes, which seeds those are, and each
+    one's mean return of both rows (``protocol.improvement``); None when they share none."""
+    common = common_seeds(x, y, first_x, first_y)
     if not common:
         return None
-    return [x[_k(x, s)] for s in common], [y[_k(y, s)] for s in common]
+    return {**protocol.improvement([x[_k(x, s)] for s in common], [y[_k(y, s)] for s in common], reps=reps),
+            "seed_ids": common}
 
 
 def _k(d: dict, seed: int):
@@ -129,9 +136,9 @@ def report_table(scenario: str, rows: list[dict], reps: int) -> tuple[list[str],
             seeds, arr = protocol.stack(ep)
             agg[h] = protocol.interval_estimates(arr, reps)
             ref_ep = lookup(ref, "episodes", m, t) if ref is not None and r is not ref else None
-            pair = paired(ep, ref_ep, r["first"], ref["first"]) if ref_ep else None
-            if pair:
-                better[h] = protocol.improvement(*pair, reps=reps)
+            found = compare(ep, ref_ep, r["first"], ref["first"], reps) if ref_ep else None
+            if found:
+                better[h] = found
             texts.append(ci_cell(agg[h], better.get(h), ref_label))
         size = next(iter(agg.values())) if agg else None
         shape = f"{size['seeds']} × {size['episodes']}" if size else str(len(r["seeds"]))
@@ -171,11 +178,11 @@ def method_lines(rows: list[dict], cols: list, reps: int, data: dict) -> list[st
         texts, found = [], {}
         for h, m, t in cols:
             mine, theirs = lookup(method, "episodes", m, t), lookup(r, "episodes", m, t)
-            pair = paired(mine, theirs, method["first"], r["first"]) if mine and theirs else None
+            pair = compare(mine, theirs, method["first"], r["first"], reps) if mine and theirs else None
             if pair is None:
                 texts.append("—")
                 continue
-            found[h] = protocol.improvement(*pair, reps=reps)
+            found[h] = pair
             texts.append(f"{found[h]['p']:.2f} [{found[h]['p_ci'][0]:.2f}, {found[h]['p_ci'][1]:.2f}]")
         if found:
             budget = f"{r['budget']:,}" if r["budget"] else "no training"

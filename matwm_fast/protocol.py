@@ -266,7 +266,8 @@ def improvement(x, y, reps: int = BOOTSTRAP_REPS, seed: int = BOOTSTRAP_SEED) ->
     """P(X > Y) of a paired comparison: x and y (S seeds, E episodes), row s of both the same
     seed's episodes in the same order.  rliable's probability of improvement (per seed, over all
     episode pairs, ties counting one half; averaged over seeds) with its 95 % interval, the
-    bootstrap drawing the same seeds and episodes from both arrays."""
+    bootstrap drawing the same seeds and episodes from both arrays; and each seed's mean of both,
+    so a per-seed difference quoted beside P reads off the same record."""
     library, metrics = rliable()
     a, b = _check(x).T, _check(y).T  # (E, S)
     if a.shape != b.shape:
@@ -275,7 +276,8 @@ def improvement(x, y, reps: int = BOOTSTRAP_REPS, seed: int = BOOTSTRAP_SEED) ->
         ci = library.StratifiedBootstrap(a, b, task_bootstrap=True).conf_int(
             metrics.probability_of_improvement, reps=reps, size=CI_SIZE, method="percentile")
     return {"p": float(metrics.probability_of_improvement(a, b)), "p_ci": [float(ci[0, 0]), float(ci[1, 0])],
-            "seeds": a.shape[1], "episodes": a.shape[0]}
+            "seeds": a.shape[1], "episodes": a.shape[0],
+            "seed_means": {"x": a.mean(0).tolist(), "y": b.mean(0).tolist()}}
 
 
 def bootstrap_record(reps: int, seed: int = BOOTSTRAP_SEED) -> dict:

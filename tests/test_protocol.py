@@ -164,6 +164,9 @@ def test_probability_of_improvement():
     assert worse["p"] == 0.0
     some = pr.improvement(x + 2, x, reps=REPS)  # a gap of half an episode's spread: in between
     assert 0.5 < some["p"] < 1 and some["p_ci"][0] <= some["p"] <= some["p_ci"][1]
+    # each seed's mean of both, in the seeds' order: x row s against y row s
+    assert some["seed_means"]["x"] == pytest.approx((x + 2).mean(1).tolist())
+    assert some["seed_means"]["y"] == pytest.approx(x.mean(1).tolist()) and len(some["seed_means"]["y"]) == 5
     with pytest.raises(ValueError, match="same seeds and episodes"):
         pr.improvement(x, x[:, :10], reps=REPS)
 
