@@ -81,16 +81,12 @@ def lookup(r: dict, field: str, matchup: str, team: str):
     return by_team.get(team)
 
 
-def common_seeds(x: dict, y: dict, first_x: dict, first_y: dict) -> list[int]:
-    """The seeds two rows share with the same episodes (same first episode seed and count)."""
-    return [s for s in sorted(set(map(int, x)) & set(map(int, y)), key=int)
-            if first_x.get(s) == first_y.get(s) and len(x[_k(x, s)]) == len(y[_k(y, s)])]
-
-
 def compare(x: dict, y: dict, first_x: dict, first_y: dict, reps: int) -> dict | None:
-    """P(x > y) on the seeds two rows share with the same episodes, which seeds those are, and each
-    one's mean return of both rows (``protocol.improvement``); None when they share none."""
-    common = common_seeds(x, y, first_x, first_y)
+    """P(x > y) on the seeds two rows share with the same episodes (same first episode seed and
+    count), which seeds those are, and each one's mean return of both rows
+    (``protocol.improvement``); None when they share none."""
+    common = [s for s in sorted(set(map(int, x)) & set(map(int, y)), key=int)
+              if first_x.get(s) == first_y.get(s) and len(x[_k(x, s)]) == len(y[_k(y, s)])]
     if not common:
         return None
     return {**protocol.improvement([x[_k(x, s)] for s in common], [y[_k(y, s)] for s in common], reps=reps),
@@ -178,11 +174,11 @@ def method_lines(rows: list[dict], cols: list, reps: int, data: dict) -> list[st
         texts, found = [], {}
         for h, m, t in cols:
             mine, theirs = lookup(method, "episodes", m, t), lookup(r, "episodes", m, t)
-            pair = compare(mine, theirs, method["first"], r["first"], reps) if mine and theirs else None
-            if pair is None:
+            versus = compare(mine, theirs, method["first"], r["first"], reps) if mine and theirs else None
+            if versus is None:
                 texts.append("—")
                 continue
-            found[h] = pair
+            found[h] = versus
             texts.append(f"{found[h]['p']:.2f} [{found[h]['p_ci'][0]:.2f}, {found[h]['p_ci'][1]:.2f}]")
         if found:
             budget = f"{r['budget']:,}" if r["budget"] else "no training"
