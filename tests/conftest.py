@@ -11,7 +11,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist each worker is one of several processes sharing the cores: one torch thread
+# each, since a second thread only waits for a core another worker holds.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 # Without a GPU the Triton kernels run in Triton's CPU interpreter; it must be chosen before
 # triton is first imported (by any test module importing matwm_fast → kernels).
 if not torch.cuda.is_available():
