@@ -4,9 +4,11 @@ world model's latent — its pixel masks, its scores, and both subcommands at th
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ sys.path.insert(0, str(ROOT / "bench" / "experiments"))
 
 import pong_ball  # noqa: E402
 
-from matwm_fast import train  # noqa: E402
+from matwm_fast import butterfly, train  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")]
@@ -56,6 +58,29 @@ def test_scores_measure_what_the_reconstruction_recovers():
     assert pong_ball.scores(half, frames)["ball"]["recovered"] == 0.5
 
 
+@pytest.mark.parametrize("shape, size", [((37, 53, 3), (9, 7)), ((280, 480, 3), (64, 64)), ((16, 16, 3), (5, 16))])
+def test_resize_max_is_the_maximum_over_each_output_pixels_source_pixels(shape, size):
+    frame = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    want = np.zeros((3, *size), np.uint8)
+    sy, sx = shape[0] / size[0], shape[1] / size[1]
+    for d in range(size[0]):
+        for e in range(size[1]):
+            # the source pixels overlapping [d·sy, (d+1)·sy) × [e·sx, (e+1)·sx) by more than nothing
+            ys = range(math.floor(d * sy), min(math.ceil((d + 1) * sy), shape[0]))
+            xs = range(math.floor(e * sx), min(math.ceil((e + 1) * sx), shape[1]))
+            want[:, d, e] = frame[ys.start:ys.stop, xs.start:xs.stop].max((0, 1))
+    np.testing.assert_array_equal(pong_ball.resize_max(frame, size), want)
+    turned = np.ascontiguousarray(frame.transpose(1, 0, 2)).transpose(1, 0, 2)  # pygame's layout: a transposed view
+    np.testing.assert_array_equal(pong_ball.resize_max(turned, size), want)
+
+
+def test_a_lone_bright_pixel_keeps_its_intensity_under_max_and_fades_under_area():
+    frame = np.zeros((280, 480, 3), np.uint8)
+    frame[141, 243] = 255
+    assert pong_ball.resize_max(frame).max() == 255 and pong_ball.resize_max(frame).any(0).sum() == 1
+    assert butterfly.resize(frame).max() < 10
+
+
 def test_both_subcommands_run_at_the_smoke_preset(tmp_path, capsys):
     run = tmp_path / "run"
     assert train.main(["--preset", "smoke", "--scenario", "cooperative_pong", "--device", "cpu", "--steps", "30",
@@ -69,6 +94,11 @@ def test_both_subcommands_run_at_the_smoke_preset(tmp_path, capsys):
                            "--batch", "4", "--fp32"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [r["update"] for r in rows] == [1, 2] and all(r["channels"] == 8 for r in rows)
+    area = butterfly.resize
+    assert pong_ball.main(["autoencoder", "--preset", "smoke", "--updates", "1", "--data", "20", "--batch", "4",
+                           "--fp32", "--resize", "max"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["resize"] == "max" and rows[-1]["resize"] == "area" and butterfly.resize is area  # put back
 
 
 @pytest.mark.parametrize("args, says", [
