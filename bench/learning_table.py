@@ -2,6 +2,10 @@
 
     python bench/learning_table.py                  # writes bench/results/learning/summary.{md,json}, summary_<env>.png
 
+The bootstrap (minutes: seconds per cell) keeps each result in ``bench/results/learning/.bootstrap-cache/``
+by a hash of its inputs (:class:`Bootstrap`), so regenerating after a new row recomputes that row only;
+``--no-cache`` recomputes all.
+
 Every row is read from files other commands wrote, never typed in (bench/learning_rows.py says
 which files hold which row).  Each result file says which split of the protocol
 (``matwm_fast/protocol.py``) it was played on, and each split gets its own table per scenario:
@@ -22,11 +26,16 @@ column of another are paired.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import statistics
 import sys
+from importlib import metadata
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -43,6 +52,8 @@ REFERENCE = {"simple_spread": "nearest landmark", "simple_tag": "uniformly rando
 METHOD = "MATWM, `cpu` preset"
 TUNING_MARK = "tuning episodes, no CI"
 # the learning log's block that this script rewrites
+# beside the results: the bootstrap's outputs by their inputs (Bootstrap), not committed
+CACHE = ".bootstrap-cache"
 BEGIN, END = "<!-- learning-table: written by bench/learning_table.py -->", "<!-- /learning-table -->"
 
 
@@ -81,7 +92,60 @@ def lookup(r: dict, field: str, matchup: str, team: str):
     return by_team.get(team)
 
 
-def compare(x: dict, y: dict, first_x: dict, first_y: dict, reps: int) -> dict | None:
+class Bootstrap:
+    """The protocol's intervals and probabilities of improvement, each computed once.  Each is a
+    pure function of its inputs — the returns, the resamples, the bootstrap's seed (the protocol
+    seeds numpy's generator for every call) and the libraries that compute it — so a JSON file
+    named by a hash of all of them holds what a fresh computation gives, and a table regenerated
+    with one new row bootstraps that row's cells only.  A file that does not parse is computed
+    again and rewritten; ``folder`` None computes every time."""
+
+    def __init__(self, reps: int, folder: Path | None = None):
+        self.reps, self.folder = reps, folder
+        self.computed = self.reused = 0
+
+    def interval(self, returns) -> dict:
+        return self._once(protocol.interval_estimates, returns)
+
+    def improvement(self, x, y) -> dict:
+        return self._once(protocol.improvement, x, y)
+
+    def _once(self, fn, *arrays) -> dict:
+        if self.folder is None:
+            self.computed += 1
+            return fn(*arrays, reps=self.reps)
+        inputs = {"fn": fn.__name__, "reps": self.reps, "seed": protocol.BOOTSTRAP_SEED, "size": protocol.CI_SIZE,
+                  "versions": _versions(), "arrays": [np.asarray(a, float).tolist() for a in arrays]}
+        path = self.folder / f"{hashlib.sha256(json.dumps(inputs).encode()).hexdigest()}.json"
+        try:
+            kept = json.loads(path.read_text())
+        except (OSError, ValueError):
+            kept = None
+        if isinstance(kept, dict):
+            self.reused += 1
+            return kept
+        out = fn(*arrays, reps=self.reps)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(out))
+        os.replace(tmp, path)  # whole or absent: a run cut mid-write leaves no half file under the name
+        self.computed += 1
+        return out
+
+
+@functools.cache
+def _versions() -> dict:
+    """What computes an interval: rliable, the bootstrap it builds on (arch), numpy and scipy."""
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {name: version(name) for name in ("rliable", "arch", "numpy", "scipy")}
+
+
+def compare(x: dict, y: dict, first_x: dict, first_y: dict, boot: Bootstrap) -> dict | None:
     """P(x > y) on the seeds two rows share with the same episodes (same first episode seed and
     count), which seeds those are, and each one's mean return of both rows
     (``protocol.improvement``); None when they share none."""
@@ -89,7 +153,7 @@ def compare(x: dict, y: dict, first_x: dict, first_y: dict, reps: int) -> dict |
               if first_x.get(s) == first_y.get(s) and len(x[_k(x, s)]) == len(y[_k(y, s)])]
     if not common:
         return None
-    return {**protocol.improvement([x[_k(x, s)] for s in common], [y[_k(y, s)] for s in common], reps=reps),
+    return {**boot.improvement([x[_k(x, s)] for s in common], [y[_k(y, s)] for s in common]),
             "seed_ids": common}
 
 
@@ -107,7 +171,7 @@ def ci_cell(a: dict | None, p: dict | None, ref: str) -> str:
     return out
 
 
-def report_table(scenario: str, rows: list[dict], reps: int) -> tuple[list[str], dict]:
+def report_table(scenario: str, rows: list[dict], boot: Bootstrap) -> tuple[list[str], dict]:
     """The reporting rows: IQM and mean with intervals, and P(improvement) over the reference row."""
     cols = columns(teams_of(scenario))
     ref_label = REFERENCE.get(scenario)
@@ -116,7 +180,7 @@ def report_table(scenario: str, rows: list[dict], reps: int) -> tuple[list[str],
     lines = [f"#### Reporting episodes (held out: training seeds {sp.seed_text()}, episode seeds from "
              f"{sp.episodes.lo:,})", "",
              f"IQM and mean over all seeds × episodes returns with 95 % stratified-bootstrap intervals (rliable, "
-             f"{reps} resamples of the seeds and of the episodes within each); P(> {ref_label}): the probability that "
+             f"{boot.reps} resamples of the seeds and of the episodes within each); P(> {ref_label}): the probability that "
              f"an episode of the row beats the same seed's episode of the {ref_label} row, paired, with its interval. "
              "Configs tried: configurations scored on tuning episodes before this one was chosen.", "",
              "| policy | env steps | seeds × episodes | configs tried | " + " | ".join(h for h, _, _ in cols) + " |",
@@ -130,9 +194,9 @@ def report_table(scenario: str, rows: list[dict], reps: int) -> tuple[list[str],
                 texts.append("—")
                 continue
             seeds, arr = protocol.stack(ep)
-            agg[h] = protocol.interval_estimates(arr, reps)
+            agg[h] = boot.interval(arr)
             ref_ep = lookup(ref, "episodes", m, t) if ref is not None and r is not ref else None
-            found = compare(ep, ref_ep, r["first"], ref["first"], reps) if ref_ep else None
+            found = compare(ep, ref_ep, r["first"], ref["first"], boot) if ref_ep else None
             if found:
                 better[h] = found
             texts.append(ci_cell(agg[h], better.get(h), ref_label))
@@ -145,7 +209,7 @@ def report_table(scenario: str, rows: list[dict], reps: int) -> tuple[list[str],
                                                   "configs_tried": r["configs_tried"], "aggregates": agg,
                                                   "improvement": {h: {**v, "over": ref_label} for h, v in better.items()},
                                                   "world_model_probe": r.get("probe")}
-    lines += method_lines(rows, cols, reps, data)
+    lines += method_lines(rows, cols, boot, data)
     probed = [r for r in rows if r.get("probe")]
     if probed:
         lines += ["", "The world model on held-out layouts at the final training-time evaluation (matwm_fast/wm_probe.py, "
@@ -159,7 +223,7 @@ def report_table(scenario: str, rows: list[dict], reps: int) -> tuple[list[str],
     return lines + [""], data
 
 
-def method_lines(rows: list[dict], cols: list, reps: int, data: dict) -> list[str]:
+def method_lines(rows: list[dict], cols: list, boot: Bootstrap, data: dict) -> list[str]:
     """P(the method's row > each other row) on the same seeds and episodes, per column, with its
     interval — what "above the baseline" or "the ablation costs" rests on; also into ``data``."""
     method = next((r for r in rows if r["label"] == METHOD), None)
@@ -174,7 +238,7 @@ def method_lines(rows: list[dict], cols: list, reps: int, data: dict) -> list[st
         texts, found = [], {}
         for h, m, t in cols:
             mine, theirs = lookup(method, "episodes", m, t), lookup(r, "episodes", m, t)
-            versus = compare(mine, theirs, method["first"], r["first"], reps) if mine and theirs else None
+            versus = compare(mine, theirs, method["first"], r["first"], boot) if mine and theirs else None
             if versus is None:
                 texts.append("—")
                 continue
@@ -273,12 +337,19 @@ def main(argv: list[str] | None = None) -> int:
                         "%(default)s; left alone when it has no such block)")
     p.add_argument("--bootstrap-reps", type=int, default=protocol.BOOTSTRAP_REPS, metavar="N",
                    help="bootstrap resamples of the reporting rows' intervals (default %(default)s)")
+    p.add_argument("--cache", metavar="DIR", help="where each interval, once computed, is kept as JSON by a hash of "
+                   "its inputs (default: RESULTS/.bootstrap-cache)")
+    p.add_argument("--no-cache", action="store_true", help="compute every interval afresh, keep none")
     args = p.parse_args(argv)
     learning = Path(args.results)
     if not learning.is_dir():
         p.exit(2, f"error: --results {learning}: no such directory\n")
     if args.bootstrap_reps < 1:
         p.exit(2, f"error: --bootstrap-reps {args.bootstrap_reps}: must be at least 1\n")
+    cache = None if args.no_cache else Path(args.cache) if args.cache else learning / CACHE
+    if cache is not None and cache.exists() and not cache.is_dir():
+        p.exit(2, f"error: --cache {cache}: not a directory\n")
+    boot = Bootstrap(args.bootstrap_reps, cache)
     lines = ["# Learning results: MATWM, its ablations, model-free baselines and scripted policies", "",
              "Written by `python bench/learning_table.py` from the results under `bench/results/learning/` "
              "(its docstring says which file each row comes from); `—`: not run. Per scenario, a table of the "
@@ -299,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         summary[scenario] = {}
         report = [r for r in rows if r["split"] == "report"]
         if report:
-            body, data = report_table(scenario, report, args.bootstrap_reps)
+            body, data = report_table(scenario, report, boot)
             lines += body
             summary[scenario]["report"] = data
             png = figure(scenario, report, learning / f"summary_{scenario}_report.png")
@@ -322,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"updated the table in {readme}")
     (learning / "summary.json").write_text(json.dumps(summary, indent=1))
     print("\n".join(lines))
+    if boot.computed or boot.reused:
+        print(f"bootstrap: {boot.computed} computed, {boot.reused} reused" + (f" from {cache}" if cache else ""))
     return 0
 
 

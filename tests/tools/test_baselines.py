@@ -4,6 +4,7 @@ and bench/learning_rows.py + bench/learning_table.py (the README's results table
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -214,7 +215,7 @@ def heuristic_file(seed: int, returns: dict[str, np.ndarray], split: str) -> dic
             "results": {m: report(r, spec) for m, r in returns.items()}}
 
 
-def test_reporting_rows_get_intervals_and_tuning_counts(tmp_path):
+def test_reporting_rows_get_intervals_and_tuning_counts(tmp_path, capsys):
     """A reporting sweep and the heuristics on the reporting episodes: their own table, IQM and mean
     with intervals (the protocol's), P(> nearest landmark) paired per seed, the configurations tried;
     the files of the tuning split below them as before, marked."""
@@ -280,6 +281,51 @@ def test_reporting_rows_get_intervals_and_tuning_counts(tmp_path):
     assert got_p.pop("seed_means") == {k: pytest.approx(v, abs=1e-5) for k, v in p.pop("seed_means").items()}
     assert got_p == {**p, "seed_ids": seeds, "over": "nearest landmark"}
     assert summary["nearest landmark @ None"]["split"] == "tuning"
+
+    # again: every interval from the bootstrap's cache, the same tables to the byte
+    written = {f: (learning / f).read_text() for f in ("summary.md", "summary.json")}
+    first = capsys.readouterr().out.splitlines()[-1]  # e.g. "bootstrap: 12 computed, 8 reused from …": a pair met twice
+    assert first.startswith("bootstrap: ") and not first.startswith("bootstrap: 0 computed")
+    assert sorted((learning / learning_table.CACHE).glob("*.json"))
+    assert learning_table.main(["--results", str(learning), "--readme", str(tmp_path / "none.md"),
+                                "--bootstrap-reps", str(reps)]) == 0
+    assert "bootstrap: 0 computed," in capsys.readouterr().out
+    assert {f: (learning / f).read_text() for f in written} == written
+    # and without it: every one computed, nothing kept
+    shutil.rmtree(learning / learning_table.CACHE)
+    assert learning_table.main(["--results", str(learning), "--readme", str(tmp_path / "none.md"),
+                                "--bootstrap-reps", str(reps), "--no-cache"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(" reused")  # no folder named
+    assert not (learning / learning_table.CACHE).exists()
+    assert {f: (learning / f).read_text() for f in written} == written
+
+
+def test_the_bootstrap_cache_gives_what_a_fresh_computation_gives(tmp_path):
+    """Kept by a hash of every input: other returns, resamples or pairs are computed anew; a file
+    that does not parse as a result is computed again and rewritten."""
+    from matwm_fast import protocol
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(5, 7)), rng.normal(size=(5, 7))  # (S, E)
+    boot = learning_table.Bootstrap(40, tmp_path / "cache")
+    fresh = learning_table.Bootstrap(40)
+    assert boot.interval(x) == fresh.interval(x) == protocol.interval_estimates(x, 40)
+    assert boot.improvement(x, y) == fresh.improvement(x, y) == protocol.improvement(x, y, 40)
+    assert (boot.computed, boot.reused) == (2, 0)
+    assert boot.interval(x) == fresh.interval(x) and boot.improvement(x, y) == fresh.improvement(x, y)
+    assert (boot.computed, boot.reused) == (2, 2)
+    boot.interval(x + 1e-9), boot.improvement(y, x), learning_table.Bootstrap(41, boot.folder).interval(x)
+    assert boot.computed == 4 and len(list(boot.folder.glob("*.json"))) == 5
+    for f in boot.folder.glob("*.json"):
+        f.write_text("[1, 2")  # torn
+    assert boot.interval(x) == fresh.interval(x) and boot.computed == 5
+
+
+def test_the_cache_must_be_a_directory(tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_table.py"), "--results", str(tmp_path),
+                           "--cache", str(tmp_path / "file")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"--cache {tmp_path / 'file'}: not a directory" in proc.stderr
 
 
 def test_table_refuses_a_missing_directory(tmp_path):
