@@ -51,9 +51,9 @@ REFERENCE = {"simple_spread": "nearest landmark", "simple_tag": "uniformly rando
 # the method's reporting row, compared with every other reporting row (its baselines, its ablations)
 METHOD = "MATWM, `cpu` preset"
 TUNING_MARK = "tuning episodes, no CI"
-# the learning log's block that this script rewrites
 # beside the results: the bootstrap's outputs by their inputs (Bootstrap), not committed
 CACHE = ".bootstrap-cache"
+# the learning log's block that this script rewrites
 BEGIN, END = "<!-- learning-table: written by bench/learning_table.py -->", "<!-- /learning-table -->"
 
 
