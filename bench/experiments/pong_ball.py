@@ -18,11 +18,15 @@ error and the fraction of the target's intensity the reconstruction recovers.
 encoder → categorical latent (straight-through draw) → decoder, trained on reconstruction only (no
 KL, no dynamics: the paper's Eq. 3 pixel term, nothing else) on 3,000 random-policy steps of both
 agents, batches of 384 frames (the ``cpu`` preset's 12 × 32 world-model batch), Adam at the preset's
-world-model learning rate, bf16 autocast; every 250 updates the ball's recovered fraction on 300
-held-out steps.  ``--channels`` sets ``wm.cnn_channels`` (the ``cpu`` preset's 8; the paper's 32).
+world-model learning rate (or ``--lr``), bf16 autocast; every 250 updates the ball's recovered fraction on 300
+held-out steps, and on as many frames it trained on (``ball_recovered_seen``: a ball fitted there and
+not on new frames is memorised, not seen).  ``--channels`` sets ``wm.cnn_channels`` (the ``cpu`` preset's 8; the paper's 32).
 ``--resize max`` shrinks the game's frames by the maximum over each output pixel's source pixels
 instead of STORM's area average, so the ball is drawn at full intensity (about 6 object pixels a
 frame instead of 4.6 dimmer ones): does a ball that weighs about 4× more in the loss get into the latent?
+``--latent probs`` hands the decoder the encoder's (unimixed) probabilities instead of the one-hot
+draw, in training and scoring alike: a continuous, deterministic bottleneck of the same width — is it
+the categorical draw that keeps the ball out?
 
 Pixels are told apart by position and brightness: a pixel whose summed RGB is above 0.3 is an
 object; objects in the columns of the paddles (x ≤ 4, x ≥ 54 of 64) are paddles, the others the ball.
@@ -109,11 +113,15 @@ def masks(frames: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def reconstruct(wm, frames: torch.Tensor, bf16: bool = False) -> torch.Tensor:
-    """Frames → the decoder's image of their most likely latent, float in [0, 1]."""
+def reconstruct(wm, frames: torch.Tensor, bf16: bool = False, latent: str = "sample") -> torch.Tensor:
+    """Frames → the decoder's image of their most likely latent (``latent="probs"``: of their
+    probabilities), float in [0, 1]."""
     with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
         _, probs = wm.posterior(frames)  # (F, K, C)
-        z = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).flatten(-2).float()  # (F, K·C)
+        if latent == "probs":
+            z = probs.flatten(-2)  # (F, K·C)
+        else:
+            z = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).flatten(-2).float()  # (F, K·C)
         return wm.decoder(z).float().clamp(0, 1)  # (F, 3, H, W)
 
 
@@ -155,22 +163,29 @@ def cmd_autoencoder(args) -> int:
     with frames_resized(args.resize):
         train, test = random_frames(env, args.data, 0, rng), random_frames(env, args.data // 10, 900_000, rng)
     ball_pixels = round(masks(test)["ball"].sum().item() / test.shape[0], 2)
-    opt = torch.optim.Adam(wm.parameters(), lr=cfg.wm.lr)
+    opt = torch.optim.Adam(wm.parameters(), lr=args.lr or cfg.wm.lr)
     wm.train()
     t0 = time.time()
     for u in range(1, args.updates + 1):
         x = train[torch.randint(0, train.shape[0], (args.batch,))]  # (B, 3, 64, 64)
         with torch.autocast("cpu", torch.bfloat16, enabled=args.bf16):
-            z, _ = wm.posterior(x)  # (B, K·C)
+            z, probs = wm.posterior(x)  # (B, K·C), (B, K, C)
+            if args.latent == "probs":
+                z = probs.flatten(-2)  # (B, K·C)
             rec = wm.decoder(z)  # (B, 3, 64, 64)
         loss = pixel_reconstruction(rec[None], x[None])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if u % args.every == 0 or u == args.updates:
-            ball = scores(reconstruct(wm, test, args.bf16), test)["ball"]["recovered"]
-            print(json.dumps({"channels": args.channels, "resize": args.resize, "ball_pixels": ball_pixels, "update": u,
-                              "loss": round(loss.item(), 2), "ball_recovered": ball, "s": round(time.time() - t0)}),
+            ball = scores(reconstruct(wm, test, args.bf16, args.latent), test)["ball"]["recovered"]
+            with torch.random.fork_rng():  # the batches stay those of a run that scores held-out frames only
+                seen = scores(reconstruct(wm, train[:test.shape[0]], args.bf16, args.latent),
+                              train[:test.shape[0]])["ball"]["recovered"]
+            print(json.dumps({"channels": args.channels, "resize": args.resize, "latent": args.latent,
+                              "lr": opt.param_groups[0]["lr"], "ball_pixels": ball_pixels, "update": u,
+                              "loss": round(loss.item(), 2), "ball_recovered": ball, "ball_recovered_seen": seen,
+                              "s": round(time.time() - t0)}),
                   flush=True)
     return 0
 
@@ -196,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--fp32", dest="bf16", action="store_false", help="no bf16 autocast")
     a.add_argument("--resize", choices=("area", "max"), default="area",
                    help="how the game's frames shrink to 64 x 64: area (STORM's, the env's) or max (default area)")
+    a.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default: the preset's wm.lr)")
+    a.add_argument("--latent", choices=("sample", "probs"), default="sample",
+                   help="what the decoder reads: the one-hot draw (the model's) or the probabilities (default sample)")
     for c in (r, a):
         c.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     return p
@@ -208,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             v = getattr(args, name, None)
             if v is not None and v < 1:
                 raise ValueError(f"--{name} {v}: must be at least 1")
+        if getattr(args, "lr", None) is not None and not args.lr > 0:
+            raise ValueError(f"--lr {args.lr}: must be above 0")
         if args.cmd == "recon":
             for run in args.runs:
                 if not Path(run).exists():

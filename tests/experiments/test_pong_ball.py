@@ -99,12 +99,38 @@ def test_both_subcommands_run_at_the_smoke_preset(tmp_path, capsys):
                            "--fp32", "--resize", "max"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["resize"] == "max" and rows[-1]["resize"] == "area" and butterfly.resize is area  # put back
+    assert rows[-1]["latent"] == "sample" and rows[-1]["lr"] == 1e-3  # the smoke preset's wm.lr
+    assert pong_ball.main(["autoencoder", "--preset", "smoke", "--updates", "1", "--data", "20", "--batch", "4",
+                           "--fp32", "--latent", "probs", "--lr", "0.01"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["latent"] == "probs" and row["lr"] == 0.01
+
+
+def test_latent_probs_decodes_the_probabilities_and_sample_the_most_likely_class():
+    from matwm_fast.config import preset
+    from matwm_fast.env import env_spec
+    from matwm_fast.policy import build_networks
+
+    cfg = preset("smoke", "cooperative_pong")
+    torch.manual_seed(0)
+    wm, _ = build_networks(cfg, env_spec(cfg.env))
+    frames = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        _, probs = wm.posterior(frames)  # (F, K, C)
+        mode = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).flatten(-2).float()  # (F, K·C)
+        want_probs = wm.decoder(probs.flatten(-2)).clamp(0, 1)  # (F, 3, H, W)
+        want_mode = wm.decoder(mode).clamp(0, 1)  # (F, 3, H, W)
+    torch.testing.assert_close(pong_ball.reconstruct(wm, frames, latent="probs"), want_probs)
+    torch.testing.assert_close(pong_ball.reconstruct(wm, frames), want_mode)
+    assert not torch.allclose(want_probs, want_mode)
 
 
 @pytest.mark.parametrize("args, says", [
     (["recon", "no_such_run"], "no_such_run: no such run directory or checkpoint"),
     (["autoencoder", "--updates", "0"], "--updates 0: must be at least 1"),
     (["autoencoder", "--data", "5"], "--data 5: at least 10 steps"),
+    (["autoencoder", "--lr", "0"], "--lr 0.0: must be above 0"),
+    (["autoencoder", "--latent", "mean"], "argument --latent: invalid choice: 'mean'"),
 ])
 def test_bad_arguments_are_refused(args, says, capsys):
     with pytest.raises(SystemExit) as e:
@@ -116,3 +142,27 @@ def test_a_directory_that_is_not_a_run_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         pong_ball.main(["recon", str(tmp_path)])
     assert e.value.code == 2 and f"error: no checkpoint in {tmp_path}" in capsys.readouterr().err
+
+
+def test_scoring_the_frames_it_trained_on_leaves_the_batches_as_they_were(monkeypatch, capsys):
+    """The seen-frame score draws latents too; under its own RNG fork a run's batches (so its losses)
+    are those of a run whose second score draws nothing."""
+    argv = ["autoencoder", "--preset", "smoke", "--updates", "3", "--every", "1", "--data", "20", "--batch", "4",
+            "--fp32"]
+
+    def losses() -> list[float]:
+        assert pong_ball.main(argv) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+        assert all("ball_recovered_seen" in r for r in rows)
+        return [r["loss"] for r in rows]
+
+    real = losses()
+    calls = []
+    reconstruct = pong_ball.reconstruct
+
+    def second_draws_nothing(wm, frames, *args):
+        calls.append(1)
+        return reconstruct(wm, frames, *args) if len(calls) % 2 else torch.zeros(frames.shape)
+
+    monkeypatch.setattr(pong_ball, "reconstruct", second_draws_nothing)
+    assert losses() == real and len(calls) == 6
