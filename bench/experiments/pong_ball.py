@@ -18,9 +18,10 @@ error and the fraction of the target's intensity the reconstruction recovers.
 encoder → categorical latent (straight-through draw) → decoder, trained on reconstruction only (no
 KL, no dynamics: the paper's Eq. 3 pixel term, nothing else) on 3,000 random-policy steps of both
 agents, batches of 384 frames (the ``cpu`` preset's 12 × 32 world-model batch), Adam at the preset's
-world-model learning rate (or ``--lr``), bf16 autocast; every 250 updates the ball's recovered fraction on 300
-held-out steps, and on as many frames it trained on (``ball_recovered_seen``: a ball fitted there and
-not on new frames is memorised, not seen).  ``--channels`` sets ``wm.cnn_channels`` (the ``cpu`` preset's 8; the paper's 32).
+world-model learning rate (or ``--lr``), bf16 autocast; every 250 updates the ball's recovered
+fraction on 300 held-out steps, and on as many frames it trained on (``ball_recovered_seen``: a ball
+fitted there and not on new frames is memorised, not seen).  ``--channels`` sets
+``wm.cnn_channels`` (the ``cpu`` preset's 8; the paper's 32).
 ``--resize max`` shrinks the game's frames by the maximum over each output pixel's source pixels
 instead of STORM's area average, so the ball is drawn at full intensity (about 6 object pixels a
 frame instead of 4.6 dimmer ones): does a ball that weighs about 4× more in the loss get into the latent?
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -163,6 +165,7 @@ def cmd_autoencoder(args) -> int:
     with frames_resized(args.resize):
         train, test = random_frames(env, args.data, 0, rng), random_frames(env, args.data // 10, 900_000, rng)
     ball_pixels = round(masks(test)["ball"].sum().item() / test.shape[0], 2)
+    seen = train[:test.shape[0]]  # (F, 3, 64, 64) frames it trains on, as many as it holds out
     opt = torch.optim.Adam(wm.parameters(), lr=args.lr or cfg.wm.lr)
     wm.train()
     t0 = time.time()
@@ -180,11 +183,10 @@ def cmd_autoencoder(args) -> int:
         if u % args.every == 0 or u == args.updates:
             ball = scores(reconstruct(wm, test, args.bf16, args.latent), test)["ball"]["recovered"]
             with torch.random.fork_rng():  # the batches stay those of a run that scores held-out frames only
-                seen = scores(reconstruct(wm, train[:test.shape[0]], args.bf16, args.latent),
-                              train[:test.shape[0]])["ball"]["recovered"]
+                ball_seen = scores(reconstruct(wm, seen, args.bf16, args.latent), seen)["ball"]["recovered"]
             print(json.dumps({"channels": args.channels, "resize": args.resize, "latent": args.latent,
                               "lr": opt.param_groups[0]["lr"], "ball_pixels": ball_pixels, "update": u,
-                              "loss": round(loss.item(), 2), "ball_recovered": ball, "ball_recovered_seen": seen,
+                              "loss": round(loss.item(), 2), "ball_recovered": ball, "ball_recovered_seen": ball_seen,
                               "s": round(time.time() - t0)}),
                   flush=True)
     return 0
@@ -226,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             v = getattr(args, name, None)
             if v is not None and v < 1:
                 raise ValueError(f"--{name} {v}: must be at least 1")
-        if getattr(args, "lr", None) is not None and not args.lr > 0:
-            raise ValueError(f"--lr {args.lr}: must be above 0")
+        if getattr(args, "lr", None) is not None and not 0 < args.lr < math.inf:
+            raise ValueError(f"--lr {args.lr}: must be a finite number above 0")
         if args.cmd == "recon":
             for run in args.runs:
                 if not Path(run).exists():

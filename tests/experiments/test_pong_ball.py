@@ -129,7 +129,9 @@ def test_latent_probs_decodes_the_probabilities_and_sample_the_most_likely_class
     (["recon", "no_such_run"], "no_such_run: no such run directory or checkpoint"),
     (["autoencoder", "--updates", "0"], "--updates 0: must be at least 1"),
     (["autoencoder", "--data", "5"], "--data 5: at least 10 steps"),
-    (["autoencoder", "--lr", "0"], "--lr 0.0: must be above 0"),
+    (["autoencoder", "--lr", "0"], "--lr 0.0: must be a finite number above 0"),
+    (["autoencoder", "--lr", "inf"], "--lr inf: must be a finite number above 0"),
+    (["autoencoder", "--lr", "nan"], "--lr nan: must be a finite number above 0"),
     (["autoencoder", "--latent", "mean"], "argument --latent: invalid choice: 'mean'"),
 ])
 def test_bad_arguments_are_refused(args, says, capsys):
