@@ -337,9 +337,10 @@ def main(argv: list[str] | None = None) -> int:
                         "%(default)s; left alone when it has no such block)")
     p.add_argument("--bootstrap-reps", type=int, default=protocol.BOOTSTRAP_REPS, metavar="N",
                    help="bootstrap resamples of the reporting rows' intervals (default %(default)s)")
-    p.add_argument("--cache", metavar="DIR", help="where each interval, once computed, is kept as JSON by a hash of "
-                   "its inputs (default: RESULTS/.bootstrap-cache)")
-    p.add_argument("--no-cache", action="store_true", help="compute every interval afresh, keep none")
+    kept = p.add_mutually_exclusive_group()
+    kept.add_argument("--cache", metavar="DIR", help="where each interval, once computed, is kept as JSON by a hash "
+                      "of its inputs (default: RESULTS/.bootstrap-cache)")
+    kept.add_argument("--no-cache", action="store_true", help="compute every interval afresh, keep none")
     args = p.parse_args(argv)
     learning = Path(args.results)
     if not learning.is_dir():

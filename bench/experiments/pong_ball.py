@@ -19,7 +19,7 @@ encoder → categorical latent (straight-through draw) → decoder, trained on r
 KL, no dynamics: the paper's Eq. 3 pixel term, nothing else) on 3,000 random-policy steps of both
 agents, batches of 384 frames (the ``cpu`` preset's 12 × 32 world-model batch), Adam at the preset's
 world-model learning rate (or ``--lr``), bf16 autocast; every 250 updates the ball's recovered
-fraction on 300 held-out steps, and on as many frames it trained on (``ball_recovered_seen``: a ball
+fraction on a tenth as many held-out steps (300), and on as many frames it trained on (``ball_recovered_seen``: a ball
 fitted there and not on new frames is memorised, not seen).  ``--channels`` sets
 ``wm.cnn_channels`` (the ``cpu`` preset's 8; the paper's 32).
 ``--resize max`` shrinks the game's frames by the maximum over each output pixel's source pixels

@@ -328,6 +328,13 @@ def test_the_cache_must_be_a_directory(tmp_path):
     assert proc.returncode == 2 and f"--cache {tmp_path / 'file'}: not a directory" in proc.stderr
 
 
+def test_a_cache_and_no_cache_together_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        learning_table.main(["--results", str(tmp_path), "--readme", str(tmp_path / "log.md"),
+                             "--cache", str(tmp_path), "--no-cache"])
+    assert e.value.code == 2 and "argument --no-cache: not allowed with argument --cache" in capsys.readouterr().err
+
+
 def test_table_refuses_a_missing_directory(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_table.py"), "--results",
                            str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
