@@ -20,8 +20,12 @@ KL, no dynamics: the paper's Eq. 3 pixel term, nothing else) on 3,000 random-pol
 agents, batches of 384 frames (the ``cpu`` preset's 12 × 32 world-model batch), Adam at the preset's
 world-model learning rate (or ``--lr``), bf16 autocast; every 250 updates the ball's recovered
 fraction on a tenth as many held-out steps (300), and on as many frames it trained on (``ball_recovered_seen``: a ball
-fitted there and not on new frames is memorised, not seen).  ``--channels`` sets
-``wm.cnn_channels`` (the ``cpu`` preset's 8; the paper's 32).
+fitted there and not on new frames is memorised, not seen).
+Each score also reads positions out of the latent: a ridge regression from the encoder's
+probabilities to the ball's centre and to the paddles' rows, fitted on frames it trained on and
+scored (R²) on the held-out ones — whether the code holds the ball though the decoder does not
+draw it; the paddles, which it draws, are the read-out's yardstick.
+``--channels`` sets ``wm.cnn_channels`` (the ``cpu`` preset's 8; the paper's 32).
 ``--resize max`` shrinks the game's frames by the maximum over each output pixel's source pixels
 instead of STORM's area average, so the ball is drawn at full intensity (about 6 object pixels a
 frame instead of 4.6 dimmer ones): does a ball that weighs about 4× more in the loss get into the latent?
@@ -62,6 +66,10 @@ OBJECT = 0.3  # summed RGB in [0, 3] above which a pixel shows an object
 PADDLE_COLUMNS = (4, 54)  # x ≤ 4: the left paddle, x ≥ 54: the right one (64-pixel frames)
 BATCH_FRAMES = 384  # the cpu preset's world-model batch, 12 sequences × 32 steps
 EVERY = 250
+# The position probe's ridge, per fitted frame: enough to keep the solve over the latent's K·C
+# probabilities well posed when some classes are never used, too little to bias a read-out that is there.
+RIDGE = 1e-4
+PROBE_FRAMES = 6_000  # frames it trained on that fit the probe: all of the default 3,000 steps'
 
 
 def fail(msg: str) -> None:
@@ -127,6 +135,60 @@ def reconstruct(wm, frames: torch.Tensor, bf16: bool = False, latent: str = "sam
         return wm.decoder(z).float().clamp(0, 1)  # (F, 3, H, W)
 
 
+def centres(frames: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(F, 3, H, W) uint8 → {object: (where, in view)}: the ball's centre (row, column) and the two
+    paddles' centre rows, as fractions of the frame's side, (F, 2); and whether it is in view, (F,)."""
+    m = masks(frames)
+    h, w = frames.shape[-2:]
+    rows = torch.arange(h, dtype=torch.float64) / h  # (H,)
+    cols = torch.arange(w, dtype=torch.float64) / w  # (W,)
+    left = torch.arange(w) <= PADDLE_COLUMNS[0]  # (W,)
+
+    def centre(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = mask.sum((1, 2)).clamp(min=1)  # (F,)
+        return (mask.sum(2) * rows).sum(1) / n, (mask.sum(1) * cols).sum(1) / n, mask.any(2).any(1)  # (F,) ×3
+
+    ball_row, ball_col, ball_in = centre(m["ball"])
+    left_row, _, left_in = centre(m["paddles"] & left)
+    right_row, _, right_in = centre(m["paddles"] & ~left)
+    return {"ball": (torch.stack([ball_row, ball_col], -1), ball_in),  # (F, 2), (F,)
+            "paddles": (torch.stack([left_row, right_row], -1), left_in & right_in)}  # (F, 2), (F,)
+
+
+def ridge_r2(x_fit: torch.Tensor, y_fit: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+             penalty: float = RIDGE) -> float | None:
+    """R² on the test rows of a ridge regression of y on x fitted on the fit rows (centred, so the
+    bias is the mean), averaged over y's columns: 0 is the fit rows' mean, 1 a perfect read-out;
+    None with fewer than two rows on either side (an object never in view)."""
+    if min(len(x_fit), len(x_test)) < 2:
+        return None
+    x_fit, y_fit, x_test, y_test = (t.double() for t in (x_fit, y_fit, x_test, y_test))
+    mx, my = x_fit.mean(0), y_fit.mean(0)  # (D,), (2,)
+    a = x_fit - mx  # (F, D)
+    gram = a.T @ a + penalty * a.shape[0] * torch.eye(a.shape[1], dtype=a.dtype)  # (D, D)
+    w = torch.linalg.solve(gram, a.T @ (y_fit - my))  # (D, 2)
+    pred = (x_test - mx) @ w + my  # (F', 2)
+    sse = (pred - y_test).pow(2).sum(0)  # (2,)
+    sst = (y_test - y_test.mean(0)).pow(2).sum(0).clamp(min=1e-12)  # (2,)
+    return round((1 - sse / sst).mean().item(), 3)
+
+
+@torch.no_grad()
+def probe(wm, fit: torch.Tensor, test: torch.Tensor, bf16: bool = False) -> dict[str, float]:
+    """How well a linear read-out of the encoder's latent probabilities gives each object's
+    position: ridge fitted on ``fit`` frames, R² on ``test`` frames, frames with the object in view
+    only.  The paddles, which the decoder draws, say what a read-out of a position the latent holds
+    scores; the ball is the question."""
+    def feats(frames: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return wm.posterior(frames)[1].flatten(-2).float()  # (F, K·C)
+
+    xf, xt = feats(fit), feats(test)  # (F, K·C), (F', K·C)
+    cf, ct = centres(fit), centres(test)
+    return {f"{k}_position_r2": ridge_r2(xf[cf[k][1]], cf[k][0][cf[k][1]], xt[ct[k][1]], ct[k][0][ct[k][1]])
+            for k in ("ball", "paddles")}
+
+
 def scores(rec: torch.Tensor, frames: torch.Tensor) -> dict:
     target = frames.float() / 255  # (F, 3, H, W)
     err = (rec - target).pow(2).sum(1)  # (F, H, W)
@@ -184,9 +246,11 @@ def cmd_autoencoder(args) -> int:
             ball = scores(reconstruct(wm, test, args.bf16, args.latent), test)["ball"]["recovered"]
             with torch.random.fork_rng():  # the batches stay those of a run that scores held-out frames only
                 ball_seen = scores(reconstruct(wm, seen, args.bf16, args.latent), seen)["ball"]["recovered"]
+                read_out = probe(wm, train[:PROBE_FRAMES], test, args.bf16)
             print(json.dumps({"channels": args.channels, "resize": args.resize, "latent": args.latent,
                               "lr": opt.param_groups[0]["lr"], "ball_pixels": ball_pixels, "update": u,
                               "loss": round(loss.item(), 2), "ball_recovered": ball, "ball_recovered_seen": ball_seen,
+                              **read_out,
                               "s": round(time.time() - t0)}),
                   flush=True)
     return 0

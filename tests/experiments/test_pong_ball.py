@@ -58,6 +58,29 @@ def test_scores_measure_what_the_reconstruction_recovers():
     assert pong_ball.scores(half, frames)["ball"]["recovered"] == 0.5
 
 
+def test_centres_find_the_ball_and_the_paddles_rows():
+    frames = torch.cat([frame_with((10, 30)), frame_with((40, 7)), frame_with((0, 0), value=0)])  # (3, 3, 64, 64)
+    c = pong_ball.centres(frames)
+    where, seen = c["ball"]
+    assert seen.tolist() == [True, True, False]
+    torch.testing.assert_close(where[:2], torch.tensor([[10.5, 30.5], [40.5, 7.5]], dtype=torch.float64) / 64)
+    rows, both = c["paddles"]
+    assert both.all()  # frame_with draws the left paddle over rows 20-29, the right over 25-39
+    torch.testing.assert_close(rows, torch.tensor([[24.5, 32.0]] * 3, dtype=torch.float64) / 64)
+
+
+def test_ridge_r2_reads_a_linear_target_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 9, generator=g)  # (F, D)
+    y = x @ torch.randn(9, 2, generator=g) + 3  # (F, 2)
+    assert pong_ball.ridge_r2(x[:300], y[:300], x[300:], y[300:]) == pytest.approx(1.0, abs=1e-3)
+    noise = torch.randn(400, 2, generator=g)  # (F, 2): nothing in x predicts it
+    assert pong_ball.ridge_r2(x[:300], noise[:300], x[300:], noise[300:]) < 0.05
+    half = y + torch.randn(400, 2, generator=g) * y.std(0)  # as much noise as signal: R² near 1/2
+    assert 0.3 < pong_ball.ridge_r2(x[:300], half[:300], x[300:], half[300:]) < 0.7
+    assert pong_ball.ridge_r2(x[:300], y[:300], x[:1], y[:1]) is None  # one frame in view: no R²
+
+
 @pytest.mark.parametrize("shape, size", [((37, 53, 3), (9, 7)), ((280, 480, 3), (64, 64)), ((16, 16, 3), (5, 16))])
 def test_resize_max_is_the_maximum_over_each_output_pixels_source_pixels(shape, size):
     frame = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
@@ -94,6 +117,7 @@ def test_both_subcommands_run_at_the_smoke_preset(tmp_path, capsys):
                            "--batch", "4", "--fp32"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [r["update"] for r in rows] == [1, 2] and all(r["channels"] == 8 for r in rows)
+    assert all(-math.inf < r["ball_position_r2"] <= 1 and -math.inf < r["paddles_position_r2"] <= 1 for r in rows)
     area = butterfly.resize
     assert pong_ball.main(["autoencoder", "--preset", "smoke", "--updates", "1", "--data", "20", "--batch", "4",
                            "--fp32", "--resize", "max"]) == 0
