@@ -174,7 +174,7 @@ def ridge_r2(x_fit: torch.Tensor, y_fit: torch.Tensor, x_test: torch.Tensor, y_t
 
 
 @torch.no_grad()
-def probe(wm, fit: torch.Tensor, test: torch.Tensor, bf16: bool = False) -> dict[str, float]:
+def probe(wm, fit: torch.Tensor, test: torch.Tensor, bf16: bool = False) -> dict[str, float | None]:
     """How well a linear read-out of the encoder's latent probabilities gives each object's
     position: ridge fitted on ``fit`` frames, R² on ``test`` frames, frames with the object in view
     only.  The paddles, which the decoder draws, say what a read-out of a position the latent holds
