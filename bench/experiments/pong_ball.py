@@ -23,8 +23,9 @@ fraction on a tenth as many held-out steps (300), and on as many frames it train
 fitted there and not on new frames is memorised, not seen).
 Each score also reads positions out of the latent: a ridge regression from the encoder's
 probabilities to the ball's centre and to the paddles' rows, fitted on frames it trained on and
-scored (R²) on the held-out ones — whether the code holds the ball though the decoder does not
-draw it; the paddles, which it draws, are the read-out's yardstick.
+scored (R²) on the held-out ones (and, ``_seen``, on those it was fitted on) — whether the code
+holds the ball though the decoder does not draw it; the paddles, which it draws, are the
+read-out's yardstick.
 ``--channels`` sets ``wm.cnn_channels`` (the ``cpu`` preset's 8; the paper's 32).
 ``--resize max`` shrinks the game's frames by the maximum over each output pixel's source pixels
 instead of STORM's area average, so the ball is drawn at full intensity (about 6 object pixels a
@@ -185,8 +186,12 @@ def probe(wm, fit: torch.Tensor, test: torch.Tensor, bf16: bool = False) -> dict
 
     xf, xt = feats(fit), feats(test)  # (F, K·C), (F', K·C)
     cf, ct = centres(fit), centres(test)
-    return {f"{k}_position_r2": ridge_r2(xf[cf[k][1]], cf[k][0][cf[k][1]], xt[ct[k][1]], ct[k][0][ct[k][1]])
-            for k in ("ball", "paddles")}
+    out = {}
+    for k in ("ball", "paddles"):
+        x, y = xf[cf[k][1]], cf[k][0][cf[k][1]]  # (F, K·C), (F, 2): the fit frames with it in view
+        out[f"{k}_position_r2"] = ridge_r2(x, y, xt[ct[k][1]], ct[k][0][ct[k][1]])
+        out[f"{k}_position_r2_seen"] = ridge_r2(x, y, x, y)  # on its own fit frames: what it could memorise
+    return out
 
 
 def scores(rec: torch.Tensor, frames: torch.Tensor) -> dict:

@@ -117,7 +117,7 @@ def test_both_subcommands_run_at_the_smoke_preset(tmp_path, capsys):
                            "--batch", "4", "--fp32"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [r["update"] for r in rows] == [1, 2] and all(r["channels"] == 8 for r in rows)
-    assert all(-math.inf < r["ball_position_r2"] <= 1 and -math.inf < r["paddles_position_r2"] <= 1 for r in rows)
+    assert all(-math.inf < r[f"{k}_position_r2{s}"] <= 1 for r in rows for k in ("ball", "paddles") for s in ("", "_seen"))
     area = butterfly.resize
     assert pong_ball.main(["autoencoder", "--preset", "smoke", "--updates", "1", "--data", "20", "--batch", "4",
                            "--fp32", "--resize", "max"]) == 0
