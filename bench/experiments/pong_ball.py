@@ -61,6 +61,7 @@ from matwm_fast.config import preset, with_fields  # noqa: E402
 from matwm_fast.env import MultiAgentEnv, env_spec  # noqa: E402
 from matwm_fast.losses import pixel_reconstruction  # noqa: E402
 from matwm_fast.policy import Policy, build_networks  # noqa: E402
+from matwm_fast.wm_probe import r2_score  # noqa: E402
 
 SCENARIO = "cooperative_pong"
 OBJECT = 0.3  # summed RGB in [0, 3] above which a pixel shows an object
@@ -160,7 +161,7 @@ def ridge_r2(x_fit: torch.Tensor, y_fit: torch.Tensor, x_test: torch.Tensor, y_t
              penalty: float = RIDGE) -> float | None:
     """R² on the test rows of a ridge regression of y on x fitted on the fit rows (centred, so the
     bias is the mean), averaged over y's columns: 0 is the fit rows' mean, 1 a perfect read-out;
-    None with fewer than two rows on either side (an object never in view)."""
+    None with fewer than two rows on either side (an object never in view) or a target that never moves."""
     if min(len(x_fit), len(x_test)) < 2:
         return None
     x_fit, y_fit, x_test, y_test = (t.double() for t in (x_fit, y_fit, x_test, y_test))
@@ -169,9 +170,8 @@ def ridge_r2(x_fit: torch.Tensor, y_fit: torch.Tensor, x_test: torch.Tensor, y_t
     gram = a.T @ a + penalty * a.shape[0] * torch.eye(a.shape[1], dtype=a.dtype)  # (D, D)
     w = torch.linalg.solve(gram, a.T @ (y_fit - my))  # (D, 2)
     pred = (x_test - mx) @ w + my  # (F', 2)
-    sse = (pred - y_test).pow(2).sum(0)  # (2,)
-    sst = (y_test - y_test.mean(0)).pow(2).sum(0).clamp(min=1e-12)  # (2,)
-    return round((1 - sse / sst).mean().item(), 3)
+    r2 = float(r2_score(pred.numpy(), y_test.numpy(), axis=0).mean())  # NaN where a coordinate never moves
+    return None if math.isnan(r2) else round(r2, 3)
 
 
 @torch.no_grad()
