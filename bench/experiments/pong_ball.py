@@ -22,7 +22,8 @@ world-model learning rate (or ``--lr``), bf16 autocast; every 250 updates the ba
 fraction on a tenth as many held-out steps (300), and on as many frames it trained on (``ball_recovered_seen``: a ball
 fitted there and not on new frames is memorised, not seen).
 Each score also reads positions out of the latent: a ridge regression from the encoder's
-probabilities to the ball's centre and to the paddles' rows, fitted on frames it trained on and
+probabilities to the ball's centre and to the paddles' rows, and a one-hidden-layer MLP
+(``_mlp``) for what the latent holds only non-linearly, fitted on frames it trained on and
 scored (R²) on the held-out ones (and, ``_seen``, on those it was fitted on) — whether the code
 holds the ball though the decoder does not draw it; the paddles, which it draws, are the
 read-out's yardstick.
@@ -30,6 +31,9 @@ read-out's yardstick.
 ``--resize max`` shrinks the game's frames by the maximum over each output pixel's source pixels
 instead of STORM's area average, so the ball is drawn at full intensity (about 6 object pixels a
 frame instead of 4.6 dimmer ones): does a ball that weighs about 4× more in the loss get into the latent?
+``--object-weight W`` (outside the paper) weighs the squared error of every pixel whose target shows
+an object (the ball's and the paddles') W times: does a ball that costs W times more when dropped get
+into the latent, and can a read-out then find it?  1, the default, is the paper's loss.
 ``--latent probs`` hands the decoder the encoder's (unimixed) probabilities instead of the one-hot
 draw, in training and scoring alike: a continuous, deterministic bottleneck of the same width — is it
 the categorical draw that keeps the ball out?
@@ -72,6 +76,13 @@ EVERY = 250
 # probabilities well posed when some classes are never used, too little to bias a read-out that is there.
 RIDGE = 1e-4
 PROBE_FRAMES = 6_000  # frames it trained on that fit the probe: all of the default 3,000 steps'
+# The non-linear read-out: one hidden layer twice the cpu preset's actor width (128), full-batch Adam, stopped
+# on a tenth of its own fit frames (so nothing is chosen on the frames it is scored on).
+MLP_HIDDEN = 256
+MLP_STEPS = 1_000
+MLP_CHECK = 25
+MLP_LR = 1e-3
+MLP_DECAY = 0.1
 
 
 def fail(msg: str) -> None:
@@ -157,29 +168,87 @@ def centres(frames: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]
             "paddles": (torch.stack([left_row, right_row], -1), left_in & right_in)}  # (F, 2), (F,)
 
 
-def ridge_r2(x_fit: torch.Tensor, y_fit: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-             penalty: float = RIDGE) -> float | None:
-    """R² on the test rows of a ridge regression of y on x fitted on the fit rows (centred, so the
-    bias is the mean), averaged over y's columns: 0 is the fit rows' mean, 1 a perfect read-out;
-    None with fewer than two rows on either side (an object never in view) or a target that never moves."""
-    if min(len(x_fit), len(x_test)) < 2:
+def r2(pred: torch.Tensor, y: torch.Tensor) -> float | None:
+    """R² of a read-out's (F, 2) predictions, averaged over the coordinates; None for fewer than two
+    rows (an object never in view) or a target that never moves (a paddle held still)."""
+    if len(y) < 2:
         return None
-    x_fit, y_fit, x_test, y_test = (t.double() for t in (x_fit, y_fit, x_test, y_test))
+    r = float(r2_score(pred.double().numpy(), y.double().numpy(), axis=0).mean())  # NaN where a coordinate never moves
+    return None if math.isnan(r) else round(r, 3)
+
+
+def ridge_fit(x_fit: torch.Tensor, y_fit: torch.Tensor, penalty: float = RIDGE):
+    """A ridge regression of y on x (centred, so the bias is the mean): the fitted read-out, x → y."""
+    x_fit, y_fit = x_fit.double(), y_fit.double()
     mx, my = x_fit.mean(0), y_fit.mean(0)  # (D,), (2,)
     a = x_fit - mx  # (F, D)
     gram = a.T @ a + penalty * a.shape[0] * torch.eye(a.shape[1], dtype=a.dtype)  # (D, D)
     w = torch.linalg.solve(gram, a.T @ (y_fit - my))  # (D, 2)
-    pred = (x_test - mx) @ w + my  # (F', 2)
-    r2 = float(r2_score(pred.numpy(), y_test.numpy(), axis=0).mean())  # NaN where a coordinate never moves
-    return None if math.isnan(r2) else round(r2, 3)
+    return lambda x: (x.double() - mx) @ w + my  # (F', 2)
+
+
+def mlp_fit(x_fit: torch.Tensor, y_fit: torch.Tensor, seed: int = 0):
+    """:func:`ridge_fit`'s contract for a one-hidden-layer MLP (``MLP_HIDDEN`` ReLU units, full-batch
+    Adam at ``MLP_LR`` on the standardised target's squared error): a position the latent holds only
+    non-linearly — as a combination of categories, say — which ridge misses.  The last tenth of the
+    fit rows is kept back to stop it: the weights of the check (every ``MLP_CHECK`` of ``MLP_STEPS``
+    steps, and the start, which predicts the mean) with the least error there, so nothing is chosen
+    on the rows it is scored on.  The last tenth, not a random one: frames come in time order, and a
+    frame's neighbours in the same episode would let a memorised position pass the check.  Its own
+    generator seeds the weights, so it draws nothing from torch's."""
+    g = torch.Generator().manual_seed(seed)
+    n_val = max(1, len(x_fit) // 10)
+    fit, val = torch.arange(len(x_fit) - n_val), torch.arange(len(x_fit) - n_val, len(x_fit))
+    x_fit, y_fit = x_fit.float(), y_fit.float()
+    mx = x_fit[fit].mean(0)  # (D,): probabilities are already on one scale; a class never used would not divide
+    my, sy = y_fit[fit].mean(0), y_fit[fit].std(0).clamp(min=1e-6)  # (2,), (2,)
+    d, o = x_fit.shape[1], y_fit.shape[1]
+    w1 = (torch.randn(d, MLP_HIDDEN, generator=g) / math.sqrt(d)).requires_grad_()  # (D, H)
+    w2 = torch.zeros(MLP_HIDDEN, o, requires_grad=True)  # (H, 2): it starts at the mean, R² 0, and may stop there
+    b1, b2 = torch.zeros(MLP_HIDDEN, requires_grad=True), torch.zeros(o, requires_grad=True)  # (H,), (2,)
+    params = [w1, b1, w2, b2]
+
+    def net(x: torch.Tensor, p: list[torch.Tensor]) -> torch.Tensor:
+        return torch.relu((x.float() - mx) @ p[0] + p[1]) @ p[2] + p[3]  # (F, 2), in standard units
+
+    target = (y_fit - my) / sy  # (F, 2)
+    opt = torch.optim.AdamW(params, lr=MLP_LR, weight_decay=MLP_DECAY)
+    with torch.no_grad():
+        best = (net(x_fit[val], params) - target[val]).pow(2).mean().item()
+    kept = [p.detach().clone() for p in params]
+    with torch.enable_grad():
+        for step in range(1, MLP_STEPS + 1):
+            loss = (net(x_fit[fit], params) - target[fit]).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % MLP_CHECK == 0:
+                with torch.no_grad():
+                    err = (net(x_fit[val], params) - target[val]).pow(2).mean().item()
+                if err < best:
+                    best, kept = err, [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def read(x: torch.Tensor) -> torch.Tensor:
+        return net(x, kept) * sy + my  # (F', 2)
+    return read
+
+
+def ridge_r2(x_fit: torch.Tensor, y_fit: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+             penalty: float = RIDGE) -> float | None:
+    """R² on the test rows of :func:`ridge_fit` fitted on the fit rows: 0 is the fit rows' mean, 1 a
+    perfect read-out; None as :func:`r2` says, or with fewer than two rows to fit."""
+    if min(len(x_fit), len(x_test)) < 2:
+        return None
+    return r2(ridge_fit(x_fit, y_fit, penalty)(x_test), y_test)
 
 
 @torch.no_grad()
 def probe(wm, fit: torch.Tensor, test: torch.Tensor, bf16: bool = False) -> dict[str, float | None]:
-    """How well a linear read-out of the encoder's latent probabilities gives each object's
-    position: ridge fitted on ``fit`` frames, R² on ``test`` frames, frames with the object in view
-    only.  The paddles, which the decoder draws, say what a read-out of a position the latent holds
-    scores; the ball is the question."""
+    """How well a read-out of the encoder's latent probabilities gives each object's position:
+    ridge (linear) and :func:`mlp_fit` (non-linear) fitted on ``fit`` frames, R² on ``test`` frames,
+    frames with the object in view only.  The paddles, which the decoder draws, say what a read-out
+    of a position the latent holds scores; the ball is the question."""
     def feats(frames: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             return wm.posterior(frames)[1].flatten(-2).float()  # (F, K·C)
@@ -189,9 +258,23 @@ def probe(wm, fit: torch.Tensor, test: torch.Tensor, bf16: bool = False) -> dict
     out = {}
     for k in ("ball", "paddles"):
         x, y = xf[cf[k][1]], cf[k][0][cf[k][1]]  # (F, K·C), (F, 2): the fit frames with it in view
-        out[f"{k}_position_r2"] = ridge_r2(x, y, xt[ct[k][1]], ct[k][0][ct[k][1]])
-        out[f"{k}_position_r2_seen"] = ridge_r2(x, y, x, y)  # on its own fit frames: what it could memorise
+        x_test, y_test = xt[ct[k][1]], ct[k][0][ct[k][1]]  # (F', K·C), (F', 2)
+        for name, fitter in (("", ridge_fit), ("_mlp", mlp_fit)):
+            read = fitter(x, y) if len(x) >= 2 else None
+            out[f"{k}_position_r2{name}"] = r2(read(x_test), y_test) if read else None
+            out[f"{k}_position_r2{name}_seen"] = r2(read(x), y) if read else None  # on its fit frames: what it could memorise
     return out
+
+
+def weighted_reconstruction(rec: torch.Tensor, frames: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """``losses.pixel_reconstruction`` (R, T, 3, H, W) with the error of each pixel whose target shows
+    an object (summed RGB above ``OBJECT``) weighed ``object_weight`` times; at 1 it is that loss, call
+    for call, so a run at the default is the paper's."""
+    if object_weight == 1:
+        return pixel_reconstruction(rec, frames)
+    target = frames.float() / 255  # (R, T, 3, H, W)
+    weight = 1 + (object_weight - 1) * (target.sum(-3, keepdim=True) > OBJECT)  # (R, T, 1, H, W)
+    return (weight * (rec.float() - target).pow(2)).sum((-3, -2, -1)).mean()
 
 
 def scores(rec: torch.Tensor, frames: torch.Tensor) -> dict:
@@ -243,7 +326,7 @@ def cmd_autoencoder(args) -> int:
             if args.latent == "probs":
                 z = probs.flatten(-2)  # (B, K·C)
             rec = wm.decoder(z)  # (B, 3, 64, 64)
-        loss = pixel_reconstruction(rec[None], x[None])
+        loss = weighted_reconstruction(rec[None], x[None], args.object_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -253,6 +336,9 @@ def cmd_autoencoder(args) -> int:
                 ball_seen = scores(reconstruct(wm, seen, args.bf16, args.latent), seen)["ball"]["recovered"]
                 read_out = probe(wm, train[:PROBE_FRAMES], test, args.bf16)
             print(json.dumps({"channels": args.channels, "resize": args.resize, "latent": args.latent,
+                              **({"object_weight": args.object_weight,  # and the paper's loss of the same batch
+                                  "loss_unweighted": round(pixel_reconstruction(rec[None].detach(), x[None]).item(), 2)}
+                                 if args.object_weight != 1 else {}),
                               "lr": opt.param_groups[0]["lr"], "ball_pixels": ball_pixels, "update": u,
                               "loss": round(loss.item(), 2), "ball_recovered": ball, "ball_recovered_seen": ball_seen,
                               **read_out,
@@ -283,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--resize", choices=("area", "max"), default="area",
                    help="how the game's frames shrink to 64 x 64: area (STORM's, the env's) or max (default area)")
     a.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default: the preset's wm.lr)")
+    a.add_argument("--object-weight", type=float, default=1.0,
+                   help="weight of the squared error on pixels that show an object (default 1, the paper's loss)")
     a.add_argument("--latent", choices=("sample", "probs"), default="sample",
                    help="what the decoder reads: the one-hot draw (the model's) or the probabilities (default sample)")
     for c in (r, a):
@@ -299,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{name} {v}: must be at least 1")
         if getattr(args, "lr", None) is not None and not 0 < args.lr < math.inf:
             raise ValueError(f"--lr {args.lr}: must be a finite number above 0")
+        if args.cmd == "autoencoder" and not 1 <= args.object_weight < math.inf:
+            raise ValueError(f"--object-weight {args.object_weight}: must be a finite number of at least 1")
         if args.cmd == "recon":
             for run in args.runs:
                 if not Path(run).exists():

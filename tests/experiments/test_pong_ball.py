@@ -83,6 +83,48 @@ def test_ridge_r2_reads_a_linear_target_and_not_noise():
     assert pong_ball.ridge_r2(x[:300], y[:300], x[:100], still) is None
 
 
+def test_the_object_weight_weighs_the_objects_pixels_and_at_one_is_the_papers_loss():
+    from matwm_fast.losses import pixel_reconstruction
+
+    frames = torch.cat([frame_with((10, 30)), frame_with((40, 7))])[None]  # (1, 2, 3, 64, 64)
+    rec = torch.rand(frames.shape, generator=torch.Generator().manual_seed(0))  # (1, 2, 3, 64, 64)
+    assert torch.equal(pong_ball.weighted_reconstruction(rec, frames, 1.0), pixel_reconstruction(rec, frames))
+    err = (rec - frames.float() / 255).pow(2)  # (1, 2, 3, 64, 64)
+    objects = (frames.float() / 255).sum(2, keepdim=True) > pong_ball.OBJECT  # (1, 2, 1, 64, 64)
+    assert objects.sum() == 2 * (4 + 140)  # each frame's ball and paddles, nothing else
+    want = (err.sum((2, 3, 4)) + 15 * (err * objects).sum((2, 3, 4))).mean()
+    torch.testing.assert_close(pong_ball.weighted_reconstruction(rec, frames, 16.0), want)
+
+
+def categorical_codes(rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` latents like the encoder's: 16 categoricals of 4 classes, one-hot, (F, 64); and the
+    classes drawn, (F, 16)."""
+    c = torch.randint(0, 4, (rows, 16), generator=torch.Generator().manual_seed(seed))  # (F, 16)
+    return torch.nn.functional.one_hot(c, 4).flatten(1).float(), c
+
+
+def test_the_mlp_read_out_finds_what_the_latent_holds_only_in_combination():
+    x, c = categorical_codes(2000)
+    y = torch.stack([c[:, 0] * c[:, 1], (c[:, 2] == c[:, 3]).long()], -1).float()  # (F, 2): interactions
+    state = torch.get_rng_state()
+    read = pong_ball.mlp_fit(x[:1500], y[:1500])
+    assert torch.equal(torch.get_rng_state(), state)  # its own generator: a run's batches are untouched
+    ridge = pong_ball.ridge_r2(x[:1500], y[:1500], x[1500:], y[1500:])
+    assert ridge < 0.45 and pong_ball.r2(read(x[1500:]), y[1500:]) > 0.7
+    line = x[:, :8] @ torch.arange(8.0).reshape(8, 1).repeat(1, 2)  # (F, 2): what ridge reads
+    read = pong_ball.mlp_fit(x[:1500], line[:1500])
+    assert pong_ball.r2(read(x[1500:]), line[1500:]) > 0.95
+
+
+def test_the_mlp_read_out_does_not_memorise_noise():
+    x, _ = categorical_codes(2000, seed=1)
+    noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(2))  # (F, 2): nothing in x predicts it
+    read = pong_ball.mlp_fit(x[:1500], noise[:1500])
+    assert abs(pong_ball.r2(read(x[1500:]), noise[1500:])) < 0.05  # stopped on its own held-back tenth
+    assert pong_ball.r2(read(x[:1500]), noise[:1500]) < 0.2  # so not fitted to its own rows either
+    assert pong_ball.r2(read(x[:1]), noise[:1]) is None
+
+
 @pytest.mark.parametrize("shape, size", [((37, 53, 3), (9, 7)), ((280, 480, 3), (64, 64)), ((16, 16, 3), (5, 16))])
 def test_resize_max_is_the_maximum_over_each_output_pixels_source_pixels(shape, size):
     frame = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
@@ -120,8 +162,10 @@ def test_both_subcommands_run_at_the_smoke_preset(tmp_path, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [r["update"] for r in rows] == [1, 2] and all(r["channels"] == 8 for r in rows)
     for r in rows:  # fitted on 40 frames: scores there; the 4 held-out ones may hold a paddle still (None)
-        assert all(-math.inf < r[f"{k}_position_r2_seen"] <= 1 for k in ("ball", "paddles"))
-        assert all(r[f"{k}_position_r2"] is None or r[f"{k}_position_r2"] <= 1 for k in ("ball", "paddles"))
+        for read in ("", "_mlp"):
+            assert all(-math.inf < r[f"{k}_position_r2{read}_seen"] <= 1 for k in ("ball", "paddles"))
+            assert all(r[f"{k}_position_r2{read}"] is None or r[f"{k}_position_r2{read}"] <= 1
+                       for k in ("ball", "paddles"))
     area = butterfly.resize
     assert pong_ball.main(["autoencoder", "--preset", "smoke", "--updates", "1", "--data", "20", "--batch", "4",
                            "--fp32", "--resize", "max"]) == 0
@@ -131,7 +175,11 @@ def test_both_subcommands_run_at_the_smoke_preset(tmp_path, capsys):
     assert pong_ball.main(["autoencoder", "--preset", "smoke", "--updates", "1", "--data", "20", "--batch", "4",
                            "--fp32", "--latent", "probs", "--lr", "0.01"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert row["latent"] == "probs" and row["lr"] == 0.01
+    assert row["latent"] == "probs" and row["lr"] == 0.01 and "object_weight" not in row
+    assert pong_ball.main(["autoencoder", "--preset", "smoke", "--updates", "1", "--data", "20", "--batch", "4",
+                           "--fp32", "--object-weight", "16"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["object_weight"] == 16 and row["loss"] > row["loss_unweighted"] > 0
 
 
 def test_latent_probs_decodes_the_probabilities_and_sample_the_most_likely_class():
@@ -161,6 +209,8 @@ def test_latent_probs_decodes_the_probabilities_and_sample_the_most_likely_class
     (["autoencoder", "--lr", "inf"], "--lr inf: must be a finite number above 0"),
     (["autoencoder", "--lr", "nan"], "--lr nan: must be a finite number above 0"),
     (["autoencoder", "--latent", "mean"], "argument --latent: invalid choice: 'mean'"),
+    (["autoencoder", "--object-weight", "0.5"], "--object-weight 0.5: must be a finite number of at least 1"),
+    (["autoencoder", "--object-weight", "nan"], "--object-weight nan: must be a finite number of at least 1"),
 ])
 def test_bad_arguments_are_refused(args, says, capsys):
     with pytest.raises(SystemExit) as e:
