@@ -95,6 +95,14 @@ class WorldModelConfig:
     dropout: float = 0.0
     """Dropout on the residual branches (attention, feed-forward) of both transformers while the
     world model trains (STORM uses 0.1; imagination and acting never drop)."""
+    recon_object_weight: float = field(default=1.0, metadata=LATER)
+    """Frames only, outside the paper: the squared error of every pixel whose target shows an
+    object (summed RGB above ``recon_object_level``) counts this many times in the reconstruction
+    term; 1 is the paper's Eq. 3.  A small object, Cooperative Pong's 2×2 ball, otherwise weighs too
+    little for the latent to take it up (bench/results/learning/butterfly/README.md)."""
+    recon_object_level: float = field(default=0.3, metadata=LATER)
+    """Frames: summed RGB, in [0, 3], above which a target pixel shows an object for
+    ``recon_object_weight`` (the Butterfly games draw their objects bright on a dark background)."""
     recon_symlog: bool = False
     """Reconstruct symlog(obs) (DreamerV3) instead of the raw observation the encoder sees symlogged
     (vector observations; frames are reconstructed in [0, 1], as STORM)."""
@@ -365,6 +373,7 @@ RULES: dict[str, tuple] = {
     "wm.bins_low": _num(-1e6, 1e6), "wm.bins_high": _num(-1e6, 1e6), "wm.dyn_weight": _num(0, 1e6),
     "wm.rep_weight": _num(0, 1e6), "wm.free_bits": _num(0, 1e6), "wm.batch_size": _int(1),
     "wm.dropout": _num(0, 1, hi_open=True), "wm.recon_symlog": ("bool",), "wm.teammates": ("bool",),
+    "wm.recon_object_weight": _num(1, 1e6), "wm.recon_object_level": _num(0, 3, hi_open=True),
     "wm.action_scaling": ("bool",),
     "wm.batch_per_agent": _int(0), "wm.seq_len": _int(2),
     # the lr cap only keeps Adam's float32 arithmetic representable (it overflows near 1e38); a
@@ -439,6 +448,12 @@ def validate(cfg: Config, n_agents: int) -> None:
         raise ValueError(f"wm.seq_len={wm.seq_len} exceeds the transformer's wm.max_len={wm.max_len}")
     if not wm.bins_low < wm.bins_high:
         raise ValueError(f"--wm.bins-low {wm.bins_low} must be below --wm.bins-high {wm.bins_high}")
+    if wm.recon_object_weight != 1:
+        from .env import is_butterfly  # env imports this module
+
+        if not is_butterfly(cfg.env.scenario):
+            raise ValueError(f"--wm.recon-object-weight {wm.recon_object_weight:g}: weighs pixels; {cfg.env.scenario} "
+                             f"has vector observations (allowed there: 1)")
     if not ac.return_pct_low < ac.return_pct_high:
         raise ValueError(f"--ac.return-pct-low {ac.return_pct_low} must be below --ac.return-pct-high "
                          f"{ac.return_pct_high}")

@@ -100,13 +100,14 @@ def world_model_loss(out, obs: Tensor, rew: Tensor, cont: Tensor, team_act: Tens
     out: :class:`~matwm_fast.world_model.WMOutputs` for R rows × T steps; obs (R, T, O), or frames
     (R, T, C, H, W) (:func:`pixel_reconstruction`); rew, cont (R, T); team_act (R, T, N−1);
     obs_mask (R, O) marks each row's real features (frames: unused).  From ``cfg``: the KL weights
-    (``dyn_weight``, ``rep_weight``), ``free_bits``, and the vector reconstruction target, obs or
+    (``dyn_weight``, ``rep_weight``), ``free_bits``, the frames' object weight
+    (``recon_object_weight``, ``recon_object_level``) and the vector reconstruction target, obs or
     symlog(obs) with ``recon_symlog``.  The KL
     pairs (prior at t, posterior at t+1) count only where t+1 lies in t's episode: across an
     episode start the "next latent" is a reset, not a consequence of a_t.
     """
     if obs.dim() == 5:  # frames (R, T, C, H, W)
-        rec = pixel_reconstruction(out.recon, obs)
+        rec = pixel_reconstruction(out.recon, obs, cfg.recon_object_weight, cfg.recon_object_level)
     else:
         target = symlog(obs) if cfg.recon_symlog else obs  # (R, T, O)
         rec = ((fp32(out.recon) - target).pow(2) * obs_mask[:, None]).sum(-1).mean()
@@ -130,12 +131,19 @@ def world_model_loss(out, obs: Tensor, rew: Tensor, cont: Tensor, team_act: Tens
     return total, {k: v.detach() for k, v in metrics.items()}
 
 
-def pixel_reconstruction(recon: Tensor, frames: Tensor) -> Tensor:
+def pixel_reconstruction(recon: Tensor, frames: Tensor, object_weight: float = 1.0,
+                         object_level: float = 0.3) -> Tensor:
     """The reconstruction term on pixels (paper Eq. 3, STORM's ``MSELoss``): the squared error
     summed over every pixel of every channel, averaged over batch and time.  recon (R, T, C, H, W)
-    in [0, 1] units; frames (R, T, C, H, W), uint8 (scaled by 1/255) or already in [0, 1]."""
+    in [0, 1] units; frames (R, T, C, H, W), uint8 (scaled by 1/255) or already in [0, 1].
+    ``object_weight`` ≠ 1 (outside the paper; ``WorldModelConfig.recon_object_weight``) weighs the
+    error of each pixel whose target's summed channels exceed ``object_level`` that many times."""
     pred = fp32(recon)
-    return (pred - unit_pixels(frames, pred.dtype)).pow(2).sum((-3, -2, -1)).mean()
+    target = unit_pixels(frames, pred.dtype)  # (R, T, C, H, W)
+    err = (pred - target).pow(2)  # (R, T, C, H, W)
+    if object_weight != 1:  # a host float: the paper's loss stays the same graph, call for call
+        err = err * (1 + (object_weight - 1) * (target.sum(-3, keepdim=True) > object_level))  # (R, T, C, H, W)
+    return err.sum((-3, -2, -1)).mean()
 
 
 # ----------------------------------------------------------------------------- actor-critic loss

@@ -44,6 +44,9 @@ BAD = [
     (["--preset", "smoke", "--scenario", "simple_spread", "--wm.batch-size", "2"],
      "wm.batch_size=2 is below the 3 agents of simple_spread: each agent needs at least one sequence; use 3 or more"),
     (["--preset", "smoke", "--threads", "-1"], "--run.threads -1: must be an integer ≥ 0"),
+    # a setting of the pixel loss on a vector scenario would do nothing: said, not ignored
+    (["--preset", "smoke", "--wm.recon-object-weight", "16"],
+     "--wm.recon-object-weight 16: weighs pixels; simple_tag has vector observations (allowed there: 1)"),
     # ... and 40 context + 3 imagined steps do not fit the smoke transformer's 16 positions
     (["--preset", "smoke", "--ac.context-len", "40"],
      "ac.context_len + horizon + 1 = 40 + 3 + 1 exceeds wm.max_len=16; allowed: ac.context_len ≤ 12"),

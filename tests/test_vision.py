@@ -175,6 +175,27 @@ def test_pixel_loss_on_a_hand_made_image():
     torch.testing.assert_close(m["rec"], torch.tensor(1.1))
 
 
+def test_the_object_weight_counts_the_bright_pixels_error_that_many_times():
+    """The hand-made image above with ``recon_object_weight`` 3 (level 0.3): frame 0's pixels 255 and
+    102 (1.0, 0.4) are objects, 0 and 51 (0, 0.2) are not, so 0 + 3·1 + 0.04 + 3·0.16 = 3.52;
+    frame 1 is all object, 3 × 1 = 3; the mean 3.26.  At weight 1 the paper's term, bit for bit."""
+    obs = torch.tensor([[[[[0, 255], [51, 102]]], [[[255, 255], [255, 255]]]]], dtype=torch.uint8)  # (1, 2, 1, 2, 2)
+    recon = torch.zeros(1, 2, 1, 2, 2)
+    recon[0, 1] = 0.5
+    torch.testing.assert_close(pixel_reconstruction(recon, obs, 3.0, 0.3), torch.tensor(3.26))
+    assert torch.equal(pixel_reconstruction(recon, obs, 1.0, 0.3), pixel_reconstruction(recon, obs))
+    torch.testing.assert_close(pixel_reconstruction(recon, obs, 3.0, 0.5), torch.tensor(3.1))  # 102 is not, now: (3.2 + 3) / 2
+    spec = image_spec((1, 2, 2))
+    torch.manual_seed(0)
+    wm = WorldModel(replace(image_config(spec, stages=1).wm, recon_object_weight=3.0), spec)
+    act, first, agent = torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.bool), torch.tensor([0])
+    out = wm.observe(obs, act, first, agent)
+    out.recon = recon
+    _, m = world_model_loss(out, obs, torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1, 2, 1, dtype=torch.long),
+                            wm.obs_mask[agent], wm.bins, wm.cfg)
+    torch.testing.assert_close(m["rec"], torch.tensor(3.26))
+
+
 def test_image_world_model_loss_reaches_every_parameter():
     torch.manual_seed(0)
     wm = WorldModel(image_config(SPEC).wm, SPEC)
@@ -213,12 +234,15 @@ def test_the_vector_path_is_the_mlps_as_before():
                                * (1 - cfg.unimix) + cfg.unimix / wm.C)
 
 
-def test_configs_saved_before_the_conv_fields_load_with_their_presets_values():
+def test_configs_saved_before_the_conv_and_object_fields_load_with_their_presets_values():
     for name in ("paper", "cpu", "smoke"):
         d = preset(name).to_dict()
         del d["wm"]["cnn_channels"], d["wm"]["cnn_stages"]
         cfg = load_config(d)
         assert (cfg.wm.cnn_channels, cfg.wm.cnn_stages) == (preset(name).wm.cnn_channels, preset(name).wm.cnn_stages)
+    d = preset("cpu", "cooperative_pong").to_dict()
+    del d["wm"]["recon_object_weight"], d["wm"]["recon_object_level"]
+    assert (load_config(d).wm.recon_object_weight, load_config(d).wm.recon_object_level) == (1.0, 0.3)  # the paper's loss
     d = preset("cpu").to_dict()
     del d["wm"]["width"]
     with pytest.raises(ValueError, match="missing field wm.width"):  # only fields marked LATER
@@ -263,10 +287,11 @@ def pixel_terms(wm, obs, noise):
     """What the image model adds to the world-model update: frames → posterior draw → decoded
     frames → the pixel loss (the rest of the update is the vector path's, tests/test_steps.py)."""
     z, post = wm.posterior(obs, noise)
-    return pixel_reconstruction(wm.decoder(z), obs), z, post
+    return pixel_reconstruction(wm.decoder(z), obs, wm.cfg.recon_object_weight, wm.cfg.recon_object_level), z, post
 
 
-def test_compiled_encoder_decoder_and_pixel_loss_equal_eager():
+@pytest.mark.parametrize("object_weight", [1.0, 16.0])  # the paper's loss, and bright pixels weighed
+def test_compiled_encoder_decoder_and_pixel_loss_equal_eager(object_weight):
     """The convolutions, the uint8 scaling and the pixel loss as Inductor compiles them for training
     on the CPU (the step functions' options), forward and backward, against eager.  The whole
     world-model update and rollout were compared once, by hand (tolerance 1e-4, equal actions)."""
@@ -274,7 +299,7 @@ def test_compiled_encoder_decoder_and_pixel_loss_equal_eager():
     rt = Runtime(torch.device("cpu"), "compile", "ref", None)
     compiled = torch.compile(pixel_terms, fullgraph=True, dynamic=False, options=steps.compile_options(rt))
     torch.manual_seed(0)
-    wm = WorldModel(image_config(SPEC).wm, SPEC)
+    wm = WorldModel(replace(image_config(SPEC).wm, recon_object_weight=object_weight), SPEC)
     twin = copy.deepcopy(wm)
     obs, noise = frames(4, 8, shape=SHAPE), torch.rand(4, 8, wm.K)
     outs = {}

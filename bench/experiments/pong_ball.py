@@ -31,9 +31,10 @@ read-out's yardstick.
 ``--resize max`` shrinks the game's frames by the maximum over each output pixel's source pixels
 instead of STORM's area average, so the ball is drawn at full intensity (about 6 object pixels a
 frame instead of 4.6 dimmer ones): does a ball that weighs about 4× more in the loss get into the latent?
-``--object-weight W`` (outside the paper) weighs the squared error of every pixel whose target shows
-an object (the ball's and the paddles') W times: does a ball that costs W times more when dropped get
-into the latent, and can a read-out then find it?  1, the default, is the paper's loss.
+``--object-weight W`` (outside the paper; the world model's ``wm.recon_object_weight``) weighs the
+squared error of every pixel whose target shows an object (the ball's and the paddles') W times:
+does a ball that costs W times more when dropped get into the latent, and can a read-out then find
+it?  1, the default, is the paper's loss.
 ``--latent probs`` hands the decoder the encoder's (unimixed) probabilities instead of the one-hot
 draw, in training and scoring alike: a continuous, deterministic bottleneck of the same width — is it
 the categorical draw that keeps the ball out?
@@ -266,17 +267,6 @@ def probe(wm, fit: torch.Tensor, test: torch.Tensor, bf16: bool = False) -> dict
     return out
 
 
-def weighted_reconstruction(rec: torch.Tensor, frames: torch.Tensor, object_weight: float) -> torch.Tensor:
-    """``losses.pixel_reconstruction`` (R, T, 3, H, W) with the error of each pixel whose target shows
-    an object (summed RGB above ``OBJECT``) weighed ``object_weight`` times; at 1 it is that loss, call
-    for call, so a run at the default is the paper's."""
-    if object_weight == 1:
-        return pixel_reconstruction(rec, frames)
-    target = frames.float() / 255  # (R, T, 3, H, W)
-    weight = 1 + (object_weight - 1) * (target.sum(-3, keepdim=True) > OBJECT)  # (R, T, 1, H, W)
-    return (weight * (rec.float() - target).pow(2)).sum((-3, -2, -1)).mean()
-
-
 def scores(rec: torch.Tensor, frames: torch.Tensor) -> dict:
     target = frames.float() / 255  # (F, 3, H, W)
     err = (rec - target).pow(2).sum(1)  # (F, H, W)
@@ -326,7 +316,7 @@ def cmd_autoencoder(args) -> int:
             if args.latent == "probs":
                 z = probs.flatten(-2)  # (B, K·C)
             rec = wm.decoder(z)  # (B, 3, 64, 64)
-        loss = weighted_reconstruction(rec[None], x[None], args.object_weight)
+        loss = pixel_reconstruction(rec[None], x[None], args.object_weight, OBJECT)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

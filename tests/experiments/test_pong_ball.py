@@ -83,19 +83,6 @@ def test_ridge_r2_reads_a_linear_target_and_not_noise():
     assert pong_ball.ridge_r2(x[:300], y[:300], x[:100], still) is None
 
 
-def test_the_object_weight_weighs_the_objects_pixels_and_at_one_is_the_papers_loss():
-    from matwm_fast.losses import pixel_reconstruction
-
-    frames = torch.cat([frame_with((10, 30)), frame_with((40, 7))])[None]  # (1, 2, 3, 64, 64)
-    rec = torch.rand(frames.shape, generator=torch.Generator().manual_seed(0))  # (1, 2, 3, 64, 64)
-    assert torch.equal(pong_ball.weighted_reconstruction(rec, frames, 1.0), pixel_reconstruction(rec, frames))
-    err = (rec - frames.float() / 255).pow(2)  # (1, 2, 3, 64, 64)
-    objects = (frames.float() / 255).sum(2, keepdim=True) > pong_ball.OBJECT  # (1, 2, 1, 64, 64)
-    assert objects.sum() == 2 * (4 + 140)  # each frame's ball and paddles, nothing else
-    want = (err.sum((2, 3, 4)) + 15 * (err * objects).sum((2, 3, 4))).mean()
-    torch.testing.assert_close(pong_ball.weighted_reconstruction(rec, frames, 16.0), want)
-
-
 def categorical_codes(rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``rows`` latents like the encoder's: 16 categoricals of 4 classes, one-hot, (F, 64); and the
     classes drawn, (F, 16)."""
