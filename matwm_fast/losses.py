@@ -132,7 +132,7 @@ def world_model_loss(out, obs: Tensor, rew: Tensor, cont: Tensor, team_act: Tens
 
 
 def pixel_reconstruction(recon: Tensor, frames: Tensor, object_weight: float = 1.0,
-                         object_level: float = 0.3) -> Tensor:
+                         object_level: float = WorldModelConfig.recon_object_level) -> Tensor:
     """The reconstruction term on pixels (paper Eq. 3, STORM's ``MSELoss``): the squared error
     summed over every pixel of every channel, averaged over batch and time.  recon (R, T, C, H, W)
     in [0, 1] units; frames (R, T, C, H, W), uint8 (scaled by 1/255) or already in [0, 1].

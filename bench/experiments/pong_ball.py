@@ -62,14 +62,16 @@ if str(ROOT) not in sys.path:
 
 from matwm_fast import butterfly  # noqa: E402
 from matwm_fast.checkpoint import CheckpointError  # noqa: E402
-from matwm_fast.config import preset, with_fields  # noqa: E402
+from matwm_fast.config import WorldModelConfig, preset, with_fields  # noqa: E402
 from matwm_fast.env import MultiAgentEnv, env_spec  # noqa: E402
 from matwm_fast.losses import pixel_reconstruction  # noqa: E402
 from matwm_fast.policy import Policy, build_networks  # noqa: E402
 from matwm_fast.wm_probe import r2_score  # noqa: E402
 
 SCENARIO = "cooperative_pong"
-OBJECT = 0.3  # summed RGB in [0, 3] above which a pixel shows an object
+# summed RGB in [0, 3] above which a pixel shows an object: the world model's level, so the masks
+# scored here are the pixels --object-weight weighs
+OBJECT = WorldModelConfig.recon_object_level
 PADDLE_COLUMNS = (4, 54)  # x ≤ 4: the left paddle, x ≥ 54: the right one (64-pixel frames)
 BATCH_FRAMES = 384  # the cpu preset's world-model batch, 12 sequences × 32 steps
 EVERY = 250
@@ -77,8 +79,8 @@ EVERY = 250
 # probabilities well posed when some classes are never used, too little to bias a read-out that is there.
 RIDGE = 1e-4
 PROBE_FRAMES = 6_000  # frames it trained on that fit the probe: all of the default 3,000 steps'
-# The non-linear read-out: one hidden layer twice the cpu preset's actor width (128), full-batch Adam, stopped
-# on a tenth of its own fit frames (so nothing is chosen on the frames it is scored on).
+# The non-linear read-out: one hidden layer twice the cpu preset's actor width (128), full-batch AdamW, stopped
+# on the last tenth of its own fit frames (so nothing is chosen on the frames it is scored on).
 MLP_HIDDEN = 256
 MLP_STEPS = 1_000
 MLP_CHECK = 25
@@ -190,7 +192,7 @@ def ridge_fit(x_fit: torch.Tensor, y_fit: torch.Tensor, penalty: float = RIDGE):
 
 def mlp_fit(x_fit: torch.Tensor, y_fit: torch.Tensor, seed: int = 0):
     """:func:`ridge_fit`'s contract for a one-hidden-layer MLP (``MLP_HIDDEN`` ReLU units, full-batch
-    Adam at ``MLP_LR`` on the standardised target's squared error): a position the latent holds only
+    AdamW at ``MLP_LR``, weight decay ``MLP_DECAY``, on the standardised target's squared error): a position the latent holds only
     non-linearly — as a combination of categories, say — which ridge misses.  The last tenth of the
     fit rows is kept back to stop it: the weights of the check (every ``MLP_CHECK`` of ``MLP_STEPS``
     steps, and the start, which predicts the mean) with the least error there, so nothing is chosen
