@@ -25,16 +25,23 @@ of the world model.
   model's best action and on the actor's greedy action.
 
 Held-out episodes come from their own seeds (:data:`HELD_OUT_SEED`), disjoint from every other
-kind of episode (:mod:`matwm_fast.protocol`).
+kind of episode (:mod:`matwm_fast.protocol`).  The env side — the episodes, the branch points and
+their true returns — is :mod:`matwm_fast.probe_episodes`.
 
-**Vector observations only**: it assumes fixed-length random-policy episodes and feature vectors
-(MPE2).  For an image scenario (Butterfly) its functions refuse with a ValueError naming it, and
-:class:`HeldOutProbe` scores nothing (a training-time evaluation then logs no ``eval_wm_*`` columns).
+**Episodes that end early** (Butterfly: a missed ball, dead knights) are scored alike, with three
+differences: episodes are padded and only the steps
+that happened are scored; branch points are taken shortly before a random episode's end, where
+the actions decide it (``near_end``, chosen when any random episode ended before the time limit);
+and an imagined return stops after the step the continuation head ends (c_t = 0, imagination's
+own c_t), as the env's branch stops at ``done`` — a held action that misses the ball is worth the
+miss, not the rally the model imagines past it.  A model that never predicts an end (MPE2, where
+episodes only truncate) sums exactly as before.  Frames are scored like vectors, except the
+reconstruction's R² per feature, which is for vectors only (per pixel it says little;
+``bench/experiments/pong_ball.py`` scores the objects in frames).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -42,8 +49,10 @@ import torch
 
 from .acting import policy_step
 from .config import EnvConfig
-from .env import EnvSpec, MultiAgentEnv, env_spec, random_actions
+from .env import env_spec
+from .imagination import outcomes
 from .losses import symexp, twohot_decode
+from .probe_episodes import HeldActionContexts, held_action_contexts, random_episodes
 from .protocol import WORLD_MODEL_PROBE
 from .transformer import segment_mask
 
@@ -99,125 +108,31 @@ def effect_scores(true: np.ndarray, pred: np.ndarray, choice: np.ndarray | None 
     return out
 
 
-def reward_fit(pred_rew: np.ndarray, rew: np.ndarray, n_agents: int) -> dict:
-    """pred_rew, rew (E·N, T) predicted and real rewards, row e·N + i agent i's of episode e
-    → R² pooled over agents (``teacher_forced``'s ``reward_r2``) and per agent."""
-    return {"reward_r2": float(r2_score(pred_rew, rew)),
-            "reward_r2_per_agent": [float(r2_score(pred_rew[i::n_agents], rew[i::n_agents]))
+def happened(valid: np.ndarray | None, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The steps that happened of each (E·N, T, ...) array: all of them, as they are, when every
+    step did (fixed-length episodes: the very reductions of before), else flattened to (M, ...)."""
+    if valid is None or valid.all():
+        return arrays
+    return tuple(x[valid] for x in arrays)
+
+
+def reward_fit(pred_rew: np.ndarray, rew: np.ndarray, n_agents: int, valid: np.ndarray | None = None) -> dict:
+    """pred_rew, rew (E·N, T) predicted and real rewards, row e·N + i agent i's of episode e;
+    valid (E·N, T) the steps that happened (None: all) → R² pooled over agents (``teacher_forced``'s
+    ``reward_r2``) and per agent."""
+    v = np.ones(rew.shape, bool) if valid is None else valid
+    return {"reward_r2": float(r2_score(*happened(valid, pred_rew, rew))),
+            "reward_r2_per_agent": [float(r2_score(*happened(v[i::n_agents], pred_rew[i::n_agents], rew[i::n_agents])))
                                     for i in range(n_agents)]}
 
 
-# ----------------------------------------------------------------------------- data
-def vectors_only(spec: EnvSpec, scenario: str) -> None:
-    """Refuse an image scenario: the probe measures vector observations (MPE2) only."""
-    if spec.is_image:
-        raise ValueError(f"the world-model probe (wm_probe, diagnose model) measures vector observations only; "
-                         f"{scenario} has image observations {spec.obs_shape}")
-
-
-def random_episodes(env_cfg: EnvConfig, episodes: int, seed: int) -> dict[str, np.ndarray]:
-    """Play whole episodes with uniformly random actions → obs (E, T, N, O), act (E, T, N),
-    rew (E, T, N), next_obs (E, T, N, O); every episode runs to the time limit (MPE2 has no
-    termination in the discrete scenarios), so all have T = max_cycles steps."""
-    env = MultiAgentEnv(env_cfg, seed=seed)
-    if env.spec.is_image:
-        env.close()
-        vectors_only(env.spec, env_cfg.scenario)
-    rng = np.random.default_rng(seed)
-    keys = ("obs", "act", "rew", "next_obs")
-    eps: dict[str, list] = {k: [] for k in keys}
-    for e in range(episodes):
-        obs = env.reset(seed=seed + e)
-        ep: dict[str, list] = {k: [] for k in keys}
-        done = False
-        while not done:
-            act = random_actions(rng, env.spec)  # (N,)
-            nxt, rew, _, done = env.step(act)
-            for k, v in zip(keys, (obs, act, rew, nxt)):
-                ep[k].append(v)
-            obs = nxt
-        if len(ep["act"]) != env_cfg.max_cycles:
-            env.close()
-            raise ValueError(f"an episode of {env_cfg.scenario} ended after {len(ep['act'])} of "
-                             f"{env_cfg.max_cycles} steps; diagnose needs fixed-length episodes")
-        for k in keys:
-            eps[k].append(np.stack(ep[k]))
-    env.close()
-    return {k: np.stack(v) for k, v in eps.items()}
-
-
-@dataclass
-class HeldActionContexts:
-    """Branch points of the held-action test and their true returns: everything of it that the
-    real env decides, so it is computed once for any number of world models."""
-
-    spec: EnvSpec
-    context: int  # L random steps before the branch point
-    horizon: int  # H steps each action is held
-    past_obs: Tensor  # (C, N, L, O) each agent's context observations
-    past_act: Tensor  # (C, N, L) and actions
-    obs: Tensor  # (C, N, O) the observations at the branch point
-    true: np.ndarray  # (C·N, A) true return of holding each action (NaN: not the agent's action)
-
-
-def true_held_returns(env: MultiAgentEnv, state: dict, agent: int, actions: list[int],
-                      mates: np.ndarray) -> np.ndarray:
-    """Branch the env at ``state`` once per action: ``agent`` holds it while the others replay
-    ``mates`` (H, N); → the agent's summed reward over the H steps, one per action."""
-    out = []
-    for a in actions:
-        env.set_state(state)
-        total = 0.0
-        for step in mates:
-            joint = step.copy()
-            joint[agent] = a
-            _, rew, _, done = env.step(joint)
-            total += float(rew[agent])
-            if done:
-                break
-        out.append(total)
-    return np.array(out)
-
-
-def held_action_contexts(env_cfg: EnvConfig, contexts: int, context_len: int, horizon: int, seed: int,
-                         should_stop: Callable[[], bool] | None = None) -> HeldActionContexts | None:
-    """``contexts`` episodes (``reset(seed=seed + c)``): ``context_len`` random steps, then every agent
-    holds each of its actions for ``horizon`` steps in a branch of the env while the others replay
-    one random sequence.  None when ``should_stop`` (asked between contexts) says so."""
-    if context_len + horizon > env_cfg.max_cycles:
-        raise ValueError(f"context {context_len} + horizon {horizon} exceeds the episode length {env_cfg.max_cycles}")
-    env = MultiAgentEnv(env_cfg, seed=seed)
-    spec = env.spec
-    if spec.is_image:
-        env.close()
-        vectors_only(spec, env_cfg.scenario)
-    rng = np.random.default_rng(seed)
-    n, a_max = spec.n_agents, spec.n_actions
-    true = np.full((contexts * n, a_max), np.nan)  # (X, A)
-    past_obs, past_act, now = [], [], []
-    try:
-        for c in range(contexts):
-            if should_stop is not None and should_stop():
-                return None
-            obs = env.reset(seed=seed + c)
-            ctx_obs, ctx_act = [], []
-            for _ in range(context_len):
-                act = random_actions(rng, spec)
-                ctx_obs.append(obs)
-                ctx_act.append(act)
-                obs, _, _, _ = env.step(act)
-            state = env.get_state()
-            mates = np.stack([random_actions(rng, spec) for _ in range(horizon)])  # (H, N)
-            for i in range(n):
-                valid = list(range(spec.action_counts[i]))  # this agent's real actions
-                true[c * n + i, valid] = true_held_returns(env, state, i, valid, mates)
-            past_obs.append(torch.as_tensor(np.stack(ctx_obs, 1)))  # (N, L, O)
-            past_act.append(torch.as_tensor(np.stack(ctx_act, 1)))  # (N, L)
-            now.append(torch.as_tensor(obs))  # (N, O)
-    finally:
-        env.close()
-    return HeldActionContexts(spec, context_len, horizon, torch.stack(past_obs), torch.stack(past_act),
-                              torch.stack(now), true)
+def agent_rows(data: dict[str, np.ndarray], key: str) -> np.ndarray:
+    """``data[key]`` (E, T, N, ...) or the step mask (E, T) → (E·N, T, ...), row e·N + i agent i's."""
+    x = data[key]
+    if x.ndim == 2:  # (E, T): the same for every agent
+        n = data["act"].shape[2]
+        return np.repeat(x, n, axis=0)  # (E·N, T)
+    return np.moveaxis(x, 2, 1).reshape(x.shape[0] * x.shape[2], x.shape[1], *x.shape[3:])
 
 
 # ----------------------------------------------------------------------------- model
@@ -226,53 +141,76 @@ def _device(wm) -> torch.device:
 
 
 @torch.no_grad()
-def teacher_forced_pass(wm, data: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, Tensor]:
-    """A teacher-forced pass over episodes → reconstruction (E·N, T, O) in observation space,
-    predicted reward (E·N, T), posterior probabilities (E·N, T, K, C); row e·N + i is agent i of
-    episode e.
+def teacher_forced_pass(wm, data: dict[str, np.ndarray]
+                        ) -> tuple[np.ndarray | None, np.ndarray, Tensor, np.ndarray]:
+    """A teacher-forced pass over episodes → reconstruction (E·N, T, O) in observation space (None
+    for frames), predicted reward (E·N, T), posterior probabilities (E·N, T, K, C), predicted
+    continuation c_t ∈ {0, 1} (E·N, T); row e·N + i is agent i of episode e.  Steps past an episode's end (``data["valid"]``) are computed on its
+    padding and mean nothing: causal attention keeps them out of the steps before.
 
     Episodes are cut into windows of the training sequence length, each starting a segment, which
     is how the world model sees them in training (and keeps them within its positional range).
     """
     dev = _device(wm)
-    e, t, n, o = data["obs"].shape
-    obs = torch.as_tensor(data["obs"]).float().permute(0, 2, 1, 3).reshape(e * n, t, o).to(dev)  # (E·N, T, O)
-    act = torch.as_tensor(data["act"]).long().permute(0, 2, 1).reshape(e * n, t).to(dev)  # (E·N, T)
+    obs = torch.as_tensor(agent_rows(data, "obs"))  # (E·N, T, O) or (E·N, T, C, H, W) uint8, on the host
+    if not wm.image:
+        obs = obs.float()
+    act = torch.as_tensor(agent_rows(data, "act")).long().to(dev)  # (E·N, T)
+    e, t, n = data["act"].shape
     agent = torch.arange(n, device=dev).repeat(e)  # (E·N,)
     window = min(wm.cfg.seq_len, t)
-    recon, pred_rew, probs = [], [], []
+    recon, pred_rew, probs, cont = [], [], [], []
     for start in range(0, t, window):
         sl = slice(start, start + window)
         first = torch.zeros(act[:, sl].shape, dtype=torch.bool, device=dev)  # (E·N, W)
         first[:, 0] = True
-        out = wm.observe(obs[:, sl], act[:, sl], first, agent)
-        # the posterior's most likely latent, so the score is the latent's content, not its noise
-        z_mode = torch.nn.functional.one_hot(out.post_probs.argmax(-1), wm.C).float().flatten(-2)  # (E·N, W, K·C)
-        dec = wm.decoder(z_mode)  # (E·N, W, O): in symlog space when the model reconstructs symlog(obs)
-        recon.append(symexp(dec) if wm.cfg.recon_symlog else dec)
+        out = wm.observe(obs[:, sl].to(dev), act[:, sl], first, agent)
+        if not wm.image:
+            # the posterior's most likely latent, so the score is the latent's content, not its noise
+            z_mode = torch.nn.functional.one_hot(out.post_probs.argmax(-1), wm.C).float().flatten(-2)  # (E·N, W, K·C)
+            dec = wm.decoder(z_mode)  # (E·N, W, O): in symlog space when the model reconstructs symlog(obs)
+            recon.append(symexp(dec) if wm.cfg.recon_symlog else dec)
         pred_rew.append(twohot_decode(out.reward_logits, wm.bins))  # (E·N, W)
         probs.append(out.post_probs)  # (E·N, W, K, C)
-    return torch.cat(recon, 1).cpu().numpy(), torch.cat(pred_rew, 1).cpu().numpy(), torch.cat(probs, 1).cpu()
+        cont.append(out.cont_logits > 0)  # (E·N, W): the Bernoulli mode, as imagination reads it
+    rec = torch.cat(recon, 1).cpu().numpy() if recon else None
+    return rec, torch.cat(pred_rew, 1).cpu().numpy(), torch.cat(probs, 1).cpu(), torch.cat(cont, 1).cpu().numpy()
 
 
 def teacher_forced(wm, data: dict[str, np.ndarray]) -> dict:
-    """Reconstruction R² per real feature and reward R² of a teacher-forced pass over episodes
-    (:func:`teacher_forced_pass`)."""
-    e, t, n, o = data["obs"].shape
-    recon, pred_rew, probs = teacher_forced_pass(wm, data)
-    obs = data["obs"].astype(np.float32).transpose(0, 2, 1, 3).reshape(e * n, t, o)  # (E·N, T, O)
-    rew = data["rew"].transpose(0, 2, 1).reshape(e * n, t)  # (E·N, T)
-    feats = r2_score(recon.reshape(-1, o), obs.reshape(-1, o), axis=0)  # (O,)
-    # features some agent really has (not padding) and that vary (not a silent comm slot)
-    real = wm.obs_mask.any(0).cpu().numpy() & np.isfinite(feats)  # (O,)
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()  # nats per latent variable
+    """Reconstruction R² per real feature (vectors; None for frames) and reward R² of a
+    teacher-forced pass over episodes (:func:`teacher_forced_pass`), on the steps that happened."""
+    recon, pred_rew, probs, cont = teacher_forced_pass(wm, data)
+    valid = agent_rows(data, "valid")  # (E·N, T)
+    p, r = happened(valid, pred_rew, agent_rows(data, "rew"))  # (E·N, T) each, or (M,)
+    ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1)  # (E·N, T, K) nats per variable
+    entropy = ent.mean() if valid.all() else ent[torch.as_tensor(valid)].mean()
+    out = {"recon_r2_per_feature": None, "recon_r2_mean": None}
+    if recon is not None:
+        o = recon.shape[-1]
+        rec, obs = happened(valid, recon, agent_rows(data, "obs").astype(np.float32))  # (…, O) each
+        feats = r2_score(rec.reshape(-1, o), obs.reshape(-1, o), axis=0)  # (O,)
+        # features some agent really has (not padding) and that vary (not a silent comm slot)
+        real = wm.obs_mask.any(0).cpu().numpy() & np.isfinite(feats)  # (O,)
+        out = {"recon_r2_per_feature": [float(x) if m else None for x, m in zip(feats, real)],
+               "recon_r2_mean": float(feats[real].mean())}
+    ended = np.repeat(data["ended"], data["act"].shape[2])  # (E·N,) rows whose episode ended early
+    if ended.any():  # its last step: the one that ended it (a missed ball), and the steps before it
+        last = valid.sum(1) - 1  # (E·N,)
+        rows = np.flatnonzero(ended)
+        before = valid.copy()
+        before[rows, last[rows]] = False
+        out["end"] = {"steps": int(len(rows)), "reward_true": float(agent_rows(data, "rew")[rows, last[rows]].mean()),
+                      "reward_pred": float(pred_rew[rows, last[rows]].mean()),
+                      "predicted_end": float((~cont[rows, last[rows]]).mean()),  # c_t = 0 where it ended
+                      "reward_pred_elsewhere": float(pred_rew[before].mean()),
+                      "predicted_end_elsewhere": float((~cont[before]).mean())}  # false alarms
     return {
-        "recon_r2_per_feature": [float(x) if m else None for x, m in zip(feats, real)],
-        "recon_r2_mean": float(feats[real].mean()),
-        "reward_r2": float(r2_score(pred_rew, rew)),  # NaN if the scenario's reward never varied
-        "reward_corr": float(np.corrcoef(pred_rew.ravel(), rew.ravel())[0, 1]),
-        "reward_bias": float((pred_rew - rew).mean()),
-        "reward_std": float(rew.std()),
+        **out,
+        "reward_r2": float(r2_score(p, r)),  # NaN if the scenario's reward never varied
+        "reward_corr": float(np.corrcoef(p.ravel(), r.ravel())[0, 1]),
+        "reward_bias": float((p - r).mean()),
+        "reward_std": float(r.std()),
         "posterior_entropy": float(entropy),
         "posterior_entropy_max": float(np.log(wm.C)),
     }
@@ -280,10 +218,11 @@ def teacher_forced(wm, data: dict[str, np.ndarray]) -> dict:
 
 @torch.no_grad()
 def imagine_held_actions(wm, obs: Tensor, act: Tensor, agent: Tensor, held: Tensor, horizon: int,
-                         u_ctx: Tensor, u_latent: Tensor) -> Tensor:
-    """Open-loop imagination of R rows: context obs (R, L, O), act (R, L) of agents ``agent`` (R,)
-    (each context one segment from position 0), then ``held`` (R,) taken for ``horizon`` steps
-    → predicted rewards (R, H).
+                         u_ctx: Tensor, u_latent: Tensor) -> tuple[Tensor, Tensor]:
+    """Open-loop imagination of R rows: context obs (R, L, *obs), act (R, L) of agents ``agent``
+    (R,) (each context one segment from position 0), then ``held`` (R,) taken for ``horizon``
+    steps → predicted rewards and continuations c_t ∈ {0, 1}, (R, H) each (imagination's
+    :func:`~matwm_fast.imagination.outcomes`).
 
     Imagination's own steps with the actor replaced by the held action (and the teammate
     predictor, which no reward reads, left out): one causal pass over the context fills the
@@ -312,7 +251,7 @@ def imagine_held_actions(wm, obs: Tensor, act: Tensor, agent: Tensor, held: Tens
         hs.append(h)
         if t + 1 < horizon:
             z, _ = wm.prior(h, u_latent[:, t + 1])  # (R, K·C) z_{t+1}
-    return twohot_decode(wm.heads(torch.stack(hs, 1))[0], wm.bins)  # (R, H)
+    return outcomes(wm, torch.stack(hs, 1))  # (R, H) each
 
 
 @torch.no_grad()
@@ -352,27 +291,32 @@ def imagined_held_returns(wm, ac, ctx: HeldActionContexts, samples: int,
         cs = torch.tensor([c for c, _, _ in block], device=dev).repeat_interleave(samples)  # (R,)
         agent = torch.tensor([i for _, i, _ in block], device=dev).repeat_interleave(samples)  # (R,)
         held = torch.tensor([a for _, _, a in block], device=dev).repeat_interleave(samples)  # (R,)
-        obs = ctx.past_obs.to(dev)[cs, agent].to(wm.param_dtype)  # (R, L, O)
+        obs = ctx.past_obs.to(dev)[cs, agent]  # (R, L, *obs)
+        if not wm.image:  # frames stay uint8: the encoder scales them
+            obs = obs.to(wm.param_dtype)
         act = ctx.past_act.to(dev)[cs, agent]  # (R, L)
-        rew = imagine_held_actions(wm, obs, act, agent, held, h, torch.cat(u_ctx[start:start + per_pass]),
-                                   torch.cat(u_lat[start:start + per_pass]))  # (R, H)
-        means = rew.sum(1).view(len(block), samples).mean(1).cpu().numpy()  # (cells,)
+        rew, cont = imagine_held_actions(wm, obs, act, agent, held, h, torch.cat(u_ctx[start:start + per_pass]),
+                                         torch.cat(u_lat[start:start + per_pass]))  # (R, H) each
+        # r_t counts while every step before it continued (Π_{s<t} c_s), as the env's branch stops at done
+        alive = torch.cat([torch.ones_like(cont[:, :1]), cont[:, :-1].cumprod(1)], 1)  # (R, H)
+        means = (rew * alive).sum(1).view(len(block), samples).mean(1).cpu().numpy()  # (cells,)
         for (c, i, a), m in zip(block, means):
             pred[c * n + i, a] = m
     return pred, choice
 
 
 def action_effects(wm, ac, env_cfg: EnvConfig, contexts: int, context_len: int, horizon: int, samples: int,
-                   seed: int) -> dict:
-    """True vs imagined returns of holding each action, per context and agent (module doc):
-    {"true": (X, A), "pred": (X, A), "choice": (X,)}."""
-    if context_len + horizon > env_cfg.max_cycles:
+                   seed: int, near_end: bool = False) -> dict:
+    """True vs imagined returns of holding each action, per context and agent (module doc;
+    ``near_end``: branch points shortly before a random episode's end, :mod:`~matwm_fast.probe_episodes`):
+    {"true": (X, A), "pred": (X, A), "choice": (X,), "to_end": (C,)}."""
+    if not near_end and context_len + horizon > env_cfg.max_cycles:
         raise ValueError(f"context {context_len} + horizon {horizon} exceeds the episode length {env_cfg.max_cycles}")
     if context_len + horizon > wm.cfg.max_len:
         raise ValueError(f"context {context_len} + horizon {horizon} exceeds the transformer's max_len {wm.cfg.max_len}")
-    ctx = held_action_contexts(env_cfg, contexts, context_len, horizon, seed)
+    ctx = held_action_contexts(env_cfg, contexts, context_len, horizon, seed, near_end=near_end)
     pred, choice = imagined_held_returns(wm, ac, ctx, samples)
-    return {"true": ctx.true, "pred": pred, "choice": choice}
+    return {"true": ctx.true, "pred": pred, "choice": choice, "to_end": ctx.to_end}
 
 
 # ----------------------------------------------------------------------------- the training-time probe
@@ -401,9 +345,9 @@ class HeldOutProbe:
         if self._data is None:
             data = random_episodes(self.env_cfg, self.episodes, self.seed)
             ctx = None
-            if self.horizon >= 1:
+            if self.horizon >= 1:  # near the end where random play ends episodes early (module doc)
                 ctx = held_action_contexts(self.env_cfg, self.contexts, self.context_len, self.horizon,
-                                           self.seed + 10_000, should_stop)
+                                           self.seed + 10_000, should_stop, near_end=bool(data["ended"].any()))
                 if ctx is None:
                     return None
             self._data = (data, ctx)
@@ -412,10 +356,7 @@ class HeldOutProbe:
     @torch.no_grad()
     def __call__(self, wm, ac, should_stop: Callable[[], bool] | None = None) -> dict | None:
         """→ the flat ``wm_*`` scores (``<agent>_wm_reward_r2`` per agent), or None when
-        ``should_stop`` (asked between the pieces of work) cut it short; no scores ({}) for an
-        image scenario (vector observations only)."""
-        if self.spec.is_image:
-            return {}
+        ``should_stop`` (asked between the pieces of work) cut it short."""
         held = self._held_out(should_stop)
         if held is None or (should_stop is not None and should_stop()):
             return None
@@ -424,9 +365,8 @@ class HeldOutProbe:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), \
                 np.errstate(invalid="ignore", divide="ignore"):  # a constant prediction has no correlation: NaN
             torch.manual_seed(self.seed)
-            _, pred_rew, _ = teacher_forced_pass(wm, data)  # (E·N, T)
-            e, t, n = data["rew"].shape
-            fit = reward_fit(pred_rew, data["rew"].transpose(0, 2, 1).reshape(e * n, t), n)
+            _, pred_rew, _, _ = teacher_forced_pass(wm, data)  # (E·N, T)
+            fit = reward_fit(pred_rew, agent_rows(data, "rew"), data["rew"].shape[2], agent_rows(data, "valid"))
             out = {"wm_reward_r2": fit["reward_r2"]}
             out.update({f"{name}_wm_reward_r2": r2 for name, r2 in zip(self.spec.agents, fit["reward_r2_per_agent"])})
             corr = float("nan")

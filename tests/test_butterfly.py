@@ -289,12 +289,30 @@ def test_video_frame_shows_the_game_beside_what_the_agents_see():
     assert many.shape[0] == 4 * 64 + 3 * 4  # pistonball's 20 agents: a 5 × 4 grid at 1×, nothing cut
 
 
-def test_world_model_probe_refuses_frames():
+def test_world_model_probe_scores_pong():
+    """The probe on frames: padded episodes of uint8 frames, branch points near a missed ball (the
+    random episodes end early), scores that are finite and the same at every call."""
+    from matwm_fast import probe_episodes as pe
     from matwm_fast import wm_probe
+    from matwm_fast.config import resolve
+    from matwm_fast.policy import build_networks
 
-    with pytest.raises(ValueError, match="vector observations only; cooperative_pong has image observations"):
-        wm_probe.random_episodes(SMALL["cooperative_pong"], 1, 0)
-    assert wm_probe.HeldOutProbe(SMALL["cooperative_pong"], 4, 3)(None, None) == {}
+    cfg = SMALL["cooperative_pong"]
+    data = pe.random_episodes(cfg, 3, 0)
+    assert data["obs"].dtype == np.uint8 and data["obs"].shape[2:] == (2, *bf.FRAME) and "next_obs" not in data
+    length = data["valid"].sum(1)  # (E,)
+    assert data["ended"][length < cfg.max_cycles].all()  # a miss ended it, not the time limit
+    ctx = pe.held_action_contexts(cfg, 2, 4, 6, 0, near_end=True)
+    assert ctx.past_obs.shape == (2, 2, 4, *bf.FRAME) and ((ctx.to_end >= 1) & (ctx.to_end <= 6)).all()
+    assert ctx.true.shape == (2 * 2, 3) and np.isfinite(ctx.true).all()  # every paddle's three actions
+    run = resolve(preset("smoke", "cooperative_pong"), 2)
+    torch.manual_seed(0)
+    wm, ac = build_networks(run, env_spec(cfg))
+    probe = wm_probe.HeldOutProbe(cfg, run.ac.context_len, run.ac.horizon, episodes=3, contexts=2, samples=2)
+    scores = probe(wm, ac)
+    assert set(scores) == {"wm_reward_r2", "paddle_0_wm_reward_r2", "paddle_1_wm_reward_r2", "wm_effect_corr"}
+    assert np.isfinite(scores["wm_reward_r2"])
+    np.testing.assert_equal(probe(wm, ac), scores)  # NaN (no effect to correlate) included
 
 
 def test_pettingzoo_parameter_table_matches_the_installed_games():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from matwm_fast import probe_episodes as pe
 from matwm_fast import wm_probe as wp
 from matwm_fast.acting import ContextQueues, policy_step
 from matwm_fast.config import EnvConfig, preset, resolve
@@ -103,10 +104,11 @@ def test_held_action_imagination_equals_training_imagination():
     with torch.no_grad():
         roll = imagine(wm, ac, obs, act, first, torch.arange(n), h,
                        ImagCaches.allocate(wm, n * b, L, h, "cpu", torch.float64), noise)
-        mine = wp.imagine_held_actions(wm, obs, act, agent, torch.full((n * b,), held), h, noise.ctx,
-                                       noise.latent[:, :h])  # (N·B, H)
+        rew, cont = wp.imagine_held_actions(wm, obs, act, agent, torch.full((n * b,), held), h, noise.ctx,
+                                            noise.latent[:, :h])  # (N·B, H) each
     assert (roll.actions == held).all()
-    torch.testing.assert_close(mine, roll.rewards.reshape(n * b, h), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(rew, roll.rewards.reshape(n * b, h), rtol=1e-9, atol=1e-9)
+    assert torch.equal(cont, roll.continues.reshape(n * b, h))
 
 
 # ----------------------------------------------------------------------------- env branching
@@ -120,8 +122,8 @@ def test_branched_returns_equal_straight_replays():
         env.step(a)
     state = env.get_state()
     mates = np.stack([random_actions(rng, env.spec) for _ in range(6)])  # (H, N)
-    branched = wp.true_held_returns(env, state, 1, [0, 3, 4], mates)
-    assert np.array_equal(branched, wp.true_held_returns(env, state, 1, [0, 3, 4], mates))
+    branched = pe.true_held_returns(env, state, 1, [0, 3, 4], mates)
+    assert np.array_equal(branched, pe.true_held_returns(env, state, 1, [0, 3, 4], mates))
     for k, held in enumerate([0, 3, 4]):  # the same from a fresh env played straight through
         fresh = MultiAgentEnv(cfg, seed=0)
         fresh.reset(seed=11)
@@ -140,19 +142,22 @@ def test_branched_returns_equal_straight_replays():
 @torch.no_grad()
 def per_action_imagination(wm, obs, act, agent, action, horizon, samples):
     """diagnose's former open-loop imagination, kept as the reference: one full causal pass per
-    step for one (agent, action), drawing from torch's generator → predicted rewards (S, H)."""
+    step for one (agent, action), drawing from torch's generator → predicted rewards (S, H), each
+    counted while every step before it continued (the continuation head's logit > 0)."""
     ctx = obs.shape[0]
     ag = torch.full((samples,), agent, dtype=torch.long)
     z, _ = wm.posterior(obs[None].expand(samples, -1, -1))
     acts = act[None].expand(samples, -1)
-    rewards = []
+    rewards, alive = [], torch.ones(samples)
     for t in range(horizon + 1):
         first = torch.zeros(samples, ctx + t, dtype=torch.bool)
         first[:, 0] = True
         mask, pos = segment_mask(first)
         h = wm.seq(wm.mix(z, ag, acts), pos, mask)[:, -1]
         if t > 0:
-            rewards.append(twohot_decode(wm.heads(h)[0], wm.bins))
+            rew_logits, con_logit = wm.heads(h)
+            rewards.append(twohot_decode(rew_logits, wm.bins) * alive)
+            alive = alive * (con_logit > 0).float()
         if t == horizon:
             break
         z_next, _ = wm.prior(h)
@@ -186,7 +191,7 @@ def per_action_effects(wm, ac, env_cfg, contexts, context_len, horizon, samples,
         for i in range(n):
             row = c * n + i
             valid = list(range(spec.action_counts[i]))
-            true[row, valid] = wp.true_held_returns(env, state, i, valid, mates)
+            true[row, valid] = pe.true_held_returns(env, state, i, valid, mates)
             for a in valid:
                 pred[row, a] = per_action_imagination(wm, past_obs[i].float(), past_act[i], i, a, horizon,
                                                       samples).sum(1).mean()
@@ -248,7 +253,7 @@ def test_probe_is_diagnoses_computation_on_its_own_random_streams():
     assert set(scores) == {"wm_reward_r2", "wm_effect_corr", *(f"{a}_wm_reward_r2" for a in agents)}
     # what `diagnose model --seed S` computes: seeded latent draws, the fit, then the branch points
     torch.manual_seed(wp.HELD_OUT_SEED)
-    data = wp.random_episodes(cfg.env, 3, wp.HELD_OUT_SEED)
+    data = pe.random_episodes(cfg.env, 3, wp.HELD_OUT_SEED)
     fit = wp.teacher_forced(wm, data)
     eff = wp.action_effects(wm, ac, cfg.env, 2, cfg.ac.context_len, cfg.ac.horizon, 4, wp.HELD_OUT_SEED + 10_000)
     assert scores["wm_reward_r2"] == fit["reward_r2"]

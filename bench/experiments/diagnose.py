@@ -21,6 +21,12 @@ not on the data the model was trained on):
   the score is the correlation of the centred effects (each row minus its mean over actions),
   with the regret of acting on the model's best action and on the actor's greedy action.
 
+On a scenario whose random episodes end early (Cooperative Pong: a missed ball) the branch points
+are 1 … ``horizon`` steps before a random episode's end instead, imagined returns stop where the
+continuation head ends them, and the teacher-forced report adds what the model predicts at the
+step that ended each episode (``end``: the reward and the end itself, beside every other step);
+``model`` takes image runs like vector ones (``wm-data`` and ``reward-data`` are for MPE2).
+
 Both are computed by ``matwm_fast/wm_probe.py``, which a training run's evaluation also calls
 (``--eval-every``): its ``eval_wm_reward_r2`` and ``eval_wm_effect_corr`` are this report's
 ``reward_r2`` and ``effect_corr`` with ``--seed 1000000000 --samples 8 --horizon`` the run's
@@ -66,8 +72,8 @@ from matwm_fast.env import SCENARIOS, MultiAgentEnv
 from matwm_fast import steps as step_fns  # not `steps`: world_model_data's argument of that name
 from matwm_fast.losses import symlog
 from matwm_fast.replay import ReplayBuffer
-from matwm_fast.wm_probe import (action_effects, effect_scores, r2_score, random_episodes, teacher_forced,
-                                  teacher_forced_pass)
+from matwm_fast.probe_episodes import random_episodes
+from matwm_fast.wm_probe import action_effects, effect_scores, r2_score, teacher_forced, teacher_forced_pass
 from matwm_fast.world_model import WorldModel
 
 
@@ -80,10 +86,12 @@ def diagnose_model(path: str, episodes: int, contexts: int, horizon: int, sample
     torch.manual_seed(seed)  # the latent draws: the same report for the same seed
     data = random_episodes(cfg.env, episodes, seed)
     report = {"checkpoint": str(pol.path), "env_step": pol.step, "scenario": cfg.env.scenario,
-              "episodes": episodes, "teacher_forced": teacher_forced(wm, data)}
-    eff = action_effects(wm, ac, cfg.env, contexts, cfg.ac.context_len, horizon, samples, seed + 10_000)
-    report["held_actions"] = {"horizon": horizon, "samples": samples,
-                              **effect_scores(eff["true"], eff["pred"], eff["choice"])}
+              "episodes": episodes, "steps": int(data["valid"].sum()), "teacher_forced": teacher_forced(wm, data)}
+    near_end = bool(data["ended"].any())  # branch where the actions decide an early end (wm_probe's doc)
+    eff = action_effects(wm, ac, cfg.env, contexts, cfg.ac.context_len, horizon, samples, seed + 10_000, near_end)
+    report["held_actions"] = {"horizon": horizon, "samples": samples, "near_end": near_end,
+                              "to_end": eff["to_end"].tolist(), "true": eff["true"].tolist(),
+                              "pred": eff["pred"].tolist(), **effect_scores(eff["true"], eff["pred"], eff["choice"])}
     return report
 
 
@@ -154,7 +162,7 @@ def model_features(wm: WorldModel, data: dict) -> dict[str, Tensor]:
     seen = []
     hook = wm.seq.register_forward_hook(lambda mod, inp, out: seen.append(out))
     try:
-        recon, _, probs = teacher_forced_pass(wm, data)  # (E·N, T, O), (E·N, T, K, C)
+        recon, _, probs, _ = teacher_forced_pass(wm, data)  # (E·N, T, O), (E·N, T, K, C)
     finally:
         hook.remove()
     e, t, n, _ = data["obs"].shape
@@ -321,13 +329,21 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError, CheckpointError) as e:
             fail(str(e))
         tf, ha = report["teacher_forced"], report["held_actions"]
-        print(f"{report['scenario']} @ env step {report['env_step']}: {args.episodes} random-policy episodes")
-        print(f"  reconstruction R² (mean over real features) {tf['recon_r2_mean']:.3f}; per feature: "
-              + " ".join("-" if x is None else f"{x:.2f}" for x in tf["recon_r2_per_feature"]))
+        print(f"{report['scenario']} @ env step {report['env_step']}: {args.episodes} random-policy episodes "
+              f"({report['steps']} steps)")
+        if tf["recon_r2_mean"] is not None:  # vectors: per feature (frames: bench/experiments/pong_ball.py)
+            print(f"  reconstruction R² (mean over real features) {tf['recon_r2_mean']:.3f}; per feature: "
+                  + " ".join("-" if x is None else f"{x:.2f}" for x in tf["recon_r2_per_feature"]))
         print(f"  reward R² {tf['reward_r2']:.3f} (corr {tf['reward_corr']:.3f}, bias {tf['reward_bias']:+.3f}, "
               f"reward std {tf['reward_std']:.3f}); posterior entropy {tf['posterior_entropy']:.2f} of "
               f"{tf['posterior_entropy_max']:.2f} nats per variable")
-        print(f"  held actions ({ha['contexts']} agent-contexts × {ha['horizon']} steps): effect corr "
+        if "end" in tf:  # episodes that ended early: the step that ended each, teacher-forced
+            end = tf["end"]
+            print(f"  at the {end['steps']} agent-steps that ended an episode: reward {end['reward_true']:.2f}, "
+                  f"predicted {end['reward_pred']:.2f}, end predicted {end['predicted_end']:.0%}; elsewhere reward "
+                  f"predicted {end['reward_pred_elsewhere']:.3f}, end predicted {end['predicted_end_elsewhere']:.1%}")
+        where = " from 1 … horizon steps before a random episode's end" if ha["near_end"] else ""
+        print(f"  held actions ({ha['contexts']} agent-contexts × {ha['horizon']} steps{where}): effect corr "
               f"{ha['effect_corr']:.3f} (effect std true {ha['effect_std_true']:.3f}, imagined "
               f"{ha['effect_std_pred']:.3f}); best-action agreement {ha['best_action_agreement']:.2f}")
         print(f"  regret of the model's best action {ha['regret_model_pick']:.3f}, of the actor's greedy action "
