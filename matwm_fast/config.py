@@ -103,6 +103,12 @@ class WorldModelConfig:
     recon_object_level: float = field(default=0.3, metadata=LATER)
     """Frames: summed RGB, in [0, 3], above which a target pixel shows an object for
     ``recon_object_weight`` (the Butterfly games draw their objects bright on a dark background)."""
+    reward_weight: float = field(default=1.0, metadata=LATER)
+    """Outside the paper: the weight of the reward term in Eq. 3 (1 is the paper's).  The reward
+    head reads h_t and its loss is the only one in the sum that asks the representation for what
+    decides the reward; beside a reconstruction summed over 12,288 pixels it counts little, and on
+    Cooperative Pong a read-out of the frames finds the missed ball that the world model's states
+    do not (bench/results/learning/butterfly/README.md)."""
     recon_symlog: bool = False
     """Reconstruct symlog(obs) (DreamerV3) instead of the raw observation the encoder sees symlogged
     (vector observations; frames are reconstructed in [0, 1], as STORM)."""
@@ -374,6 +380,7 @@ RULES: dict[str, tuple] = {
     "wm.rep_weight": _num(0, 1e6), "wm.free_bits": _num(0, 1e6), "wm.batch_size": _int(1),
     "wm.dropout": _num(0, 1, hi_open=True), "wm.recon_symlog": ("bool",), "wm.teammates": ("bool",),
     "wm.recon_object_weight": _num(1, 1e6), "wm.recon_object_level": _num(0, 3, hi_open=True),
+    "wm.reward_weight": _num(0, 1e6),
     "wm.action_scaling": ("bool",),
     "wm.batch_per_agent": _int(0), "wm.seq_len": _int(2),
     # the lr cap only keeps Adam's float32 arithmetic representable (it overflows near 1e38); a

@@ -95,7 +95,8 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- world-model loss
 def world_model_loss(out, obs: Tensor, rew: Tensor, cont: Tensor, team_act: Tensor, obs_mask: Tensor,
                      bins: Tensor, cfg: WorldModelConfig, kernels: str = "ref") -> tuple[Tensor, dict[str, Tensor]]:
-    """Paper Eq. 3, averaged over batch and time: rec + rew + con + team + 0.5·dyn + 0.1·rep.
+    """Paper Eq. 3, averaged over batch and time: rec + rew + con + team + 0.5·dyn + 0.1·rep (the
+    reward term weighted by ``cfg.reward_weight``, 1 in the paper).
 
     out: :class:`~matwm_fast.world_model.WMOutputs` for R rows × T steps; obs (R, T, O), or frames
     (R, T, C, H, W) (:func:`pixel_reconstruction`); rew, cont (R, T); team_act (R, T, N−1);
@@ -123,7 +124,8 @@ def world_model_loss(out, obs: Tensor, rew: Tensor, cont: Tensor, team_act: Tens
     dyn, rep, kl = kl_free_bits(out.post_probs[:, 1:], out.prior_probs[:, :-1], cfg.free_bits)  # (R, T-1) each
     same_episode = out.seg_mask[:, 1:, :-1].diagonal(dim1=1, dim2=2)  # (R, T-1): t+1 attends t
     dyn_loss, rep_loss = masked_mean(dyn, same_episode), masked_mean(rep, same_episode)
-    total = rec + rew_loss + con_loss + team_loss + cfg.dyn_weight * dyn_loss + cfg.rep_weight * rep_loss
+    total = (rec + cfg.reward_weight * rew_loss + con_loss + team_loss + cfg.dyn_weight * dyn_loss
+             + cfg.rep_weight * rep_loss)
     metrics = {
         "total": total, "rec": rec, "rew": rew_loss, "con": con_loss, "team": team_loss,
         "dyn": dyn_loss, "rep": rep_loss, "kl": masked_mean(kl, same_episode),

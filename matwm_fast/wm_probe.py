@@ -145,8 +145,9 @@ def teacher_forced_pass(wm, data: dict[str, np.ndarray]
                         ) -> tuple[np.ndarray | None, np.ndarray, Tensor, np.ndarray]:
     """A teacher-forced pass over episodes → reconstruction (E·N, T, O) in observation space (None
     for frames), predicted reward (E·N, T), posterior probabilities (E·N, T, K, C), predicted
-    continuation c_t ∈ {0, 1} (E·N, T); row e·N + i is agent i of episode e.  Steps past an episode's end (``data["valid"]``) are computed on its
-    padding and mean nothing: causal attention keeps them out of the steps before.
+    continuation c_t ∈ {0, 1} (E·N, T); row e·N + i is agent i of episode e.  Steps past an
+    episode's end (``data["valid"]``) are computed on its padding and mean nothing: causal
+    attention keeps them out of the steps before.
 
     Episodes are cut into windows of the training sequence length, each starting a segment, which
     is how the world model sees them in training (and keeps them within its positional range).

@@ -47,6 +47,7 @@ BAD = [
     # a setting of the pixel loss on a vector scenario would do nothing: said, not ignored
     (["--preset", "smoke", "--wm.recon-object-weight", "16"],
      "--wm.recon-object-weight 16: weighs pixels; simple_tag has vector observations (allowed there: 1)"),
+    (["--preset", "smoke", "--wm.reward-weight", "-1"], "--wm.reward-weight -1.0: must be a number in [0, 1e+06]"),
     # ... and 40 context + 3 imagined steps do not fit the smoke transformer's 16 positions
     (["--preset", "smoke", "--ac.context-len", "40"],
      "ac.context_len + horizon + 1 = 40 + 3 + 1 exceeds wm.max_len=16; allowed: ac.context_len ≤ 12"),

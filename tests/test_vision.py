@@ -241,8 +241,9 @@ def test_configs_saved_before_the_conv_and_object_fields_load_with_their_presets
         cfg = load_config(d)
         assert (cfg.wm.cnn_channels, cfg.wm.cnn_stages) == (preset(name).wm.cnn_channels, preset(name).wm.cnn_stages)
     d = preset("cpu", "cooperative_pong").to_dict()
-    del d["wm"]["recon_object_weight"], d["wm"]["recon_object_level"]
-    assert (load_config(d).wm.recon_object_weight, load_config(d).wm.recon_object_level) == (1.0, 0.3)  # the paper's loss
+    del d["wm"]["recon_object_weight"], d["wm"]["recon_object_level"], d["wm"]["reward_weight"]
+    assert (load_config(d).wm.recon_object_weight, load_config(d).wm.recon_object_level,
+            load_config(d).wm.reward_weight) == (1.0, 0.3, 1.0)  # the paper's loss
     d = preset("cpu").to_dict()
     del d["wm"]["width"]
     with pytest.raises(ValueError, match="missing field wm.width"):  # only fields marked LATER

@@ -139,6 +139,18 @@ def test_loss_ignores_pairs_across_episode_start(wm):
     torch.testing.assert_close(base.detach(), expected)
 
 
+def test_reward_weight_scales_the_reward_term_only(wm):
+    """wm.reward_weight (outside the paper; 1 is Eq. 3) multiplies the reward term and nothing else."""
+    obs, act, first, agent = batch()
+    out = wm.observe(obs, act, first, agent)
+    args = (obs, torch.randn(4, 8, dtype=torch.float64), torch.ones(4, 8, dtype=torch.float64),
+            torch.zeros(4, 8, 3, dtype=torch.long), wm.obs_mask[agent].double(), wm.bins.double())
+    one, m1 = world_model_loss(out, *args, loss_cfg(wm, free_bits=0.0))
+    ten, m10 = world_model_loss(out, *args, replace(loss_cfg(wm, free_bits=0.0), reward_weight=10.0))
+    assert {k: v for k, v in m1.items() if k != "total"} == {k: v for k, v in m10.items() if k != "total"}
+    torch.testing.assert_close(ten - one, 9 * m1["rew"])
+
+
 def test_loss_backward_reaches_every_parameter(wm):
     obs, act, first, agent = batch()
     out = wm.observe(obs, act, first, agent)

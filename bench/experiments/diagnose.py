@@ -61,7 +61,6 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout: the package be
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 Tensor = torch.Tensor
 
@@ -73,12 +72,19 @@ from matwm_fast import steps as step_fns  # not `steps`: world_model_data's argu
 from matwm_fast.losses import symlog
 from matwm_fast.replay import ReplayBuffer
 from matwm_fast.probe_episodes import random_episodes
-from matwm_fast.wm_probe import action_effects, effect_scores, r2_score, teacher_forced, teacher_forced_pass
+from matwm_fast.wm_probe import action_effects, effect_scores, teacher_forced
+from readout import fit_mlp, model_features, state_probe
 from matwm_fast.world_model import WorldModel
 
 
 # ----------------------------------------------------------------------------- model
-def diagnose_model(path: str, episodes: int, contexts: int, horizon: int, samples: int, seed: int) -> dict:
+PROBE_SEEDS = 100_000
+"""``model --probe``'s fitted episodes play ``reset(seed=SEED + PROBE_SEEDS + e)``: clear of the
+report's episodes (SEED + e) and branch points (SEED + 10,000 + j)."""
+
+
+def diagnose_model(path: str, episodes: int, contexts: int, horizon: int, samples: int, seed: int,
+                   probe_episodes: int = 0) -> dict:
     from matwm_fast.policy import Policy
 
     pol = Policy(path, "cpu")
@@ -92,6 +98,9 @@ def diagnose_model(path: str, episodes: int, contexts: int, horizon: int, sample
     report["held_actions"] = {"horizon": horizon, "samples": samples, "near_end": near_end,
                               "to_end": eff["to_end"].tolist(), "true": eff["true"].tolist(),
                               "pred": eff["pred"].tolist(), **effect_scores(eff["true"], eff["pred"], eff["choice"])}
+    if probe_episodes:  # last, so the numbers above are the same with or without it
+        fit = random_episodes(cfg.env, probe_episodes, seed + PROBE_SEEDS)
+        report["state_probe"] = {"episodes": probe_episodes, **state_probe(wm, fit, data, seed)}
     return report
 
 
@@ -131,49 +140,6 @@ def reward_regression(env_cfg: EnvConfig, steps: list[int], test_episodes: int, 
         rows.append({"steps": s, "episodes": -(-s // env_cfg.max_cycles), "updates": updates or s, "inputs": inputs,
                      "r2_train": fit["r2_train"], "r2_heldout": fit["r2_heldout"]})
     return rows
-
-
-def fit_mlp(x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, updates: int, width: int = 256, lr: float = 1e-3,
-            batch: int = 384, seed: int = 0) -> dict:
-    """R² on its training rows and on held-out ones of a 2-hidden-layer MLP regressing y (S,) on x
-    (S, F) with Adam on the squared error, ``batch`` rows drawn per update."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(x.shape[1], width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                        nn.Linear(width, 1))
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    for _ in range(updates):
-        idx = torch.randint(0, x.shape[0], (batch,), generator=gen)
-        loss = (net(x[idx]).squeeze(-1) - y[idx]).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return {"r2_train": float(r2_score(net(x).squeeze(-1).numpy(), y.numpy())),
-                "r2_heldout": float(r2_score(net(x_test).squeeze(-1).numpy(), y_test.numpy()))}
-
-
-@torch.no_grad()
-def model_features(wm: WorldModel, data: dict) -> dict[str, Tensor]:
-    """What the reward head could read, per step of every agent (rows in time order within each
-    episode's agent): ``z`` the posterior's mode of o_t (K·C) with a one-hot a_t, ``xhat`` that
-    latent decoded (symlog of the reconstructed o_t) with a_t, ``h`` the sequence model's output
-    h_t (D) — the reward head's own input — and the target ``r`` (E·N·T,)."""
-    seen = []
-    hook = wm.seq.register_forward_hook(lambda mod, inp, out: seen.append(out))
-    try:
-        recon, _, probs, _ = teacher_forced_pass(wm, data)  # (E·N, T, O), (E·N, T, K, C)
-    finally:
-        hook.remove()
-    e, t, n, _ = data["obs"].shape
-    z = torch.nn.functional.one_hot(probs.argmax(-1), wm.C).float().flatten(-2)  # (E·N, T, K·C)
-    act = torch.as_tensor(data["act"]).long().permute(0, 2, 1).reshape(e * n, t)  # (E·N, T)
-    a = torch.nn.functional.one_hot(act, wm.A).float()  # (E·N, T, A)
-    za = torch.cat([z, a], -1)  # (E·N, T, K·C + A)
-    xa = torch.cat([symlog(torch.as_tensor(recon).float()), a], -1)  # (E·N, T, O + A)
-    h = torch.cat(seen, 1).float().cpu()  # (E·N, T, D)
-    r = torch.as_tensor(data["rew"]).float().permute(0, 2, 1).reshape(-1)  # (E·N·T,)
-    return {"z": za.reshape(e * n * t, -1), "xhat": xa.reshape(e * n * t, -1), "h": h.reshape(e * n * t, -1), "r": r}
 
 
 def world_model_data(cfg: Config, steps: list[int], updates: int, test_episodes: int, seed: int,
@@ -253,6 +219,9 @@ def build_parser() -> Parser:
     m.add_argument("--horizon", type=int, default=8, help="steps each action is held (default 8)")
     m.add_argument("--samples", type=int, default=16, help="latent draws averaged per imagined return (default 16)")
     m.add_argument("--seed", type=int, default=0, help="seed of the diagnostic episodes (default 0)")
+    m.add_argument("--probe", type=int, default=0, metavar="EPISODES",
+                   help="also fit MLPs reading the reward from the model's h_t and z_t on this many more random "
+                        "episodes, scored on the report's (default 0: no)")
     m.add_argument("--out", metavar="FILE.json", default=None, help="also write the report here")
     w = data_parser(sub, "wm-data", "held-out reward fit of a world model trained offline on random data")
     w.add_argument("--preset", default="cpu", help=f"world-model config: {', '.join(PRESETS)} (default cpu)")
@@ -324,8 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("episodes", "contexts", "horizon", "samples"):
             if getattr(args, name) < 1:
                 fail(f"--{name} must be ≥ 1, got {getattr(args, name)}")
+        if args.probe < 0:
+            fail(f"--probe must be ≥ 0 episodes (0 = no probe), got {args.probe}")
         try:
-            report = diagnose_model(args.run, args.episodes, args.contexts, args.horizon, args.samples, args.seed)
+            report = diagnose_model(args.run, args.episodes, args.contexts, args.horizon, args.samples, args.seed,
+                                    args.probe)
         except (ValueError, OSError, CheckpointError) as e:
             fail(str(e))
         tf, ha = report["teacher_forced"], report["held_actions"]
@@ -348,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{ha['effect_std_pred']:.3f}); best-action agreement {ha['best_action_agreement']:.2f}")
         print(f"  regret of the model's best action {ha['regret_model_pick']:.3f}, of the actor's greedy action "
               f"{ha['regret_actor_pick']:.3f}, of a uniform pick {ha['regret_uniform_pick']:.3f}")
+        if "state_probe" in report:
+            sp = report["state_probe"]
+            end = lambda d: f", at the ending steps {d['end_pred']:.2f}" if "end_pred" in d else ""  # noqa: E731
+            print(f"  reward read from the model's states by an MLP ({sp['episodes']} more episodes, {sp['fit_steps']} "
+                  f"agent-steps), held-out R²: from h_t {sp['h']['r2_heldout']:.3f}{end(sp['h'])}; from z_t, a_t "
+                  f"{sp['z']['r2_heldout']:.3f}{end(sp['z'])}; the reward head {sp['head']['r2_heldout']:.3f}{end(sp['head'])}; "
+                  f"from the data (o_t-1, o_t, a_t) {sp['obs']['r2_heldout']:.3f}{end(sp['obs'])}")
         result = report
     elif args.cmd == "wm-data":
         check_data_args(args)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "experiments"))
 import diagnose as dg  # noqa: E402
@@ -60,6 +61,43 @@ def test_model_report_is_what_training_logs(run_dir, tmp_path):
     assert row["eval_wm_reward_r2"] == rep["teacher_forced"]["reward_r2"]
     assert row["eval_wm_effect_corr"] == rep["held_actions"]["effect_corr"]
     assert all(isinstance(row[f"eval_agent_{i}_wm_reward_r2"], float) for i in range(3))
+
+
+def test_model_probe_reads_the_reward_from_the_states(run_dir, tmp_path):
+    """--probe adds MLPs from h_t and (z_t, a_t) beside the reward head, and changes nothing else."""
+    argv = ["model", str(run_dir), "--episodes", "2", "--contexts", "2", "--horizon", "3", "--samples", "2"]
+    assert dg.main([*argv, "--out", str(tmp_path / "a.json")]) == 0
+    assert dg.main([*argv, "--probe", "3", "--out", str(tmp_path / "b.json")]) == 0
+    plain, probed = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    sp = probed.pop("state_probe")
+    assert probed == plain
+    assert sp["episodes"] == 3 and sp["fit_steps"] == 3 * 25 * 3 and sp["test_steps"] == 2 * 25 * 3
+    assert all(np.isfinite(sp[k]["r2_heldout"]) for k in ("h", "z", "head"))
+    assert "end_pred" not in sp["head"]  # simple_spread's episodes never end early
+
+
+def test_model_features_keep_the_steps_that_happened(run_dir):
+    """Padded episodes: a row per step that happened, the same features as the unpadded episode's
+    (causal attention keeps the padding out), and the step that ended an episode marked."""
+    from matwm_fast.policy import Policy
+    from matwm_fast.probe_episodes import random_episodes
+
+    pol = Policy(str(run_dir), "cpu")
+    wm = pol.wm
+    data = random_episodes(pol.cfg.env, 2, 7)  # (E=2, T=25, N=3)
+    cut = {k: v.copy() for k, v in data.items()}
+    cut["valid"][1, 10:] = False  # episode 1 "ended" after 10 steps
+    cut["ended"][1] = True
+    full, part = ((torch.manual_seed(0), dg.model_features(wm, d))[1] for d in (data, cut))  # the same draws
+    keep = np.ones((2, 3, 25), bool)  # (E, N, T) rows in the features' order
+    keep[1, :, 10:] = False
+    keep = keep.reshape(-1)
+    assert part["h"].shape[0] == keep.sum() == 25 * 3 + 10 * 3
+    for k in ("h", "z", "r"):
+        np.testing.assert_allclose(part[k].numpy(), full[k].numpy()[keep], rtol=1e-5, atol=1e-5)
+    ends = np.zeros((2, 3, 25), bool)
+    ends[1, :, 9] = True
+    np.testing.assert_array_equal(part["end"].numpy(), ends.reshape(-1)[keep])
 
 
 def test_reward_data_cli_is_reproducible(tmp_path, capsys):
@@ -140,6 +178,7 @@ def test_reward_data_on_the_world_models_information(tmp_path):
     (["reward-data", "--scenario", "simple_sprad", "--steps", "10"], "unknown scenario 'simple_sprad'; valid: simple_tag"),
     (["reward-data", "--scenario", "simple_spread", "--steps", "0"], "--steps must be ≥ 1, got 0"),
     (["model", "/nonexistent/run", "--contexts", "0"], "--contexts must be ≥ 1, got 0"),
+    (["model", "/nonexistent/run", "--probe", "-1"], "--probe must be ≥ 0 episodes (0 = no probe), got -1"),
     (["model", "/nonexistent/run"], "/nonexistent/run"),
 ])
 def test_bad_arguments_are_refused_with_the_allowed_values(argv, needle, capsys):
