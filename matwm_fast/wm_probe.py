@@ -29,15 +29,14 @@ kind of episode (:mod:`matwm_fast.protocol`).  The env side — the episodes, th
 their true returns — is :mod:`matwm_fast.probe_episodes`.
 
 **Episodes that end early** (Butterfly: a missed ball, dead knights) are scored alike, with three
-differences: episodes are padded and only the steps
-that happened are scored; branch points are taken shortly before a random episode's end, where
-the actions decide it (``near_end``, chosen when any random episode ended before the time limit);
-and an imagined return stops after the step the continuation head ends (c_t = 0, imagination's
-own c_t), as the env's branch stops at ``done`` — a held action that misses the ball is worth the
-miss, not the rally the model imagines past it.  A model that never predicts an end (MPE2, where
-episodes only truncate) sums exactly as before.  Frames are scored like vectors, except the
-reconstruction's R² per feature, which is for vectors only (per pixel it says little;
-``bench/experiments/pong_ball.py`` scores the objects in frames).
+differences: episodes are padded and only the steps that happened are scored; branch points are
+taken shortly before a random episode's end, where the actions decide it (``near_end``, chosen
+when any random episode ended before the time limit); and an imagined return stops after the step
+the continuation head ends (c_t = 0, imagination's own c_t), as the env's branch stops at ``done``
+— a held action that misses the ball is worth the miss, not the rally the model imagines past it.
+A model that never predicts an end (MPE2, where episodes only truncate) sums exactly as before.
+Frames are scored like vectors, except the reconstruction's R² per feature, which is for vectors
+only (per pixel it says little; ``bench/experiments/pong_ball.py`` scores the objects in frames).
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ are 1 … ``horizon`` steps before a random episode's end instead, imagined retu
 continuation head ends them, and the teacher-forced report adds what the model predicts at the
 step that ended each episode (``end``: the reward and the end itself, beside every other step);
 ``model`` takes image runs like vector ones (``wm-data`` and ``reward-data`` are for MPE2).
+``model --probe N`` also reads the reward, on N more random episodes, from the model's h_t and
+z_t and from the data itself (``readout.py``): whether the head, the states or the data lack it.
 
 Both are computed by ``matwm_fast/wm_probe.py``, which a training run's evaluation also calls
 (``--eval-every``): its ``eval_wm_reward_r2`` and ``eval_wm_effect_corr`` are this report's
