@@ -124,8 +124,9 @@ def world_model_loss(out, obs: Tensor, rew: Tensor, cont: Tensor, team_act: Tens
     dyn, rep, kl = kl_free_bits(out.post_probs[:, 1:], out.prior_probs[:, :-1], cfg.free_bits)  # (R, T-1) each
     same_episode = out.seg_mask[:, 1:, :-1].diagonal(dim1=1, dim2=2)  # (R, T-1): t+1 attends t
     dyn_loss, rep_loss = masked_mean(dyn, same_episode), masked_mean(rep, same_episode)
-    total = (rec + cfg.reward_weight * rew_loss + con_loss + team_loss + cfg.dyn_weight * dyn_loss
-             + cfg.rep_weight * rep_loss)
+    # weight 1, the paper's: no multiply, so the graph is Eq. 3's call for call (launch count)
+    rew_term = rew_loss if cfg.reward_weight == 1 else cfg.reward_weight * rew_loss
+    total = rec + rew_term + con_loss + team_loss + cfg.dyn_weight * dyn_loss + cfg.rep_weight * rep_loss
     metrics = {
         "total": total, "rec": rec, "rew": rew_loss, "con": con_loss, "team": team_loss,
         "dyn": dyn_loss, "rep": rep_loss, "kl": masked_mean(kl, same_episode),
