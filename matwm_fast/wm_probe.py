@@ -182,7 +182,8 @@ def teacher_forced(wm, data: dict[str, np.ndarray]) -> dict:
     teacher-forced pass over episodes (:func:`teacher_forced_pass`), on the steps that happened."""
     recon, pred_rew, probs, cont = teacher_forced_pass(wm, data)
     valid = agent_rows(data, "valid")  # (E·N, T)
-    p, r = happened(valid, pred_rew, agent_rows(data, "rew"))  # (E·N, T) each, or (M,)
+    rew = agent_rows(data, "rew")  # (E·N, T)
+    p, r = happened(valid, pred_rew, rew)  # (E·N, T) each, or (M,)
     ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1)  # (E·N, T, K) nats per variable
     entropy = ent.mean() if valid.all() else ent[torch.as_tensor(valid)].mean()
     out = {"recon_r2_per_feature": None, "recon_r2_mean": None}
@@ -200,7 +201,7 @@ def teacher_forced(wm, data: dict[str, np.ndarray]) -> dict:
         rows = np.flatnonzero(ended)
         before = valid.copy()
         before[rows, last[rows]] = False
-        out["end"] = {"steps": int(len(rows)), "reward_true": float(agent_rows(data, "rew")[rows, last[rows]].mean()),
+        out["end"] = {"steps": int(len(rows)), "reward_true": float(rew[rows, last[rows]].mean()),
                       "reward_pred": float(pred_rew[rows, last[rows]].mean()),
                       "predicted_end": float((~cont[rows, last[rows]]).mean()),  # c_t = 0 where it ended
                       "reward_pred_elsewhere": float(pred_rew[before].mean()),

@@ -98,6 +98,10 @@ def test_model_features_keep_the_steps_that_happened(run_dir):
     ends = np.zeros((2, 3, 25), bool)
     ends[1, :, 9] = True
     np.testing.assert_array_equal(part["end"].numpy(), ends.reshape(-1)[keep])
+    torch.manual_seed(0)
+    end = wm_probe.teacher_forced(wm, cut)["end"]  # the step that ended episode 1, every agent's
+    assert end["steps"] == 3 and end["reward_true"] == pytest.approx(float(cut["rew"][1, 9].mean()))
+    assert "end" not in wm_probe.teacher_forced(wm, data)  # no episode ended early
 
 
 def test_reward_data_cli_is_reproducible(tmp_path, capsys):
